@@ -1,0 +1,88 @@
+"""The command line: `labkit run`, `labkit report`, `labkit chat` (also `python -m labkit`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from . import config as cfg
+from .config import ConfigError
+
+EPILOG = "fields for --set (FIELD=VALUE, any number of times):\n" + "\n".join(
+    textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="      ") for line in cfg.describe())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labkit", description="Build a large language model stage by stage.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the pipeline's stages into a run folder",
+                              description="Run the stages in order into DIR/NAME/, reusing a stage whose artifacts "
+                                          "are complete and were made from the same settings, then write the report card.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--preset", choices=list(cfg.PRESETS), default=None,
+                     help="named bundle of sizes: tiny (seconds, for tests), cpu (default, minutes on a laptop), gpu")
+    run.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
+    run.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
+    run.add_argument("--stages", default=None, metavar="LIST",
+                     help=f"comma-separated stages to run, with their missing inputs (default: all built): {','.join(cfg.STAGES)}")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
+                     help="override one preset field, e.g. --set data.n_people=50 --set seed=3")
+    run.add_argument("--force", action="store_true", help="rebuild the named stages even if complete")
+
+    report = commands.add_parser("report", help="print the Markdown report card of a run and write it to report.md")
+    report.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
+    report.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
+
+    chat = commands.add_parser("chat", help="chat with a post-trained model of a run in the terminal")
+    chat.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
+    chat.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
+    chat.add_argument("--model", default="sft", choices=["sft", "ppo", "dpo", "grpo", "halluc"], help="which model")
+    return parser
+
+
+def _run(args) -> None:
+    from .pipeline import AVAILABLE, ensure
+    from .report import write_report
+    from .run import Run, load_run
+
+    config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
+    stages = [s for s in cfg.parse_stages(args.stages) if args.stages or s in AVAILABLE]
+    run = Run(args.run, args.runs_dir)
+    print(f"labkit: preset {config.preset}, run folder {run.path}, stages {', '.join(stages)}", file=sys.stderr)
+    for stage in stages:
+        ensure(stage, config, run, force=args.force)
+    print(write_report(load_run(args.run, args.runs_dir)))
+    print(f"labkit: report card written to {run.path / 'report.md'}", file=sys.stderr)
+
+
+def _report(args) -> None:
+    from .report import write_report
+    from .run import load_run
+
+    print(write_report(load_run(args.run, args.runs_dir)))
+
+
+def _chat(args) -> None:
+    from .pipeline import STAGE_SPECS
+
+    if "sft" not in STAGE_SPECS:
+        raise ConfigError("chat needs a post-trained model, and the sft stage is not built yet")
+    from .engine import chat_loop  # arrives with the sft stage
+
+    chat_loop(args.run, args.runs_dir, args.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"run": _run, "report": _report, "chat": _chat}[args.command](args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"labkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Stage 1, data: crawl the mini-web (or read a real dataset), clean it, score the cleaning.
+
+Writes to `runs/<run>/data/`:
+  world.json     the world every later stage judges answers against (mini-web only)
+  pages.jsonl    every crawled page: its labels, and which step removed it and why
+  corpus.jsonl   the cleaned corpus (url, text, genre, about): what the tokenizer and model read
+  metrics.json   pages in and out, removals by step and reason, precision and recall per step
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cleaning import PIIRedactor, default_steps
+from .config import Config, ConfigError, DataConfig
+from .run import Run, atomic_path, read_json, write_json
+from .web import Page, crawl
+from .world import World, bucket, make_world
+
+TARGET_LABEL = {"url": "blocked", "quality": "low_quality", "exact_dedup": "exact_dup", "near_dedup": "near_dup"}
+
+
+def load_documents(cfg: DataConfig) -> list[Page]:
+    """Read a Hugging Face dataset by name, or a local .jsonl/.json/.parquet file, with a text column.
+    Named datasets are streamed, so only `max_docs` documents are fetched."""
+    import datasets
+
+    path = Path(cfg.source)
+    if path.exists():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+        if kind is None:
+            raise ConfigError(f"data.source={cfg.source!r}: a local file must be .jsonl, .json or .parquet")
+        rows = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
+    else:
+        rows = datasets.load_dataset(cfg.source, split="train", streaming=True)
+    pages = []
+    for i, row in enumerate(rows):
+        if cfg.max_docs and i >= cfg.max_docs:
+            break
+        if cfg.text_column not in row:
+            raise ConfigError(f"data.source={cfg.source!r} has no column {cfg.text_column!r}; columns: {', '.join(row)}")
+        pages.append(Page(row.get("url") or f"{cfg.source}#{i}", row[cfg.text_column], "web", label=None))
+    if not pages:
+        raise ConfigError(f"data.source={cfg.source!r} holds no documents")
+    return pages
+
+
+@dataclass
+class Cleaned:
+    kept: list[Page]
+    decisions: dict[str, tuple[str, str]]  # url -> (step, reason) for every removed page
+    funnel: list[dict]  # one row per step: pages in, pages out
+    redactions: dict[str, list] = field(default_factory=dict)  # url -> [(start, end, kind, string)]
+
+
+def clean(pages: list[Page], steps: list) -> Cleaned:
+    decisions, funnel, redactions = {}, [], {}
+    for step in tqdm(steps, desc="cleaning", leave=False):
+        kept, removed = step.run(pages)
+        decisions.update({page.url: (step.name, reason) for page, reason in removed})
+        funnel.append({"step": step.name, "pages_in": len(pages), "pages_out": len(kept)})
+        if isinstance(step, PIIRedactor):
+            redactions = step.redactions
+        pages = kept
+    return Cleaned(pages, decisions, funnel, redactions)
+
+
+def score(pages: list[Page], cleaned: Cleaned) -> dict:
+    """Precision and recall of each step against the generator's labels, and PII that leaked.
+
+    For a filter, precision is the share of pages it removed that carry its target label, and
+    recall the share of labelled pages reaching it that it removed. For PII, precision is the
+    share of redacted strings that were planted, recall the share of planted strings (on pages
+    reaching the step) that were redacted.
+    """
+    precision, recall = {}, {}
+    reached = list(pages)
+    for row in cleaned.funnel[:-1]:
+        step, label = row["step"], TARGET_LABEL[row["step"]]
+        removed = [p for p in reached if cleaned.decisions.get(p.url, ("",))[0] == step]
+        positives = sum(p.label == label for p in reached)
+        hits = sum(p.label == label for p in removed)
+        precision[step] = hits / len(removed) if removed else 1.0
+        recall[step] = hits / positives if positives else 1.0
+        reached = [p for p in reached if cleaned.decisions.get(p.url, ("",))[0] != step]
+    planted = {(p.url, value) for p in reached for _, value in p.pii}
+    found = {(url, value) for url, spans in cleaned.redactions.items() for *_, value in spans}
+    precision["pii"] = len(planted & found) / len(found) if found else 1.0
+    recall["pii"] = len(planted & found) / len(planted) if planted else 1.0
+    corpus_text = "\n".join(p.text for p in cleaned.kept)
+    leaked = Counter(kind for p in pages for kind, value in p.pii if value in corpus_text)
+    return dict(precision=precision, recall=recall, pii_leaked=sum(leaked.values()), pii_leaked_by_kind=dict(leaked),
+                pii_planted=dict(Counter(kind for p in pages for kind, _ in p.pii)))
+
+
+def build(config: Config, run: Run) -> dict:
+    """Run stage 1 into `run`, returning its metrics."""
+    cfg, out, start = config.data, run.stage_dir("data"), time.time()
+    if cfg.source == "mini-web":
+        world = make_world(config.seed, cfg.n_people, cfg.median_pages, cfg.spread, cfg.unseen_fraction, cfg.max_pages_per_person)
+        pages = crawl(world, config.seed, cfg.filler_ratio, cfg.noise, cfg.pii_rate)
+        write_json(out / "world.json", world.to_dict())
+    else:
+        world, pages = None, load_documents(cfg)
+        (out / "world.json").unlink(missing_ok=True)
+    steps = default_steps(cfg.min_words, cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, config.seed)
+    cleaned = clean(pages, steps)
+
+    _write_jsonl(out / "pages.jsonl", (
+        {**p.to_dict(), "removed_by": cleaned.decisions.get(p.url, (None, None))[0],
+         "reason": cleaned.decisions.get(p.url, (None, None))[1], "redactions": cleaned.redactions.get(p.url, [])}
+        for p in pages))
+    _write_jsonl(out / "corpus.jsonl", ({"url": p.url, "text": p.text, "genre": p.genre, "about": p.about} for p in cleaned.kept))
+
+    metrics = dict(
+        source=cfg.source,
+        pages_in=len(pages),
+        pages_out=len(cleaned.kept),
+        chars_in=sum(len(p.text) for p in pages),
+        chars_out=sum(len(p.text) for p in cleaned.kept),
+        removed={row["step"]: row["pages_in"] - row["pages_out"] for row in cleaned.funnel},
+        removed_by_reason=dict(Counter(f"{step}:{reason.split(' of ')[0]}" for step, reason in cleaned.decisions.values())),
+        funnel=cleaned.funnel,
+        redactions=dict(Counter(k for spans in cleaned.redactions.values() for _, _, k, _ in spans)),
+        minhash=dict(ngram=cfg.minhash_ngram, bands=cfg.minhash_bands, rows=cfg.minhash_rows,
+                     threshold=round(steps[3].threshold, 3)),
+    )
+    if world is not None:
+        metrics.update(score(pages, cleaned))
+        metrics["people_by_bucket"] = dict(Counter(bucket(p.n_pages) for p in world.people))
+        metrics["labels"] = dict(Counter(p.label for p in pages))
+    else:  # real data has no labels to score against
+        metrics.update(precision={}, recall={}, pii_leaked=None)
+    metrics["seconds"] = round(time.time() - start, 2)
+    return metrics
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_corpus(run: Run) -> list[dict]:
+    """The cleaned pages of a run: dicts with url, text, genre, about."""
+    return read_jsonl(run.path / "data" / "corpus.jsonl")
+
+
+def read_pages(run: Run) -> list[dict]:
+    """Every crawled page with its labels and the cleaning decision (for browsing)."""
+    return read_jsonl(run.path / "data" / "pages.jsonl")
+
+
+def read_world(run: Run) -> World | None:
+    path = run.path / "data" / "world.json"
+    return World.from_dict(read_json(path)) if path.exists() else None

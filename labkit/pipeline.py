@@ -1,0 +1,58 @@
+"""The stages in order, and `ensure`: build a stage (and whatever it needs first) into a run.
+
+A stage is a module with `build(config, run) -> metrics`. It is complete when its
+`metrics.json` exists and carries the fingerprint of the configuration it was made from:
+the stage's own config sections, the seed, and its inputs' fingerprints. Change `vocab_size`
+and the tokenizer (and everything after it) is rebuilt; change nothing and it is reused.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tqdm.auto import tqdm
+
+from .config import STAGES, Config, ConfigError
+from .run import Run, fingerprint
+
+# stage -> (module, config sections it reads, stages it reads from)
+STAGE_SPECS = {
+    "data": ("labkit.data", ("data",), ()),
+}
+AVAILABLE = tuple(s for s in STAGES if s in STAGE_SPECS)
+
+
+def _check(stage: str) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    if stage not in STAGE_SPECS:
+        raise ConfigError(f"stage {stage!r} is not built yet; available: {', '.join(AVAILABLE)}")
+
+
+def stage_fingerprint(stage: str, config: Config) -> str:
+    _, sections, inputs = STAGE_SPECS[stage]
+    made_from = {s: getattr(config, s).__dict__ for s in sections}
+    return fingerprint([stage, config.seed, made_from, [stage_fingerprint(i, config) for i in inputs]])
+
+
+def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]:
+    """The stages that must be built, in order, for `stage` to be complete."""
+    _check(stage)
+    todo: list[str] = []
+    for dependency in STAGE_SPECS[stage][2]:
+        todo += [s for s in plan(dependency, config, run) if s not in todo]
+    if force or todo or not run.is_complete(stage, stage_fingerprint(stage, config)):
+        todo.append(stage)
+    return todo
+
+
+def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
+    """Make `stage` complete in `run`, building its missing inputs first; return its metrics."""
+    todo = plan(stage, config, run, force)
+    for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2):
+        module = importlib.import_module(STAGE_SPECS[name][0])
+        with run.tracking(name, config.to_dict()) as tracker:
+            metrics = module.build(config, run)
+            tracker.summary.update(metrics)
+        run.write_metrics(name, metrics, stage_fingerprint(name, config))
+    return run.metrics(stage)

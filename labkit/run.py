@@ -1,0 +1,143 @@
+"""The run folder `runs/<run>/<stage>/`, atomic writes, metrics and experiment tracking.
+
+Every file labkit writes goes through `atomic_write` (or `atomic_path` for libraries that
+want a path): the bytes go to a temporary file in the same folder, are flushed to disk, and
+the file is renamed over the target. A run killed at any moment leaves the old file or the
+new one, never half of one. A stage is complete when its `metrics.json` exists and was made
+from the same configuration: that file is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import STAGES
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fingerprint(obj) -> str:
+    """A short stable hash of a JSON-able object: what a stage's artifacts were made from."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    """A run folder: `runs_dir/name/`, one subfolder per stage."""
+
+    name: str = "default"
+    runs_dir: str | os.PathLike = "runs"
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"run name {self.name!r} is not allowed; use a plain folder name such as 'default'")
+        self.path = Path(self.runs_dir) / self.name
+
+    def stage_dir(self, stage: str) -> Path:
+        folder = self.path / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.path / stage / "metrics.json"
+
+    def metrics(self, stage: str) -> dict | None:
+        path = self.metrics_path(stage)
+        return read_json(path) if path.exists() else None
+
+    def is_complete(self, stage: str, made_from: str) -> bool:
+        metrics = self.metrics(stage)
+        return metrics is not None and metrics.get("fingerprint") == made_from
+
+    def write_metrics(self, stage: str, metrics: dict, made_from: str) -> None:
+        write_json(self.metrics_path(stage), {**metrics, "fingerprint": made_from})
+
+    @contextlib.contextmanager
+    def tracking(self, stage: str, config: dict):
+        """Log this stage to wandb inside the run folder: offline unless the user set WANDB_MODE.
+        While it is open, `log` sends step metrics to it."""
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._tracker = wandb.init(
+            project="labkit", name=f"{self.name}-{stage}", group=self.name, job_type=stage, dir=str(self.path),
+            mode=os.environ.get("WANDB_MODE", "offline"), config=config, reinit="finish_previous",
+        )
+        try:
+            yield self._tracker
+        finally:
+            self._tracker.finish()
+            self._tracker = None
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if getattr(self, "_tracker", None) is not None:
+            self._tracker.log(metrics, step=step)
+
+
+@dataclass
+class LoadedRun:
+    """What `load_run` returns: the run, and each finished stage's folder and metrics."""
+
+    run: Run
+    metrics: dict[str, dict]
+
+    def path(self, stage: str) -> Path:
+        return self.run.path / stage
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.metrics)
+
+
+def load_run(name: str = "default", runs_dir: str | os.PathLike = "runs") -> LoadedRun:
+    run = Run(name, runs_dir)
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"no run folder {run.path}; make one with `labkit run --run {name}`")
+    metrics = {s: m for s in STAGES if (m := run.metrics(s)) is not None}
+    return LoadedRun(run, metrics)
