@@ -80,7 +80,7 @@ PRESETS: dict[str, dict] = {
 
 
 def get_config(preset: str | None = None, **overrides) -> Config:
-    """The preset's `Config` with `overrides` applied (nested dicts for sections).
+    """The preset's `Config` with `overrides` applied (nested dicts for sections; None keeps a value).
 
     `preset=None` reads the environment variable LABKIT_PRESET, else "cpu"; when
     LABKIT_PRESET is set it wins over the argument, so CI can run every notebook on `tiny`.
@@ -153,6 +153,8 @@ def _apply(obj, overrides: dict, prefix: str) -> None:
     hints = _hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for name, value in overrides.items():
+        if value is None:  # a notebook knob left at None keeps the preset's value
+            continue
         path = prefix + name
         if name not in fields:
             raise ConfigError(f"unknown field {path!r}; allowed: {', '.join(prefix + f for f in fields)}")

@@ -1,6 +1,7 @@
 """The stages in order, and `ensure`: build a stage (and whatever it needs first) into a run.
 
-A stage is a module with `build(config, run) -> metrics`. It is complete when its
+A stage is a function `build(config, run) -> metrics`, named "module" (its `build`) or
+"module:function" in STAGE_SPECS. It is complete when its
 `metrics.json` exists and carries the fingerprint of the configuration it was made from:
 the stage's own config sections, the seed, and its inputs' fingerprints. Change `vocab_size`
 and the tokenizer (and everything after it) is rebuilt; change nothing and it is reused.
@@ -50,9 +51,10 @@ def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
     """Make `stage` complete in `run`, building its missing inputs first; return its metrics."""
     todo = plan(stage, config, run, force)
     for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2):
-        module = importlib.import_module(STAGE_SPECS[name][0])
+        module, _, function = STAGE_SPECS[name][0].partition(":")
+        build = getattr(importlib.import_module(module), function or "build")
         with run.tracking(name, config.to_dict()) as tracker:
-            metrics = module.build(config, run)
+            metrics = build(config, run)
             tracker.summary.update(metrics)
         run.write_metrics(name, metrics, stage_fingerprint(name, config))
     return run.metrics(stage)

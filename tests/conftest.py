@@ -1,0 +1,26 @@
+"""Shared fixtures: one `tiny` run built once per test session, in a temporary runs folder."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from labkit.config import get_config
+
+    return get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_config):
+    """A run folder with the `data` stage built on the tiny preset (later stages: call ensure)."""
+    from labkit.pipeline import ensure
+    from labkit.run import Run
+
+    run = Run("tiny", tmp_path_factory.mktemp("runs"))
+    ensure("data", tiny_config, run)
+    return run
