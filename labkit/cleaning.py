@@ -56,7 +56,8 @@ class UrlFilter:
 
 @dataclass
 class QualityFilter:
-    """Gopher repetition rules, then Gopher quality rules. A reason names the rule that fired."""
+    """Gopher quality rules, then Gopher repetition rules. A reason names the rule that fired.
+    (Length first, so that a three-word page is called too short rather than repetitive.)"""
 
     min_words: int = 50
     max_words: int = 100_000
@@ -75,7 +76,7 @@ class QualityFilter:
     name: str = "quality"
 
     def reason(self, page: Page) -> str | None:
-        return self.repetition(page.text) or self.quality(page.text)
+        return self.quality(page.text) or self.repetition(page.text)
 
     def repetition(self, text: str) -> str | None:
         n_chars = max(1, len(text))
