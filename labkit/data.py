@@ -21,7 +21,7 @@ from .cleaning import PIIRedactor, default_steps
 from .config import Config, ConfigError, DataConfig
 from .run import Run, atomic_path, read_json, write_json
 from .web import Page, crawl
-from .world import World, bucket, make_world
+from .world import BUCKETS, World, bucket, make_world
 
 TARGET_LABEL = {"url": "blocked", "quality": "low_quality", "exact_dedup": "exact_dup", "near_dedup": "near_dup"}
 
@@ -93,8 +93,8 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
     found = {(url, value) for url, spans in cleaned.redactions.items() for *_, value in spans}
     precision["pii"] = len(planted & found) / len(found) if found else 1.0
     recall["pii"] = len(planted & found) / len(planted) if planted else 1.0
-    corpus_text = "\n".join(p.text for p in cleaned.kept)
-    leaked = Counter(kind for p in pages for kind, value in p.pii if value in corpus_text)
+    # a planted string lives only in its page and that page's copies, which carry the same `pii` list
+    leaked = Counter(kind for p in cleaned.kept for kind, value in p.pii if value in p.text)
     return dict(precision=precision, recall=recall, pii_leaked=sum(leaked.values()), pii_leaked_by_kind=dict(leaked),
                 pii_planted=dict(Counter(kind for p in pages for kind, _ in p.pii)))
 
@@ -139,6 +139,31 @@ def build(config: Config, run: Run) -> dict:
         metrics.update(precision={}, recall={}, pii_leaked=None)
     metrics["seconds"] = round(time.time() - start, 2)
     return metrics
+
+
+def cleaning_table(metrics: dict) -> list[dict]:
+    """One row per cleaning step: pages in and out, removed, precision and recall (None without labels)."""
+    return [{"step": r["step"], "pages in": r["pages_in"], "pages out": r["pages_out"],
+             "removed": r["pages_in"] - r["pages_out"], "precision": metrics["precision"].get(r["step"]),
+             "recall": metrics["recall"].get(r["step"])} for r in metrics["funnel"]]
+
+
+def world_summary(world: World) -> dict:
+    """The world in numbers."""
+    return {"people": len(world.people), "countries": len(world.countries), "cities": len(world.cities),
+            "companies": len(world.companies), "universities": len(world.universities),
+            "pages about people": sum(p.n_pages for p in world.people),
+            "people with no page": sum(p.n_pages == 0 for p in world.people),
+            "people by page bucket": {label: sum(bucket(p.n_pages) == label for p in world.people) for *_, label in BUCKETS}}
+
+
+def one_per_genre(pages: list[dict]) -> dict[str, dict]:
+    """The first clean page of each genre, in crawl order."""
+    samples: dict[str, dict] = {}
+    for page in pages:
+        if page["label"] in ("clean", None):
+            samples.setdefault(page["genre"], page)
+    return samples
 
 
 def _write_jsonl(path: Path, rows) -> None:

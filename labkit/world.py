@@ -25,9 +25,9 @@ FIELDS = [
 ]
 INDUSTRIES = ["shipping", "software", "textiles", "banking", "pharmaceuticals", "robotics", "publishing", "energy"]
 FACTS = ("birth_year", "birth_city", "university", "field", "employer")
-_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "gl"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
-_CODAS = ["", "", "n", "r", "l", "s", "m", "nd", "rk", "st"]
+_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "st", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s"]
 
 
 @dataclass
@@ -68,11 +68,11 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
-def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], suffix: str = "") -> list[str]:
+def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], suffixes=("",)) -> list[str]:
     words: list[str] = []
     while len(words) < n:
-        w = _word(rng, rng.randint(*syllables)) + suffix
-        if w not in words and len(w) <= 14:
+        w = _word(rng, rng.randint(*syllables)) + rng.choice(suffixes)
+        if w not in words and len(w) <= 12:
             words.append(w)
     return words
 
@@ -95,14 +95,14 @@ def make_world(seed: int, n_people: int, median_pages: float = 3.0, spread: floa
                unseen_fraction: float = 0.1, max_pages_per_person: int = 40) -> World:
     rng = random.Random(seed)
     n_cities = max(8, min(60, n_people // 3))
-    countries = _unique_words(rng, max(3, n_cities // 5), (2, 3), "ia")
-    city_names = _unique_words(rng, n_cities, (2, 3))
+    countries = _unique_words(rng, max(3, n_cities // 5), (1, 2), ("ia",))
+    city_names = _unique_words(rng, n_cities, (1, 2), ("ton", "wick", "ford", "holm", "dale", "burg", "a", ""))
     cities = {c: countries[i % len(countries)] for i, c in enumerate(city_names)}
     company_names = [w + rng.choice([" Corp", " Labs", " Group", " Works"]) for w in _unique_words(rng, max(6, n_cities // 2), (2, 2))]
     companies = {c: {"city": rng.choice(city_names), "industry": rng.choice(INDUSTRIES)} for c in company_names}
     uni_cities = rng.sample(city_names, max(4, n_cities // 4))
     universities = {f"University of {c}": c for c in uni_cities}
-    surnames = _unique_words(rng, n_people, (2, 3))
+    surnames = _unique_words(rng, n_people, (1, 2), ("son", "er", "ley", "ova", "ini", "man", "ek", ""))
     counts = pages_per_person(n_people, median_pages, spread, unseen_fraction, max_pages_per_person, rng)
     people = [
         Person(
