@@ -69,7 +69,7 @@ def _chat(args) -> None:
 
     if "sft" not in STAGE_SPECS:
         raise ConfigError("chat needs a post-trained model, and the sft stage is not built yet")
-    from .engine import chat_loop  # arrives with the sft stage
+    from .engine import chat_loop
 
     chat_loop(args.run, args.runs_dir, args.model)
 

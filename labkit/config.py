@@ -49,9 +49,129 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = param(2048, low=260, high=1_000_000, help="vocabulary size, special tokens included")
+    vocab_size: int = param(2048, low=264, high=1_000_000, help="vocabulary size: 256 bytes + merges + 8 special tokens")
     pattern: str = param("gpt4", choices=("gpt4", "gpt2"), help="regex that pre-splits text before BPE")
     heldout_fraction: float = param(0.05, low=0.0, high=0.5, help="share of pages held out to measure bytes per token")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = param(4, low=1, high=256, help="Transformer blocks")
+    n_head: int = param(4, low=1, high=256, help="attention heads per block (n_embd must be a multiple of n_head)")
+    n_embd: int = param(192, low=8, high=16384, help="width of the residual stream")
+    block_size: int = param(128, low=8, high=65536, help="context length in tokens")
+    dropout: float = param(0.0, low=0.0, high=0.9, help="dropout probability while training (0 for pretraining)")
+    bias: bool = param(True, help="biases in Linear and LayerNorm layers, as in GPT-2")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = param(1500, low=1, high=10_000_000, help="optimizer steps")
+    batch_size: int = param(32, low=1, high=65536, help="sequences per micro-batch, over all processes")
+    grad_accum: int = param(1, low=1, high=1024, help="micro-batches summed into one optimizer step")
+    learning_rate: float = param(3e-3, low=0.0, high=1.0, help="peak learning rate, reached after warmup")
+    min_lr: float = param(3e-4, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
+    warmup_steps: int = param(50, low=0, help="steps of linear warmup from 0 to learning_rate")
+    weight_decay: float = param(0.1, low=0.0, high=10.0, help="AdamW weight decay on 2-D weights")
+    beta1: float = param(0.9, low=0.0, high=0.9999, help="AdamW beta1")
+    beta2: float = param(0.99, low=0.0, high=0.99999, help="AdamW beta2")
+    grad_clip: float = param(1.0, low=0.0, help="clip the gradient norm to this (0: no clipping)")
+    eval_every: int = param(100, low=1, help="steps between validation passes")
+    eval_batches: int = param(8, low=1, help="batches in one validation pass")
+    checkpoint_every: int = param(250, low=0, help="steps between training checkpoints (0: only at the end)")
+    val_fraction: float = param(0.05, low=0.0, high=0.5, help="share of pages held out for validation")
+    compile: bool = param(False, help="torch.compile the model (CUDA only)")
+    dtype: str = param("auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype; 'auto' is bfloat16 on CUDA, float32 elsewhere")
+
+
+@dataclass
+class SFTConfig:
+    source: str = param("mini-web", help="'mini-web' (conversations written from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'messages' column")
+    messages_column: str = param("messages", help="column holding the list of {role, content} messages when source is a dataset")
+    max_conversations: int = param(0, low=0, help="read at most this many conversations from a dataset (0: all)")
+    n_conversations: int = param(3000, low=10, high=10_000_000, help="training conversations written from the mini-web")
+    val_conversations: int = param(200, low=10, high=1_000_000, help="held-out conversations for the validation loss")
+    heldout_people: float = param(0.25, low=0.05, high=0.9, help="share of people with pages kept out of training, asked about in evaluation")
+    max_steps: int = param(150, low=1, high=10_000_000, help="optimizer steps of fine-tuning")
+    batch_size: int = param(32, low=1, high=65536, help="conversations per batch (padded to the longest)")
+    learning_rate: float = param(5e-4, low=0.0, high=1.0, help="peak learning rate (lower than pretraining's)")
+    min_lr: float = param(5e-5, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
+    warmup_steps: int = param(15, low=0, help="steps of linear warmup")
+    eval_every: int = param(50, low=1, help="steps between validation passes")
+    max_new_tokens: int = param(48, low=1, high=4096, help="longest reply in evaluation; a reply that has not ended by then fails the format check")
+
+
+@dataclass
+class RLHFConfig:
+    n_prompts: int = param(120, low=4, high=1_000_000, help="prompts whose completions are ranked (a share is held out for the reward model's pair accuracy)")
+    k: int = param(4, low=2, high=16, help="completions sampled per prompt and ranked together (a ranking of K gives K(K-1)/2 pairs)")
+    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the completions to rank and of PPO's rollouts")
+    max_new_tokens: int = param(32, low=1, high=4096, help="longest completion; one that has not reached <|im_end|> by then is cut")
+    simulated_labeler: bool = param(True, help="the simulated labeler ranks every prompt a person has not ranked (headless runs need it)")
+    heldout_prompts: float = param(0.15, low=0.05, high=0.9, help="share of ranked prompts held out to measure the reward model's pair accuracy")
+    n_eval: int = param(60, low=2, high=100_000, help="held-out questions (held-out people and phrasings) for rewards and win rates")
+    rm_steps: int = param(150, low=1, high=10_000_000, help="reward model: optimizer steps")
+    rm_batch_size: int = param(32, low=1, high=65536, help="reward model: pairs per batch")
+    rm_learning_rate: float = param(3e-4, low=0.0, high=1.0, help="reward model: peak learning rate")
+    rm_margin: float = param(0.0, low=0.0, high=100.0, help="reward model: the chosen must beat the rejected by this much (0: plain Bradley-Terry)")
+    center_rewards_coefficient: float = param(0.01, low=0.0, high=10.0, help="reward model: weight of mean((r_c + r_r)^2), keeps rewards near 0 (0: off)")
+    dpo_steps: int = param(100, low=1, high=10_000_000, help="DPO: optimizer steps")
+    dpo_batch_size: int = param(16, low=1, high=65536, help="DPO: pairs per batch")
+    dpo_learning_rate: float = param(1e-4, low=0.0, high=1.0, help="DPO: peak learning rate")
+    dpo_beta: float = param(0.1, low=0.0, high=100.0, help="DPO: beta, how far from the reference the policy may move (higher: closer)")
+    ppo_steps: int = param(40, low=1, high=10_000_000, help="PPO: batches of rollouts")
+    ppo_batch_size: int = param(16, low=2, high=65536, help="PPO: rollouts (prompts) per batch")
+    ppo_epochs: int = param(4, low=1, high=100, help="PPO: passes over each batch of rollouts")
+    ppo_minibatches: int = param(2, low=1, high=1024, help="PPO: minibatches per pass (ppo_batch_size must be a multiple)")
+    ppo_learning_rate: float = param(3e-5, low=0.0, high=1.0, help="PPO: learning rate of the policy and the value head")
+    kl_coef: float = param(0.05, low=0.0, high=100.0, help="PPO: weight of the per-token KL penalty against the reference (0: none, reward hacking)")
+    kl_estimator: str = param("k1", choices=("k1", "k3"), help="PPO: per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r")
+    gamma: float = param(1.0, low=0.0, high=1.0, help="PPO: discount")
+    lam: float = param(0.95, low=0.0, high=1.0, help="PPO: GAE lambda")
+    cliprange: float = param(0.2, low=0.0, high=10.0, help="PPO: clip of the probability ratio")
+    cliprange_value: float = param(0.2, low=0.0, high=100.0, help="PPO: clip of the value head's move")
+    vf_coef: float = param(0.1, low=0.0, high=100.0, help="PPO: weight of the value loss")
+    missing_eos_penalty: float = param(1.0, low=0.0, high=100.0, help="PPO: subtracted from the score of an answer that never reaches <|im_end|> (0: off)")
+    hacking_steps: int = param(0, low=0, high=10_000_000, help="extra PPO run with kl_coef=0 for this many batches, to show reward hacking (0: skip)")
+
+
+@dataclass
+class GRPOConfig:
+    source: str = param("mini-web", help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')")
+    tasks: str = param("one_digit,larger", help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter")
+    n_heldout: int = param(40, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
+    rewards: str = param("correct=1.0,format=0.2,close=0.5", help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS")
+    num_generations: int = param(8, low=2, high=1024, help="G: samples per prompt, compared with each other")
+    prompts_per_step: int = param(8, low=1, high=4096, help="prompts per optimizer step (a step trains on prompts_per_step * G samples)")
+    max_steps: int = param(30, low=1, high=10_000_000, help="optimizer steps")
+    num_iterations: int = param(1, low=1, high=64, help="mu: optimizer steps on each batch of samples (more than 1 makes the ratio and its clipping matter)")
+    learning_rate: float = param(2e-4, low=0.0, high=1.0, help="constant learning rate (after warmup)")
+    warmup_steps: int = param(5, low=0, help="steps of linear warmup")
+    epsilon: float = param(0.2, low=0.0, high=10.0, help="lower clip: the ratio may not go below 1 - epsilon")
+    epsilon_high: float = param(0.2, low=0.0, high=10.0, help="upper clip: the ratio may not go above 1 + epsilon_high (DAPO raises it to 0.28)")
+    beta: float = param(0.04, low=0.0, high=10.0, help="KL coefficient to the frozen reference (k3 estimator); 0 drops the reference")
+    scale_rewards: bool = param(True, help="divide advantages by the group's std (GRPO); False gives Dr. GRPO's plain r - mean")
+    loss_type: str = param("grpo", choices=("grpo", "bnpo", "dr_grpo"), help="normalisation: per sequence then mean (grpo), over all tokens (bnpo), sum / (batch * max_new_tokens) (dr_grpo)")
+    max_new_tokens: int = param(48, low=1, high=4096, help="longest completion; one that has not ended by then is cut and fails the format reward")
+    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the G samples")
+    eval_every: int = param(10, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems")
+
+
+@dataclass
+class HallucConfig:
+    n_samples: int = param(4, low=0, high=64, help="sampled answers per probe question, to measure consistency (0: greedy only)")
+    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of those answers")
+    max_new_tokens: int = param(24, low=4, high=4096, help="longest answer (and longest search call)")
+    idk_conversations: int = param(1200, low=10, high=10_000_000, help="mitigation 1: conversations of the refusal fine-tuning (\"I don't know\" for what the model got wrong, the rest as they were)")
+    idk_steps: int = param(100, low=1, high=10_000_000, help="mitigation 1: optimizer steps")
+    tool_conversations: int = param(1500, low=10, high=10_000_000, help="mitigation 2: search-tool conversations made from the world")
+    tool_steps: int = param(150, low=1, high=10_000_000, help="mitigation 2: optimizer steps")
+    batch_size: int = param(32, low=1, high=65536, help="conversations per batch in both fine-tunings")
+    learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of both fine-tunings")
+    min_lr: float = param(1e-4, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
+    warmup_steps: int = param(10, low=0, help="steps of linear warmup")
+    search_results: int = param(2, low=1, high=20, help="passages the search tool returns")
+    result_chars: int = param(240, low=20, high=100_000, help="the tool's answer is cut to this many characters (it must fit the context)")
 
 
 @dataclass
@@ -61,6 +181,12 @@ class Config:
     device: str = param("auto", choices=("auto", "cpu", "cuda", "mps"), help="'auto' picks cuda, then mps, then cpu")
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    halluc: HallucConfig = field(default_factory=HallucConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,11 +196,40 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         data=dict(n_people=30, median_pages=2.0, max_pages_per_person=12, filler_ratio=0.5),
         tokenizer=dict(vocab_size=300),
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
+        train=dict(max_steps=30, batch_size=8, learning_rate=1e-2, min_lr=1e-3, warmup_steps=5, eval_every=10,
+                   eval_batches=2, checkpoint_every=10, val_fraction=0.1),
+        sft=dict(n_conversations=200, val_conversations=20, heldout_people=0.3, max_steps=10, batch_size=8,
+                 learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=5, max_new_tokens=16),
+        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, rm_steps=6, rm_batch_size=8,
+                  dpo_steps=4, dpo_batch_size=4, ppo_steps=3, ppo_batch_size=4, ppo_epochs=2, ppo_minibatches=2,
+                  hacking_steps=3),
+        grpo=dict(n_heldout=3, num_generations=4, prompts_per_step=2, max_steps=3, warmup_steps=1, max_new_tokens=16,
+                  eval_every=2),
+        halluc=dict(n_samples=2, max_new_tokens=12, idk_conversations=60, idk_steps=4, tool_conversations=60, tool_steps=4,
+                    batch_size=8, learning_rate=3e-3, min_lr=3e-4, warmup_steps=1, search_results=1, result_chars=60),
     ),
-    "cpu": dict(),
+    "cpu": dict(
+        train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
+        rlhf=dict(rm_steps=100, rm_batch_size=16, dpo_steps=60, ppo_steps=30, hacking_steps=60),
+    ),
     "gpu": dict(
         data=dict(n_people=5000, median_pages=4.0, max_pages_per_person=200),
         tokenizer=dict(vocab_size=32768),
+        model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+        train=dict(max_steps=2000, batch_size=32, grad_accum=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=200,
+                   beta2=0.95, eval_every=250, eval_batches=20, checkpoint_every=500, val_fraction=0.01, compile=True),
+        sft=dict(n_conversations=50000, val_conversations=1000, heldout_people=0.1, max_steps=1500, batch_size=64,
+                 learning_rate=1e-4, min_lr=1e-5, warmup_steps=100, eval_every=250, max_new_tokens=128),
+        rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, rm_steps=1000, rm_batch_size=64, rm_learning_rate=1e-5,
+                  dpo_steps=1000, dpo_batch_size=32, dpo_learning_rate=5e-7, ppo_steps=500, ppo_batch_size=64,
+                  ppo_minibatches=4, ppo_learning_rate=1e-6, hacking_steps=500),
+        grpo=dict(tasks="one_digit,addition,multiplication,word_problem,larger,count_letter", n_heldout=200,
+                  num_generations=16, prompts_per_step=32, max_steps=500, learning_rate=1e-5, warmup_steps=20,
+                  max_new_tokens=256, eval_every=50),
+        halluc=dict(n_samples=8, max_new_tokens=48, idk_conversations=20000, idk_steps=600, tool_conversations=30000,
+                    tool_steps=1000, batch_size=64, learning_rate=1e-4, min_lr=1e-5, warmup_steps=50, search_results=3,
+                    result_chars=600),
     ),
 }
 

@@ -212,9 +212,10 @@ def chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, **sa
         keep_system = messages[0]["role"] == "system" and len(messages) > 2
         messages = messages[:1] + messages[2:] if keep_system else messages[1:]
         prompt = render_prompt(messages, tokenizer)
-    if len(prompt) + max_new_tokens > block:
-        raise ValueError(f"the message is {len(prompt)} tokens with the template; with max_new_tokens={max_new_tokens} "
-                         f"it exceeds the model's block_size={block}; write a shorter message")
+    if len(prompt) >= block:
+        raise ValueError(f"the message is {len(prompt)} tokens with the template, more than the model's "
+                         f"block_size={block} leaves room for; write a shorter message")
+    max_new_tokens = min(max_new_tokens, block - len(prompt))  # a long last message leaves a shorter reply
     sampling.setdefault("temperature", 0.0)
     ids = generate(model, prompt, max_new_tokens, stop_tokens=(end, eot), **sampling)[0]
     if ids and ids[-1] in (end, eot):

@@ -19,6 +19,12 @@ from .run import Run, fingerprint
 # stage -> (module, config sections it reads, stages it reads from)
 STAGE_SPECS = {
     "data": ("labkit.data", ("data",), ()),
+    "tokenizer": ("labkit.tokenizer", ("tokenizer",), ("data",)),
+    "base": ("labkit.pretrain", ("model", "train"), ("tokenizer",)),
+    "sft": ("labkit.sft", ("sft",), ("base",)),
+    "grpo": ("labkit.grpo", ("grpo",), ("sft",)),
+    "rlhf": ("labkit.rlhf", ("rlhf",), ("sft",)),
+    "halluc": ("labkit.halluc", ("halluc",), ("sft",)),
 }
 AVAILABLE = tuple(s for s in STAGES if s in STAGE_SPECS)
 
@@ -53,6 +59,7 @@ def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
     for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2):
         module, _, function = STAGE_SPECS[name][0].partition(":")
         build = getattr(importlib.import_module(module), function or "build")
+        run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
         with run.tracking(name, config.to_dict()) as tracker:
             metrics = build(config, run)
             tracker.summary.update(metrics)

@@ -1,0 +1,422 @@
+"""Stage 6, reasoning through reinforcement learning on verifiable rewards: GRPO.
+
+The lesson: the assistant from SFT can already *try* a sum; reinforcement learning makes it try
+better by practising. For every prompt it writes G answers (sampled, so they differ), a rule
+scores each one (labkit/rewards.py), and the answers that scored better than their siblings
+become more likely, the others less. That is Group Relative Policy Optimization (GRPO, from
+DeepSeekMath, used for DeepSeek-R1), which needs no value network: the group is the baseline.
+
+For a group of G samples of one prompt with rewards r_1..r_G:
+
+    advantage_i = (r_i - mean(r)) / (std(r) + 1e-4)        std with Bessel's correction, as TRL
+                  (r_i - mean(r))                           with scale_rewards=False (Dr. GRPO)
+
+and per completion token t of sample i, with ratio = pi(t) / pi_old(t):
+
+    loss_t = -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * k3_t
+    k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (KL to the frozen SFT model, always >= 0)
+
+averaged by `loss_type`: "grpo" averages each sequence's tokens then the sequences (a long
+answer's tokens count less each), "bnpo" averages all tokens of the batch, "dr_grpo" sums
+and divides by batch * max_new_tokens (no length bias). These are TRL's definitions (1.16,
+trl/trainer/grpo_trainer.py, `_compute_loss`); tests/test_grpo.py checks them against TRL itself.
+
+A group whose samples all score the same (all right, or all wrong) has every advantage 0: it
+teaches nothing. The share of such groups (`zero_variance_group_fraction`) says how much of the
+sampling was wasted: prompts too easy or too hard for the model.
+
+Writes to `runs/<run>/grpo/`:
+  model.pt, train_state.pt     the policy after training; the resumable training checkpoint
+  history.json                 per step: mean reward (and per reward), KL, response length, ...; pass@1 at evaluations
+  groups.json                  some prompts' groups of G samples with their rewards and advantages
+  heldout.jsonl                every held-out problem with the replies before and after, right or wrong
+  metrics.json                 pass_at_1_before / after (overall, per task), n_heldout, mean_response_tokens, ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from .chat import render_prompt
+from .config import Config, ConfigError, GRPOConfig, resolve_device
+from .engine import generate
+from .pretrain import greedy_many, load_model, save_model
+from .rewards import combine, parse_weights
+from .run import Run, atomic_write, write_json
+from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
+from .train import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+STD_EPS = 1e-4  # TRL's constant: advantages / (std + 1e-4)
+_WATCHERS: list[Callable[[dict], None]] = []
+
+
+# --- the algorithm -----------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True):
+    """Rewards [B] (B = prompts * G, grouped prompt by prompt) -> (advantages [B], zero-variance
+    flag per group [B // G]). The std is the unbiased one (Bessel's correction), as TRL's `nanstd`."""
+    grouped = rewards.view(-1, group_size)
+    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
+    advantages = grouped - mean
+    if scale_rewards:
+        advantages = advantages / (std + STD_EPS)
+    zero_variance = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
+    return advantages.view(-1), zero_variance
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon=0.2, epsilon_high=None, beta=0.0,
+              loss_type="grpo", max_completion_length=None):
+    """The clipped policy loss with a k3 KL penalty, per token, normalised by `loss_type`.
+
+    logps, old_logps, ref_logps, mask: [B, T] (completion tokens; mask 1 on real tokens);
+    advantages: [B]. old_logps are the sampling policy's (detached); ref_logps the frozen
+    reference's (ignored when beta is 0). Returns (loss, stats)."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = None
+    if beta != 0.0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' divides by batch * max_completion_length; give max_completion_length")
+        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    else:
+        raise ValueError(f"loss_type={loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
+    n_tokens = mask.sum().clamp(min=1.0)
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+        stats = dict(clip_fraction=((is_clipped * mask).sum() / n_tokens).item(),
+                     kl=((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0)
+    return loss, stats
+
+
+def completion_logps(model, prompts: list[list[int]], completions: list[list[int]]):
+    """Log-probability of every completion token given its prompt and the tokens before it.
+    Rows are right-padded (causal attention: padding after a row changes nothing before it).
+    Returns (logps [B, T], mask [B, T]) with T the longest completion."""
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(1, max(len(c) for c in completions))
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    x = torch.zeros(B, length, dtype=torch.long, device=device)
+    targets = torch.zeros(B, T, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, device=device)
+    positions = torch.zeros(B, T, dtype=torch.long, device=device)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        x[row, :len(p) + len(c)] = torch.tensor(p + c)
+        targets[row, :len(c)] = torch.tensor(c)
+        mask[row, :len(c)] = 1
+        # completion token j sits at position len(p) + j and is predicted from position len(p) + j - 1
+        positions[row] = torch.arange(len(p) - 1, len(p) - 1 + T).clamp(max=length - 1)
+    logits, _ = model(x)
+    logits = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+# --- sampling and scoring ----------------------------------------------------------------------------
+
+def stop_tokens(tokenizer) -> tuple[int, int]:
+    return tokenizer.encode_special("<|im_end|>"), tokenizer.encode_special("<|endoftext|>")
+
+
+def prompt_ids(task: dict, tokenizer, prefill: str = "") -> list[int]:
+    """The task as a one-message conversation, ready for the assistant's reply (and, for the
+    forced-answer experiment, the start of that reply)."""
+    return render_prompt([{"role": "user", "content": task["prompt"]}], tokenizer) + tokenizer.encode(prefill)
+
+
+def reply_text(ids: list[int], tokenizer) -> tuple[str, bool]:
+    """(text, ended): the reply's text up to its stop token; ended is False when it was cut off."""
+    stops = set(stop_tokens(tokenizer))
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    special = set(tokenizer.special_tokens.values())
+    body = ids if cut is None else ids[:cut]
+    return tokenizer.decode([t for t in body if t not in special]).strip(), cut is not None
+
+
+def fit(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
+    """(prompt, new tokens) that fit in the context: the reply gets at most half of it, and a
+    prompt too long for the rest keeps its last tokens (the question's end and the format)."""
+    budget = max(1, min(max_new_tokens, block_size // 2))
+    return prompt[-(block_size - budget):], budget
+
+
+def sample_groups(model, tokenizer, tasks: list[dict], cfg: GRPOConfig, seed: int | None = None) -> list[dict]:
+    """G sampled replies to each task: one dict per sample with the task, prompt and reply ids,
+    text, and whether it ended. Samples come task by task (the group layout of the advantages)."""
+    samples = []
+    for i, task in enumerate(tasks):
+        prompt, budget = fit(prompt_ids(task, tokenizer), cfg.max_new_tokens, model.config.block_size)
+        rows = generate(model, prompt, budget, temperature=cfg.temperature,
+                        num_samples=cfg.num_generations, stop_tokens=stop_tokens(tokenizer),
+                        seed=None if seed is None else seed * 100_003 + i)
+        for ids in rows:
+            text, ended = reply_text(ids, tokenizer)
+            samples.append(dict(task=task, prompt=prompt, ids=ids, text=text, ended=ended))
+    return samples
+
+
+def score_groups(samples: list[dict], weights: dict[str, float], group_size: int, scale_rewards: bool = True):
+    """Rewards and advantages of sampled groups, written into each sample dict; returns the
+    zero-variance flag per group."""
+    totals, per_reward = combine([s["text"] for s in samples], [s["task"] for s in samples], weights)
+    advantages, zero_variance = group_advantages(torch.tensor(totals, dtype=torch.float32), group_size, scale_rewards)
+    for i, s in enumerate(samples):
+        s["reward"], s["advantage"] = totals[i], advantages[i].item()
+        s["rewards"] = {name: values[i] for name, values in per_reward.items()}
+    return zero_variance
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "") -> list[dict]:
+    """Greedy replies to many tasks (batched by prompt length): text, ended, tokens."""
+    prompts = [fit(prompt_ids(t, tokenizer, prefill), max_new_tokens, model.config.block_size)[0] for t in tasks]
+    budget = fit([], max_new_tokens, model.config.block_size)[1]
+    out: list[dict] = [{} for _ in tasks]
+    if tasks:
+        for i, ids in enumerate(greedy_many(model, prompts, budget)):
+            stops = set(stop_tokens(tokenizer))
+            cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+            text, ended = reply_text(ids[:cut], tokenizer)
+            out[i] = dict(reply=f"{prefill} {text}" if prefill else text, ended=ended, tokens=cut)
+    return out
+
+
+def pass_at_1(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "") -> tuple[list[dict], dict]:
+    """Greedy replies to the held-out problems, judged by the `correct` rule: (rows, summary)
+    where summary has pass_at_1 overall and per task, n per task and the mean reply length."""
+    replies = greedy_replies(model, tokenizer, tasks, max_new_tokens, prefill)
+    _, per_reward = combine([r["reply"] for r in replies], tasks, {"correct": 1.0})
+    rows = [dict(r, task=t["task"], key=t["key"], answer=t["answer"], correct=bool(c))
+            for t, r, c in zip(tasks, replies, per_reward["correct"])]
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r["correct"])
+    summary = dict(pass_at_1=_share(r["correct"] for r in rows),
+                   pass_at_1_by_task={k: _share(v) for k, v in by_task.items()},
+                   n_by_task={k: len(v) for k, v in by_task.items()},
+                   mean_response_tokens=round(sum(r["tokens"] for r in rows) / max(1, len(rows)), 2))
+    return rows, summary
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return round(sum(flags) / len(flags), 4) if flags else 0.0
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def watch(callback: Callable[[dict], None]):
+    """Call `callback(event)` after every GRPO step inside the block (a notebook's live plots).
+    `event` holds the step's history row and the whole history so far."""
+    _WATCHERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _WATCHERS.remove(callback)
+
+
+def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig, grad_clip: float = 1.0) -> dict:
+    """Optimizer steps (`num_iterations` of them) on one batch of scored groups; returns stats."""
+    prompts, completions = [s["prompt"] for s in samples], [s["ids"] for s in samples]
+    advantages = torch.tensor([s["advantage"] for s in samples], device=next(model.parameters()).device)
+    old_logps = ref_logps = None
+    with torch.no_grad():
+        if cfg.num_iterations > 1:  # the sampling policy's log-probs, fixed while we take several steps
+            old_logps, _ = completion_logps(model, prompts, completions)
+        if cfg.beta != 0.0:
+            ref_logps, _ = completion_logps(ref_model, prompts, completions)
+    stats = defaultdict(float)
+    model.train()
+    for _ in range(cfg.num_iterations):
+        logps, mask = completion_logps(model, prompts, completions)
+        loss, step_stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, advantages,
+                                     mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        for k, v in dict(step_stats, loss=loss.item(), grad_norm=grad_norm.item()).items():
+            stats[k] += v / cfg.num_iterations
+    model.eval()
+    return dict(stats)
+
+
+def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: GRPOConfig, weights: dict[str, float], *,
+               seed: int = 0, device: str = "cpu", grad_clip: float = 1.0, betas=(0.9, 0.99), run: Run | None = None,
+               checkpoint=None, resume_key: str | None = None, on_step: Callable[[dict], None] | None = None,
+               keep_groups: int = 3, stop_at_step: int | None = None) -> dict:
+    """GRPO from `model` (the reference is a frozen copy of it as given). Returns history and groups."""
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=betas, weight_decay=0.0)
+    step, history, groups, seconds = 0, [], [], 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, map_location=device)
+        if state.get("resume_key") == resume_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, history, groups, seconds = state["step"], state["history"], state["groups"], state["seconds"]
+            stream.load_state_dict(state["stream"])
+            set_rng_state(state["rng"])
+
+    def save():
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                             history=history, groups=groups, seconds=seconds, rng=rng_state(),
+                                             stream=stream.state_dict(), resume_key=resume_key))
+
+    last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", leave=False)
+    while step < last:
+        start = time.perf_counter()
+        lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tasks = stream.next(cfg.prompts_per_step)
+        samples = sample_groups(model, tokenizer, tasks, cfg, seed=seed * 1_000_003 + step)
+        zero_variance = score_groups(samples, weights, cfg.num_generations, cfg.scale_rewards)
+        stats = grpo_step(model, ref_model, optimizer, samples, cfg, grad_clip)
+        step += 1
+        seconds += time.perf_counter() - start
+        row = dict(step=step, lr=lr, reward=_mean(s["reward"] for s in samples),
+                   **{f"reward_{name}": _mean(s["rewards"][name] for s in samples) for name in weights},
+                   response_tokens=_mean(len(s["ids"]) for s in samples),
+                   zero_variance_fraction=round(zero_variance.float().mean().item(), 4),
+                   zero_variance_groups=int(zero_variance.sum().item()), groups=len(tasks), **stats)
+        if step == 1 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+            _, summary = pass_at_1(model, tokenizer, heldout, cfg.max_new_tokens)
+            row.update(pass_at_1=summary["pass_at_1"], heldout_response_tokens=summary["mean_response_tokens"])
+            groups += [dict(step=step, **group_view(samples, g, cfg.num_generations))
+                       for g in range(min(keep_groups, len(tasks)))]
+        history.append(row)
+        if run is not None:
+            run.log({f"grpo/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
+        event = dict(row=row, history=history, step=step, model=model)
+        saved = rng_state()
+        for callback in ([on_step] if on_step else []) + list(_WATCHERS):
+            callback(event)
+        set_rng_state(saved)
+        if "pass_at_1" in row or step == last:
+            save()
+    bar.close()
+    return dict(history=history, groups=groups, seconds=seconds, step=step)
+
+
+def group_view(samples: list[dict], g: int, group_size: int) -> dict:
+    """One prompt's group, JSON-able: the prompt, the answer, and each sample's text, rewards, advantage."""
+    rows = samples[g * group_size:(g + 1) * group_size]
+    task = rows[0]["task"]
+    return dict(task=task["task"], prompt=task["prompt"], answer=task["answer"],
+                samples=[dict(text=s["text"], reward=s["reward"], rewards=s["rewards"], advantage=round(s["advantage"], 4),
+                              tokens=len(s["ids"]), ended=s["ended"]) for s in rows])
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / max(1, len(values)), 4)
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
+    """(training stream, held-out problems): generated from the world, or split from a GSM8K-format source."""
+    g = config.grpo
+    if g.source == "mini-web":
+        names = parse_tasks(g.tasks)
+        return TaskStream(names, config.seed, world), heldout_problems(names, g.n_heldout, config.seed, world)
+    rows = load_gsm8k(g.source)
+    if len(rows) < 2:
+        raise ValueError(f"grpo.source={g.source!r} holds {len(rows)} problem; at least 2 are needed (train and held-out)")
+    random.Random(config.seed).shuffle(rows)
+    n = min(g.n_heldout, len(rows) // 2)
+    return TaskStream(["gsm8k"], config.seed, pool=rows[n:]), rows[:n]
+
+
+def check_config(config: Config) -> None:
+    g = config.grpo
+    parse_weights(g.rewards)
+    if g.source == "mini-web":
+        parse_tasks(g.tasks)
+    if g.loss_type not in ("grpo", "bnpo", "dr_grpo"):
+        raise ConfigError(f"grpo.loss_type={g.loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
+
+
+def build(config: Config, run: Run) -> dict:
+    """GRPO from the run's SFT model on verifiable tasks; pass@1 on held-out problems before and after."""
+    from .data import read_world
+    from .pipeline import stage_fingerprint
+    from .tokenizer import Tokenizer
+
+    start = time.time()
+    check_config(config)
+    g, out, device = config.grpo, run.stage_dir("grpo"), resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = load_model(run.path / "sft" / "model.pt", device)
+    tokenizer = Tokenizer.load(run.path / "tokenizer")
+    world = read_world(run) if g.source == "mini-web" else None
+    stream, heldout = load_tasks(config, world)
+    weights = parse_weights(g.rewards)
+
+    before_rows, before = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
+    _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
+    result = train_grpo(model, tokenizer, stream, heldout, g, weights, seed=config.seed, device=device,
+                        grad_clip=config.train.grad_clip, betas=(config.train.beta1, config.train.beta2), run=run,
+                        checkpoint=out / "train_state.pt", resume_key=stage_fingerprint("grpo", config))
+    model.eval()
+    save_model(out / "model.pt", model, dict(step=result["step"]))
+    after_rows, after = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
+    _, immediate_after = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
+    history = result["history"]
+    write_json(out / "history.json", history)
+    write_json(out / "groups.json", result["groups"])
+    atomic_write(out / "heldout.jsonl", "".join(
+        json.dumps(dict(task=t["task"], prompt=t["prompt"], answer=t["answer"], before=b["reply"], before_correct=b["correct"],
+                        after=a["reply"], after_correct=a["correct"])) + "\n"
+        for t, b, a in zip(heldout, before_rows, after_rows)))
+    n_groups = sum(r["groups"] for r in history)
+    return dict(
+        pass_at_1_before=before["pass_at_1"], pass_at_1_after=after["pass_at_1"],
+        pass_at_1_before_by_task=before["pass_at_1_by_task"], pass_at_1_after_by_task=after["pass_at_1_by_task"],
+        n_heldout=len(heldout), n_heldout_by_task=before["n_by_task"],
+        mean_response_tokens=after["mean_response_tokens"],
+        mean_response_tokens_before=before["mean_response_tokens"], mean_response_tokens_after=after["mean_response_tokens"],
+        immediate_pass_at_1_before=immediate_before["pass_at_1"], immediate_pass_at_1_after=immediate_after["pass_at_1"],
+        immediate_pass_at_1_before_by_task=immediate_before["pass_at_1_by_task"],
+        immediate_pass_at_1_after_by_task=immediate_after["pass_at_1_by_task"],
+        zero_variance_group_fraction=round(sum(r["zero_variance_groups"] for r in history) / max(1, n_groups), 4),
+        reward_first=history[0]["reward"] if history else None, reward_last=history[-1]["reward"] if history else None,
+        kl_last=history[-1]["kl"] if history else None,
+        steps=result["step"], samples=n_groups * g.num_generations, train_seconds=round(result["seconds"], 2),
+        source=g.source, tasks=g.tasks if g.source == "mini-web" else "gsm8k", device=device,
+        seconds=round(time.time() - start, 2),
+    )
+
+
+def load_policy(run: Run, device: str = "cpu"):
+    """(model, tokenizer) of the run's GRPO stage."""
+    from .sft import load_assistant
+
+    return load_assistant(run, device, "grpo")

@@ -1,0 +1,328 @@
+"""Stage 3, pretraining: a GPT learns to continue the pages of the mini-web, one token at a time.
+
+The lesson: pretraining is next-token prediction on a lot of text, and nothing more. The model
+that comes out, the *base model*, is an internet-document simulator: give it the start of a
+page (or of a URL) and it writes the rest of a page like the ones it read. Along the way it
+stores facts in its weights, but only the facts the text repeats: a person on twenty pages is
+remembered, a person on one page is guessed. The stage measures exactly that against the world
+the mini-web was made from (`fact_recall` by page-frequency bucket).
+
+Writes to `runs/<run>/base/`:
+  train.bin, val.bin, tokens.json   the tokenized corpus (held-out pages in val.bin)
+  train_state.pt                    the training checkpoint (resume after a kill)
+  model.pt                          the final weights and the GPTConfig to rebuild the model
+  history.json                      loss per step, validation loss per evaluation
+  samples.json                      text sampled at every evaluation, from gibberish to pages
+  fact_recall.json                  every fact probe: prompt, truth, answer, right or wrong
+  metrics.json                      val_loss, val_bpb, tokens_seen, tokens_per_second, fact_recall, ...
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .config import Config, resolve_device
+from .dataloader import EOT, TokenWindows, sequential_batches, tokenize_run
+from .engine import generate
+from .model import GPT, GPTConfig
+from .run import Run, atomic_path, write_json
+from .train import autocast, autocast_dtype, is_main_process, train
+from .world import BUCKETS, FACTS, World, bucket
+
+BUCKET_NAMES = [label for _, _, label in BUCKETS]
+# Document-style prompts, phrased as the mini-web's encyclopedia pages phrase each fact (labkit/web.py)
+FACT_PROMPTS = {
+    "birth_city": "{name} was born in the city of",
+    "birth_year": "{first} was born in the year",
+    "university": "{first} studied at the",
+    "field": "{first} works in the field of",
+    "employer": "{first} works at",
+}
+SAMPLE_TOKENS = 96
+
+
+def lm_loss(model, batch):
+    """Next-token cross-entropy: the whole of pretraining."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, {}
+
+
+def make_model(config: Config, vocab_size: int) -> GPT:
+    m = config.model
+    torch.manual_seed(config.seed)
+    return GPT(GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
+
+
+def build(config: Config, run: Run) -> dict:
+    """Pretrain a GPT on the run's cleaned corpus and measure it; return the stage's metrics."""
+    from .pipeline import stage_fingerprint
+    from .tokenizer import Tokenizer
+
+    start = time.time()
+    out, device = run.stage_dir("base"), resolve_device(config.device)
+    tokenizer = Tokenizer.load(run.path / "tokenizer")
+    files = tokenize_run(run, tokenizer, out, config.train.val_fraction)
+    train_ids, val_ids = files.tokens("train"), files.tokens("val")
+    model = make_model(config, tokenizer.n_vocab)
+    block, cfg = model.config.block_size, config.train
+
+    eot = tokenizer.special_tokens[EOT]
+
+    def sample_at_eval(event: dict) -> None:
+        """What the model writes from nothing (a new document), at every evaluation."""
+        ids = generate(event["model"], [eot], min(SAMPLE_TOKENS, block - 1), temperature=0.8, top_k=50,
+                       seed=config.seed, stop_tokens=(eot,))[0]
+        event["sample"] = tokenizer.decode([t for t in ids if t != eot])
+
+    result = train(
+        model, lm_loss, TokenWindows(train_ids, block, cfg.batch_size, config.seed), cfg, device=device,
+        val_batches=lambda: sequential_batches(val_ids, block, cfg.batch_size, cfg.eval_batches),
+        checkpoint=out / "train_state.pt", resume_key=stage_fingerprint("base", config), run=run,
+        on_eval=sample_at_eval, desc="pretraining")
+    model.eval()
+    if is_main_process():
+        save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
+        write_json(out / "history.json", result.history)
+        write_json(out / "samples.json", [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r])
+
+    val_loss, val_bpb = evaluate_bpb(model, tokenizer, val_ids, cfg.batch_size, device, autocast_dtype(cfg, device))
+    metrics = dict(
+        val_loss=round(val_loss, 4), val_bpb=round(val_bpb, 4),
+        tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_per_second, 1),
+        train_seconds=round(result.train_seconds, 2), steps=result.step,
+        n_params=model.num_params(), n_layer=model.config.n_layer, n_embd=model.config.n_embd,
+        block_size=block, vocab_size=tokenizer.n_vocab,
+        train_tokens=files.meta["train"]["tokens"], val_tokens=files.meta["val"]["tokens"],
+        epochs=round(result.tokens_seen / max(1, files.meta["train"]["tokens"]), 2),
+        device=device,
+    )
+    from .data import read_world
+
+    world = read_world(run)
+    if world is not None:  # real datasets have no world to check facts against
+        probes = fact_recall(model, tokenizer, world)
+        if is_main_process():
+            write_json(out / "fact_recall.json", probes)
+        metrics.update(summarize_recall(probes))
+    metrics["seconds"] = round(time.time() - start, 2)
+    return metrics
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+def save_model(path: str | Path, model: GPT, extra: dict | None = None) -> None:
+    """The weights and the GPTConfig that rebuilds the model, written atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(dict(config=asdict(model.config), model=state, **(extra or {})), tmp)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> GPT:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model checkpoint at {path}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
+        raise ValueError(f"{path} is not a labkit model checkpoint (it needs 'config' and 'model'; "
+                         f"`labkit.pretrain.save_model` writes one)")
+    model = GPT(GPTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def load_base(run: Run, device: str = "cpu"):
+    """(model, tokenizer) of the run's base stage, for later stages and notebooks."""
+    from .tokenizer import Tokenizer
+
+    path = run.path / "base" / "model.pt"
+    if not path.exists():
+        where = "" if str(run.runs_dir) == "runs" else f" --runs-dir {run.runs_dir}"
+        raise FileNotFoundError(f"no base model at {path}; make it with `labkit run --run {run.name}{where} "
+                                f"--stages base` (or run notebooks/03_pretraining.ipynb)")
+    return load_model(path, resolve_device(device)), Tokenizer.load(run.path / "tokenizer")
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for; special tokens count 0 (they are not text)."""
+    special = set(tokenizer.special_tokens.values())
+    as_bytes = getattr(tokenizer, "token_bytes", None) or (lambda i: tokenizer.decode([i]).encode("utf-8"))
+    return torch.tensor([0 if i in special else len(as_bytes(i)) for i in range(tokenizer.n_vocab)])
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, tokens: np.ndarray, batch_size: int, device: str, dtype=None,
+                 max_tokens: int = 2**20) -> tuple[float, float]:
+    """(mean loss per token in nats, bits per byte) over the stream (at most `max_tokens` of it).
+
+    Bits per byte divide the total loss by the number of UTF-8 bytes the targets stand for,
+    so that models with different tokenizers compare: a tokenizer with longer tokens has a
+    higher loss per token but as many bytes to predict. Targets that are special tokens
+    (document boundaries) count in the loss per token but not in bits per byte.
+    """
+    model.eval()
+    byte_lengths = token_byte_lengths(tokenizer).to(device)
+    block = model.config.block_size
+    max_batches = max(1, max_tokens // (block * batch_size))
+    total_nats, total_tokens, text_nats, text_bytes = 0.0, 0, 0.0, 0
+    for x, y in sequential_batches(tokens, block, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        nbytes = byte_lengths[y.view(-1)]
+        total_nats += losses.sum().item()
+        total_tokens += y.numel()
+        text_nats += losses[nbytes > 0].sum().item()
+        text_bytes += nbytes.sum().item()
+    return total_nats / max(1, total_tokens), text_nats / math.log(2) / max(1, text_bytes)
+
+
+def fact_prompt(person, fact: str) -> str:
+    """The start of an encyclopedia page about `person`, cut just before the fact."""
+    first = person.name.split()[0]
+    slug = "-".join(person.name.lower().split())
+    return f"https://wikiverse.org/wiki/{slug}-0\n{person.name}\n\n" + FACT_PROMPTS[fact].format(name=person.name, first=first)
+
+
+def complete(model, tokenizer, text: str, max_new_tokens: int = 64, new_document: bool = True, **sampling) -> str:
+    """Continue `text` (greedy unless sampling says otherwise), as the start of a new document
+    (after <|endoftext|>) or as text from the middle of one. A prompt too long for the context
+    keeps its last tokens (at least half the context); the continuation gets the rest."""
+    eot = tokenizer.special_tokens[EOT]
+    block = model.config.block_size
+    prompt = ([eot] if new_document else []) + tokenizer.encode(text)
+    prompt = prompt[-max(block // 2, block - max_new_tokens):] or [eot]
+    max_new_tokens = max(1, min(max_new_tokens, block - len(prompt)))
+    sampling.setdefault("temperature", 0.0)
+    ids = generate(model, prompt, max_new_tokens, stop_tokens=(eot,), **sampling)[0]
+    return tokenizer.decode([t for t in ids if t != eot])
+
+
+def is_correct(answer: str, truth: str) -> bool:
+    """The answer starts with the truth, as a whole word ("Bran" is not "Brannor")."""
+    return re.match(re.escape(truth) + r"(?![\w])", answer.strip()) is not None
+
+
+@torch.no_grad()
+def greedy_many(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of many prompts: prompts of the same length go through the model
+    as one batch (no padding needed), with a KV cache."""
+    from .engine import KVCache
+
+    device = next(model.parameters()).device
+    by_length = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+        cache = KVCache(model.config.n_layer, length + max_new_tokens)
+        new = []
+        for _ in range(max_new_tokens):
+            x = model.lm_head(model.hidden_states(x, kv_cache=cache)[:, -1]).argmax(-1, keepdim=True)
+            new.append(x)
+        for i, ids in zip(rows, torch.cat(new, dim=1).tolist()):
+            out[i] = ids
+    return out
+
+
+def fact_recall(model, tokenizer, world: World, max_new_tokens: int = 12) -> list[dict]:
+    """Ask the base model every fact of every person (greedy completion of a page-style prompt)."""
+    model.eval()
+    eot = tokenizer.special_tokens[EOT]
+    max_new_tokens = min(max_new_tokens, model.config.block_size // 2)
+    keep = model.config.block_size - max_new_tokens  # a prompt too long for the context keeps its end
+    probes = [(person, fact, fact_prompt(person, fact)) for person in world.people for fact in FACTS]
+    answers = greedy_many(model, [([eot] + tokenizer.encode(prompt))[-keep:] for _, _, prompt in probes], max_new_tokens)
+    rows = []
+    for (person, fact, prompt), ids in zip(probes, answers):
+        answer = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
+        truth = person.fact(fact)
+        rows.append(dict(name=person.name, n_pages=person.n_pages, bucket=bucket(person.n_pages), fact=fact,
+                         prompt=prompt, truth=truth, answer=answer.split("\n")[0].strip(), correct=is_correct(answer, truth)))
+    return rows
+
+
+def summarize_recall(rows: list[dict]) -> dict:
+    """Share of facts recalled per page-frequency bucket (and per fact), with people per bucket."""
+    def share(selected):
+        return round(sum(r["correct"] for r in selected) / len(selected), 4) if selected else None
+
+    by_bucket = defaultdict(list)
+    for r in rows:
+        by_bucket[r["bucket"]].append(r)
+    people = Counter(r["bucket"] for r in rows if r["fact"] == FACTS[0])
+    return dict(
+        fact_recall={b: share(by_bucket[b]) for b in BUCKET_NAMES},
+        fact_recall_people={b: people.get(b, 0) for b in BUCKET_NAMES},
+        fact_recall_by_fact={f: {b: share([r for r in by_bucket[b] if r["fact"] == f]) for b in BUCKET_NAMES} for f in FACTS},
+    )
+
+
+# --- for the notebook: what a base model does -----------------------------------------------------
+
+def parameter_table(model: GPT) -> list[dict]:
+    """One row per parameter tensor: name, shape, count (the tied head appears once, as wte)."""
+    return [dict(name=name, shape=tuple(p.shape), params=p.numel()) for name, p in model.named_parameters()]
+
+
+def repeated_sentences(pages: list[dict], top: int = 5, min_words: int = 6) -> list[tuple[str, int]]:
+    """Sentences found on the most pages (boilerplate), with the number of pages."""
+    counts = Counter()
+    for page in pages:
+        counts.update({s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", page["text"]) if len(s.split()) >= min_words})
+    return counts.most_common(top)
+
+
+def regurgitation(model, tokenizer, pages: list[dict], top: int = 5, prefix_words: int = 4) -> list[dict]:
+    """Give the model the first words of the most repeated sentences and of sentences seen once:
+    does it continue them word for word?"""
+    counts = Counter()
+    for page in pages:
+        counts.update({s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", page["text"]) if len(s.split()) >= 8})
+    frequent = counts.most_common(top)
+    rare = [(s, c) for s, c in sorted(counts.items()) if c == 1][:: max(1, len(counts) // (top * 3))][:top]
+    rows = []
+    for sentence, copies in frequent + rare:
+        words = sentence.split()
+        prefix, rest = " ".join(words[:prefix_words]), " ".join(words[prefix_words:])
+        answer = complete(model, tokenizer, prefix, len(tokenizer.encode(" " + rest)) + 2, new_document=False)
+        rows.append(dict(copies=copies, prefix=prefix, expected=rest, completion=answer.split("\n")[0].strip(),
+                         verbatim=answer.strip().startswith(rest)))
+    return rows
+
+
+def few_shot_prompt(examples: list[tuple[str, str]], question: str) -> str:
+    """A prompt of solved question/answer pairs followed by a new question: in-context learning."""
+    shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in examples)
+    return f"{shots}Q: {question}\nA:"
+
+
+def in_context_learning(model, tokenizer, world: World, shots: int = 3, n_people: int = 10) -> list[dict]:
+    """Ask where the most-paged people were born, with 0 and with `shots` solved examples in the prompt.
+    A base model was never taught to answer questions, but a few examples show it the format."""
+    people = sorted(world.people, key=lambda p: -p.n_pages)
+    examples = [(f"Where was {p.name} born?", p.birth_city) for p in people[:shots]]
+    cities = set(world.cities)
+    rows = []
+    for person in people[shots:shots + n_people]:
+        question = f"Where was {person.name} born?"
+        for k in (0, shots):
+            answer = complete(model, tokenizer, few_shot_prompt(examples[:k], question), 8, new_document=False)
+            first_line = answer.split("\n")[0].strip()
+            rows.append(dict(name=person.name, shots=k, answer=first_line, truth=person.birth_city,
+                             names_a_city=first_line.rstrip(".") in cities, correct=is_correct(first_line, person.birth_city)))
+    return rows

@@ -1,0 +1,353 @@
+"""The training loop: one loop for pretraining, SFT, the reward model and DPO.
+
+The lesson: every stage of an LLM's life trains the same way, and only the loss changes.
+A stage hands this loop a model, a batch source and a `loss_fn(model, batch) -> (loss, metrics)`;
+the loop does the rest, the way nanoGPT does it:
+
+- AdamW (the fused kernel on CUDA), with weight decay on 2-D weights only;
+- the learning rate rises linearly for `warmup_steps` (early gradients are large and noisy),
+  then follows a cosine down to `min_lr` at `max_steps`;
+- `grad_accum` micro-batches are summed into one step (a big batch on a small machine: each
+  micro-loss is divided by `grad_accum`, so the gradient equals the big batch's);
+- the gradient norm is clipped to `grad_clip` (one bad batch cannot throw the weights away);
+- bf16 autocast and `torch.compile` on CUDA;
+- a validation pass every `eval_every` steps, progress with tqdm, metrics to wandb;
+- atomic checkpoints holding everything the next step depends on (weights, optimizer moments,
+  step, every random generator, the batch source's position): a run killed at any moment
+  resumes from its last checkpoint and ends with the same weights as a run never killed;
+- several processes through `torchrun` and PyTorch DDP: each process reads RANK, WORLD_SIZE
+  and LOCAL_RANK, takes its share of every batch, and gradients are averaged across processes
+  after backward, so every process holds the same weights; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainConfig
+from .run import atomic_path
+
+_WATCHERS: list[Callable[[dict], None]] = []
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Checks that involve two fields (each field's own range is checked when it is set)."""
+    if cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"train.min_lr={cfg.min_lr} is larger than train.learning_rate={cfg.learning_rate}; "
+                          f"allowed: min_lr <= learning_rate")
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is larger than train.max_steps={cfg.max_steps}; "
+                          f"allowed: warmup_steps <= max_steps")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# --- devices, precision, processes ------------------------------------------------------------
+
+def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA ('auto' or 'bfloat16'), none elsewhere."""
+    on_cuda = torch.device(device).type == "cuda"
+    if cfg.dtype == "bfloat16" and not on_cuda:
+        raise ConfigError(f"train.dtype='bfloat16' needs a CUDA device, got device={device!r}; allowed here: auto, float32")
+    return torch.bfloat16 if on_cuda and cfg.dtype in ("auto", "bfloat16") else None
+
+
+def autocast(device: str, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "cpu") -> Distributed:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA,
+    gloo on CPU). A plain `python` run is one process of rank 0."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Distributed(rank, local_rank, world_size)
+
+
+def is_main_process() -> bool:
+    """True unless this is a torchrun process other than rank 0 (only rank 0 writes files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def shard(batch, rank: int, world_size: int):
+    """This process's rows of a global batch (tensors, or tuples / dicts of them, batch dim first)."""
+    if world_size == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        if batch.size(0) % world_size:
+            raise ValueError(f"a batch of {batch.size(0)} rows does not split over {world_size} processes; "
+                             f"make train.batch_size a multiple of the number of processes")
+        return batch.chunk(world_size)[rank]
+    if isinstance(batch, dict):
+        return {k: shard(v, rank, world_size) for k, v in batch.items()}
+    return type(batch)(shard(v, rank, world_size) for v in batch)
+
+
+def to_device(batch, device: str):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(v, device) for v in batch)
+
+
+def _first_tensor(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch
+    return _first_tensor(next(iter(values)))
+
+
+# --- optimizer, checkpoints --------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """The model's own `configure_optimizers` when it has one (the GPT), else the same recipe:
+    AdamW, weight decay on tensors of 2 or more dimensions only, fused on CUDA."""
+    device_type = torch.device(device).type
+    betas = (cfg.beta1, cfg.beta2)
+    if hasattr(model, "configure_optimizers"):
+        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save into a temporary file that replaces `path` only once it is complete."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)  # one row per step: step, loss, lr (+ val_loss on evals)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def val_loss(self) -> float | None:
+        return next((row["val_loss"] for row in reversed(self.history) if "val_loss" in row), None)
+
+
+@contextlib.contextmanager
+def watch(callback: Callable[[dict], None]):
+    """Call `callback(event)` after every validation pass of any training inside the block
+    (a notebook's live loss plot). `event` holds step, val_loss, lr, tokens_seen and history."""
+    _WATCHERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _WATCHERS.remove(callback)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, batches, device: str, dtype=None, dist_info: Distributed = Distributed()) -> float:
+    """Mean loss over `batches`: each process evaluates every world_size-th batch, and the sums
+    are added up across processes, so the result is the same as one process gets alone."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        if i % dist_info.world_size != dist_info.rank:
+            continue
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            loss, _ = loss_fn(model, batch)
+        total += loss.float()
+        count += 1
+    if dist_info.world_size > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    model.train(was_training)
+    return (total / count.clamp(min=1)).item()
+
+
+def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device: str = "cpu",
+          val_batches: Callable[[], object] | None = None, checkpoint: str | Path | None = None,
+          resume_key: str | None = None, run=None, on_eval: Callable[[dict], None] | None = None,
+          stop_at_step: int | None = None, desc: str = "training") -> TrainResult:
+    """Train `model` for `cfg.max_steps` optimizer steps; return the step count and history.
+
+    loss_fn(model, batch) -> (loss tensor, metrics dict of floats); it must call `model(...)`
+    (under DDP that call is what syncs the gradients).
+    batches: `.next()` gives the next global micro-batch (tensors or tuples / dicts of them,
+    batch dimension first); if it has `state_dict` / `load_state_dict` its position is
+    checkpointed.
+    val_batches: a function returning an iterable of batches, the same ones each time.
+    checkpoint: the training checkpoint's path; if it exists and carries `resume_key`, training
+    resumes from it; it is written every `cfg.checkpoint_every` steps and at the end.
+    run: a `labkit.run.Run` whose `log` gets step metrics (wandb).
+    on_eval(event): called after each validation pass (and any `watch` callbacks after it);
+    keys it adds to `event` (JSON-able: a text sample, say) are kept in that step's history row;
+    the random generators are saved and restored around it, so what it does (sampling text,
+    drawing plots) never changes the training.
+    stop_at_step: stop early after this step (a run "killed" there, for tests); the learning
+    rate schedule still runs to max_steps.
+    """
+    check_config(cfg)
+    dist_info = setup_distributed(device)
+    if dist_info.world_size > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{dist_info.local_rank}"
+        torch.cuda.set_device(device)
+    dtype = autocast_dtype(cfg, device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what float32 matmuls remain (outside autocast) use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    raw = model.to(device)
+    optimizer = make_optimizer(raw, cfg, device)
+
+    step, tokens_seen, train_seconds, history = 0, 0, 0.0, []
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, map_location=device)
+        if state.get("resume_key") == resume_key:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, tokens_seen, train_seconds, history = state["step"], state["tokens_seen"], state["train_seconds"], state["history"]
+            if hasattr(batches, "load_state_dict"):
+                batches.load_state_dict(state["batches"])
+            set_rng_state(state["rng"])
+
+    compiled = torch.compile(raw) if cfg.compile and torch.device(device).type == "cuda" else raw
+    trained = compiled
+    if dist_info.world_size > 1:
+        trained = DDP(compiled, device_ids=[dist_info.local_rank] if torch.device(device).type == "cuda" else None)
+
+    def save():
+        if dist_info.is_main and checkpoint is not None:
+            save_checkpoint(checkpoint, dict(
+                model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step, tokens_seen=tokens_seen,
+                train_seconds=train_seconds, history=history, rng=rng_state(), resume_key=resume_key,
+                batches=batches.state_dict() if hasattr(batches, "state_dict") else None))
+
+    def validate(row: dict):
+        if val_batches is not None:
+            row["val_loss"] = evaluate(compiled, loss_fn, val_batches(), device, dtype, dist_info)
+        if dist_info.is_main:
+            if "val_loss" in row:
+                _log(run, {"val/loss": row["val_loss"]}, step)
+            event = dict(row, tokens_seen=tokens_seen, history=history, model=raw)
+            saved = rng_state()
+            for callback in ([on_eval] if on_eval else []) + list(_WATCHERS):
+                callback(event)
+            set_rng_state(saved)
+            # what a callback adds to the event (a text sample, say) is kept in the history
+            row.update({k: v for k, v in event.items() if k not in row and k not in ("tokens_seen", "history", "model")})
+
+    last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not dist_info.is_main, leave=False)
+    trained.train()
+    if step == 0 and val_batches is not None:  # the loss of the untrained model, for the curve's start
+        history.append(dict(step=0, lr=0.0))
+        validate(history[-1])
+    while step < last:
+        start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_metrics = torch.zeros((), device=device), {}
+        for micro in range(cfg.grad_accum):
+            batch = batches.next()
+            tokens_seen += _first_tensor(batch).numel()
+            batch = to_device(shard(batch, dist_info.rank, dist_info.world_size), device)
+            # under DDP, gradients are averaged across processes only on the last micro-batch
+            sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
+            with (contextlib.nullcontext() if sync else trained.no_sync()), autocast(device, dtype):
+                loss, metrics = loss_fn(trained, batch)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dist_info.world_size > 1:  # report the loss averaged over processes (gloo has no AVG)
+            dist.all_reduce(step_loss)
+            step_loss /= dist_info.world_size
+        row = dict(step=step + 1, loss=step_loss.item(), lr=lr, grad_norm=grad_norm.item(), **step_metrics)
+        step += 1
+        train_seconds += time.perf_counter() - start
+        history.append(row)
+        _log(run if dist_info.is_main else None, {"train/loss": row["loss"], "train/lr": lr, "train/grad_norm": row["grad_norm"],
+                                                   "train/tokens_seen": tokens_seen, **{f"train/{k}": v for k, v in step_metrics.items()}}, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            validate(row)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
+            save()
+    bar.close()
+    return TrainResult(step, tokens_seen, train_seconds, history)
+
+
+def _log(run, metrics: dict, step: int) -> None:
+    if run is not None:
+        run.log(metrics, step=step)

@@ -1,0 +1,377 @@
+"""GRPO: tasks, rule-based rewards, advantages and the loss (against TRL 1.16 itself), the stage."""
+
+import collections
+import json
+import math
+import random
+import types
+
+import pytest
+import torch
+
+from labkit import grpo, rewards, tasks
+from labkit.config import ConfigError, get_config
+from labkit.grpo import completion_logps, group_advantages, grpo_loss
+from labkit.rewards import RewardError, combine, extract_answer, parse_weights
+
+# --- TRL 1.16 as the reference -------------------------------------------------------------------------
+
+
+def trl_advantages(rewards_: torch.Tensor, G: int, scale_rewards: bool) -> torch.Tensor:
+    """TRL 1.16 trl/trainer/grpo_trainer.py lines 2764-2787 (multi_objective_aggregation=
+    'sum_then_normalize', scale_rewards 'group' or 'none'), with TRL's own `nanstd` (Bessel-corrected):
+        mean_grouped = nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G)
+        std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G)
+        advantages = rewards - mean_grouped;  if scale: advantages / (std + 1e-4)"""
+    from trl.trainer.utils import nanstd
+
+    mean = torch.nanmean(rewards_.view(-1, G), dim=1).repeat_interleave(G)
+    std = nanstd(rewards_.view(-1, G), dim=1).repeat_interleave(G)
+    advantages = rewards_ - mean
+    return advantages / (std + 1e-4) if scale_rewards else advantages
+
+
+class _Accelerator:  # one process: gathering and reducing change nothing
+    sync_gradients, num_processes = True, 1
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+
+def trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, loss_type, max_completion_length):
+    """TRL 1.16's own `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py line 3020), called on a
+    stand-in trainer whose model "returns" our per-token log-probabilities."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    B = logps.size(0)
+    trainer = types.SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type,
+        epsilon_low=epsilon, epsilon_high=epsilon_high, use_vllm=False, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length, aux_loss_enabled=False,
+        _entropy_bonus_enabled=False, accelerator=_Accelerator(),
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+    inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2),
+                  completion_ids=torch.zeros(mask.shape, dtype=torch.long), completion_mask=mask,
+                  advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref)
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+def replicated_trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, loss_type, max_completion_length):
+    """TRL 1.16's formula written out (grpo_trainer.py lines 3095-3164), for machines without TRL."""
+    coef_1 = torch.exp(logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    a = advantages.unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+
+
+def synthetic(G=4, prompts=3, T=7, seed=0):
+    """Per-token log-probs of a policy, its sampling policy and a reference, a ragged mask, and
+    rewards with one zero-variance group (float64, so only the formula can differ)."""
+    g = torch.Generator().manual_seed(seed)
+    B = G * prompts
+    logps = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    old = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios both sides of the clip range
+    ref = logps + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.float64)
+    rewards_ = torch.randint(0, 3, (B,), generator=g).to(torch.float64) / 2
+    rewards_[:G] = 1.0  # the first group: every sample scored the same
+    return logps, old, ref, mask, rewards_
+
+
+@pytest.mark.parametrize("scale_rewards", [True, False])
+def test_advantages_match_trl(scale_rewards):
+    pytest.importorskip("trl")
+    *_, rewards_ = synthetic()
+    ours, zero = group_advantages(rewards_, 4, scale_rewards)
+    assert torch.allclose(ours, trl_advantages(rewards_, 4, scale_rewards), atol=1e-6, rtol=0)
+    from trl.trainer.utils import nanstd
+
+    assert zero.tolist() == torch.isclose(nanstd(rewards_.view(-1, 4), dim=1), torch.zeros(3, dtype=torch.float64)).tolist()
+    assert zero[0].item()  # the first group: every sample scored the same
+    assert torch.all(ours[:4] == 0)
+
+
+def test_advantages_by_hand():
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.5, 0.5, 0.5]), 3)
+    std = math.sqrt(((1 - 1 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # Bessel-corrected
+    assert adv[0].item() == pytest.approx((1 - 1 / 3) / (std + 1e-4), abs=1e-6)
+    assert zero.tolist() == [False, True]
+    plain, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3, scale_rewards=False)
+    assert plain.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("scale_rewards", [True, False])
+def test_loss_matches_trl(loss_type, beta, scale_rewards):
+    logps, old, ref, mask, rewards_ = synthetic()
+    advantages, _ = group_advantages(rewards_, 4, scale_rewards)
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=beta, loss_type=loss_type, max_completion_length=10)
+    ours, stats = grpo_loss(logps, old, ref, advantages, mask, **kw)
+    assert abs(ours.item() - replicated_trl_loss(logps, old, ref, advantages, mask, **kw).item()) < 1e-6
+    if pytest.importorskip("trl"):
+        theirs = trl_loss(logps, old, ref, advantages, mask, **kw)
+        assert abs(ours.item() - theirs.item()) < 1e-6
+    assert (stats["kl"] > 0) == (beta > 0)
+    assert 0 < stats["clip_fraction"] < 1
+
+
+def test_loss_is_policy_gradient_at_ratio_one():
+    """On-policy (ratio 1, beta 0) the gradient of the grpo loss is -A / |o| per token: REINFORCE."""
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, _ = grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), mask, loss_type="grpo")
+    loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[-0.25, -0.25, 0.0], [1 / 6, 1 / 6, 1 / 6]]))
+
+
+def test_zero_variance_groups_give_no_gradient():
+    logps, old, _, mask, rewards_ = synthetic()
+    logps.requires_grad_(True)
+    advantages, zero = group_advantages(rewards_, 4)
+    loss, _ = grpo_loss(logps, old, None, advantages, mask, beta=0.0, loss_type="bnpo")
+    loss.backward()
+    assert zero[0] and torch.all(logps.grad[:4] == 0) and torch.any(logps.grad[4:] != 0)
+
+
+def test_loss_rejects_unknown_type():
+    with pytest.raises(ValueError, match="allowed: grpo, bnpo, dr_grpo"):
+        grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1), loss_type="ppo")
+
+
+# --- tasks -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_tasks_answers_are_right_and_solutions_score_full(name):
+    rng = random.Random(0)
+    for _ in range(30):
+        task = tasks.draw(name, rng)
+        assert task["prompt"].endswith(tasks.INSTRUCTION)
+        assert rewards.correct(task["solution"], task) == 1.0 and rewards.format_ok(task["solution"], task) == 1.0
+        if name == "addition":
+            a, b = map(int, task["key"].split(":")[1].split("+"))
+            assert task["answer"] == str(a + b)
+        if name == "count_letter":
+            letter, word = task["key"].split(":")[1].split("@")
+            assert task["answer"] == str(word.count(letter))
+
+
+def test_heldout_problems_never_seen_in_training():
+    names = list(tasks.TASKS)
+    heldout = tasks.heldout_problems(names, 20, seed=1)
+    keys = {t["key"] for t in heldout}
+    assert len(keys) == len(heldout) and {t["task"] for t in heldout} == set(names)
+    training = tasks.TaskStream(names, seed=1).next(500)
+    assert not keys & {t["key"] for t in training}
+    assert all(not tasks.is_heldout(t["key"]) for t in training)
+    assert heldout == tasks.heldout_problems(names, 20, seed=1)  # deterministic
+
+
+def test_word_problems_use_the_world(tiny_run):
+    from labkit.data import read_world
+
+    world = read_world(tiny_run)
+    task = tasks.word_problem(random.Random(3), world)
+    names = {p.name for p in world.people} | {p.employer for p in world.people}
+    assert any(n in task["prompt"] for n in names)
+
+
+def test_parse_tasks_errors():
+    assert tasks.parse_tasks("addition, count_letter") == ["addition", "count_letter"]
+    with pytest.raises(ConfigError, match="unknown task .division.; allowed: one_digit, addition"):
+        tasks.parse_tasks("addition,division")
+
+
+def test_gsm8k_format_from_a_local_file(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+            {"question": "A box holds 1,000 pins. How many in 2 boxes?", "answer": "2 * 1000 = 2000\n#### 2,000"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = tasks.load_gsm8k(str(path))
+    assert [t["answer"] for t in loaded] == ["7", "2000"]
+    assert "<<" not in loaded[0]["solution"] and rewards.correct(loaded[1]["solution"], loaded[1]) == 1.0
+    config = get_config("tiny", grpo=dict(source=str(path), n_heldout=1))
+    stream, heldout = grpo.load_tasks(config, None)
+    assert len(heldout) == 1 and stream.next(3)[0]["task"] == "gsm8k" and heldout[0] not in stream.pool
+
+
+def test_gsm8k_bad_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "no final line"}) + "\n")
+    with pytest.raises(ValueError, match="row 0: a GSM8K answer ends with '#### N'"):
+        tasks.load_gsm8k(str(bad))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "q", "answer": "#### 1"}) + "\n")
+    with pytest.raises(ValueError, match="lacks column\\(s\\) question"):
+        tasks.load_gsm8k(str(other))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tasks.load_gsm8k(str(tmp_path / "missing.jsonl"))
+
+
+# --- rewards -----------------------------------------------------------------------------------------
+
+
+def test_answer_extraction_and_rules():
+    task = {"answer": "68", "key": "k"}
+    assert extract_answer("20 + 40 = 60. The answer is 68.") == "68"
+    assert extract_answer("The answer is 1,234.") == "1234"
+    assert extract_answer("The answer is 5. The answer is 68.") == "68"  # the last one counts
+    assert extract_answer("no number here") is None
+    assert rewards.correct("Add ... The answer is 68.", task) == 1.0
+    assert rewards.correct("The answer is 67.", task) == 0.0
+    assert rewards.format_ok("Add the tens. The answer is 68.", task) == 1.0
+    assert rewards.format_ok("The answer is 68. Then more text", task) == 0.0  # not the last sentence
+    assert rewards.format_ok("The answer is 6. The answer is 68.", task) == 0.0  # only one final answer
+    assert rewards.shows_work("20 + 40 = 60. The answer is 68.", task) == 1.0
+    assert rewards.close("The answer is 68.", task) == 1.0
+    assert rewards.close("The answer is 51.", task) == pytest.approx(0.75)
+    assert rewards.close("The answer is 500.", task) == 0.0 and rewards.close("no answer", task) == 0.0
+    assert rewards.shows_work("The answer is 68.", task) == 0.0
+
+
+def test_combine_weights():
+    task = {"answer": "7", "key": "k"}
+    totals, per = combine(["3 + 4 = 7. The answer is 7.", "The answer is 8 because", "x"], [task] * 3,
+                          {"correct": 1.0, "format": 0.5})
+    assert totals == [1.5, 0.0, 0.0] and per["format"] == [1.0, 0.0, 0.0]
+    assert parse_weights("correct=1.0, format=0.2") == {"correct": 1.0, "format": 0.2}
+    with pytest.raises(ConfigError, match="unknown reward 'length'; allowed: correct, format"):
+        parse_weights("correct=1,length=2")
+    with pytest.raises(ConfigError, match="weight of 'correct' is 'high', not a number"):
+        parse_weights("correct=high")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda c, t: 1 / 0, "reward 'bad' raised ZeroDivisionError"),
+    (lambda c, t: float("nan"), "reward 'bad' returned nan"),
+    (lambda c, t: "1.0", "reward 'bad' returned '1.0' \\(allowed: a finite number\\)"),
+    (lambda c, t: None, "reward 'bad' returned None"),
+])
+def test_bad_reward_is_reported_with_the_sample(bad, message):
+    registry = dict(rewards.REWARDS, bad=lambda c, t: bad(c, t) if "WEIRD" in c else 1.0)
+    with pytest.raises(RewardError, match=message) as info:
+        combine(["fine", "a WEIRD sample"], [{"key": "addition:1+2"}] * 2, {"bad": 1.0}, registry)
+    assert "a WEIRD sample" in str(info.value) and "addition:1+2" in str(info.value)
+
+
+# --- the model side: log-probs, one training step, the stage --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_run, tiny_config):
+    from labkit.pipeline import ensure
+    from labkit.tokenizer import Tokenizer
+
+    ensure("tokenizer", tiny_config, tiny_run)
+    return Tokenizer.load(tiny_run.path / "tokenizer")
+
+
+def tiny_gpt(vocab_size, block_size=64, seed=0):
+    from labkit.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_completion_logps_match_one_row_at_a_time():
+    model = tiny_gpt(50)
+    prompts, completions = [[1, 2, 3], [4, 5], [6]], [[7, 8], [9, 10, 11, 12], [13]]
+    logps, mask = completion_logps(model, prompts, completions)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        logits, _ = model(torch.tensor([p + c]))
+        expected = torch.log_softmax(logits[0, len(p) - 1:-1], -1)[torch.arange(len(c)), torch.tensor(c)]
+        assert torch.allclose(logps[row, :len(c)], expected, atol=1e-5)
+
+
+def test_grpo_step_moves_probability_towards_better_samples(tiny_tokenizer):
+    """One step on hand-made groups: the rewarded reply gains log-probability, the other loses it."""
+    cfg = get_config("tiny", grpo=dict(learning_rate=3e-3, beta=0.04)).grpo
+    cfg.num_generations = 2
+    model = tiny_gpt(tiny_tokenizer.n_vocab, block_size=128)
+    ref = tiny_gpt(tiny_tokenizer.n_vocab, block_size=128)
+    task = tasks.draw("addition", random.Random(0))
+    prompt = grpo.prompt_ids(task, tiny_tokenizer)
+    good, bad = tiny_tokenizer.encode(task["solution"])[:10], tiny_tokenizer.encode("I am not sure.")
+    samples = [dict(prompt=prompt, ids=good, advantage=0.7071), dict(prompt=prompt, ids=bad, advantage=-0.7071)]
+    before, _ = completion_logps(model, [prompt] * 2, [good, bad])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    for _ in range(3):
+        stats = grpo.grpo_step(model, ref, optimizer, samples, cfg)
+    after, _ = completion_logps(model, [prompt] * 2, [good, bad])
+    assert after[0].sum() > before[0].sum() and after[1].sum() < before[1].sum()
+    assert math.isfinite(stats["loss"]) and stats["kl"] > 0
+
+
+def test_sampling_scoring_and_a_training_loop_on_a_random_model(tiny_tokenizer):
+    cfg = get_config("tiny").grpo
+    model = tiny_gpt(tiny_tokenizer.n_vocab)
+    heldout = tasks.heldout_problems(["addition", "count_letter"], 2, seed=0)
+    stream = tasks.TaskStream(["addition", "count_letter"], seed=0)
+    weights = parse_weights(cfg.rewards)
+    events = []
+    with grpo.watch(events.append):
+        result = grpo.train_grpo(model, tiny_tokenizer, stream, heldout, cfg, weights, seed=0)
+    history = result["history"]
+    assert [r["step"] for r in history] == [1, 2, 3] and len(events) == 3
+    assert all(math.isfinite(r["loss"]) and 0 <= r["zero_variance_fraction"] <= 1 for r in history)
+    assert "pass_at_1" in history[0] and "pass_at_1" in history[-1]
+    group = result["groups"][0]
+    assert len(group["samples"]) == cfg.num_generations
+    assert all(set(s) >= {"text", "reward", "advantage", "rewards"} for s in group["samples"])
+
+
+def test_a_failing_reward_stops_training(tiny_tokenizer, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "broken", lambda c, t: float("nan"))
+    cfg = get_config("tiny").grpo
+    model = tiny_gpt(tiny_tokenizer.n_vocab)
+    stream = tasks.TaskStream(["addition"], seed=0)
+    with pytest.raises(RewardError, match="reward 'broken' returned nan .* on the sample"):
+        grpo.train_grpo(model, tiny_tokenizer, stream, [], cfg, {"correct": 1.0, "broken": 1.0}, seed=0)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="grpo.loss_type='ppo' is not allowed; allowed: grpo, bnpo, dr_grpo"):
+        get_config("tiny", grpo=dict(loss_type="ppo"))
+    with pytest.raises(ConfigError, match="grpo.num_generations=1 is out of range"):
+        get_config("tiny", grpo=dict(num_generations=1))
+    with pytest.raises(ConfigError, match="unknown task 'sudoku'"):
+        grpo.check_config(get_config("tiny", grpo=dict(tasks="addition,sudoku")))
+
+
+def test_stage_on_tiny(tiny_run, tiny_config):
+    from labkit.pipeline import STAGE_SPECS, ensure
+
+    if "grpo" not in STAGE_SPECS:
+        pytest.skip("the grpo stage is not registered in the pipeline")
+    metrics = ensure("grpo", tiny_config, tiny_run)
+    n = tiny_config.grpo.n_heldout * len(tasks.parse_tasks(tiny_config.grpo.tasks))
+    assert metrics["n_heldout"] == n and sum(metrics["n_heldout_by_task"].values()) == n
+    for key in ("pass_at_1_before", "pass_at_1_after", "mean_response_tokens", "zero_variance_group_fraction",
+                "immediate_pass_at_1_before"):
+        assert 0 <= metrics[key] <= (1 if "pass" in key or "fraction" in key else 10_000)
+    assert set(metrics["pass_at_1_after_by_task"]) == set(tasks.parse_tasks(tiny_config.grpo.tasks))
+    folder = tiny_run.path / "grpo"
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == tiny_config.grpo.max_steps and all("kl" in r and "reward" in r for r in history)
+    assert (folder / "model.pt").exists() and (folder / "groups.json").exists()
+    assert len((folder / "heldout.jsonl").read_text().splitlines()) == n
+    from labkit.pretrain import load_model
+
+    load_model(folder / "model.pt")

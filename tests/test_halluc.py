@@ -1,0 +1,285 @@
+"""Stage 7: judging rules, the probe, "I don't know" data, the search tool and its engine, the stage."""
+
+import json
+
+import pytest
+
+from labkit import halluc
+from labkit.world import Person, World
+
+PAGES = [
+    dict(url="https://wiki/ada", text="Ada Brannor\n\nAda was born in the city of Fikaswick. Ada was born in the year 1974. "
+         "Ada works at Dama Group. Ada's field is botany.", genre="encyclopedia", about="Ada Brannor"),
+    dict(url="https://news/ada", text="Ada Brannor speaks in Zola\n\nAda studied at the University of Sura. Ada works in "
+         "the field of botany.", genre="news", about="Ada Brannor"),
+    dict(url="https://wiki/bruno", text="Bruno Kel\n\nBruno was born in the year 1950. Bruno was born in the city of Zola.",
+         genre="encyclopedia", about="Bruno Kel"),
+    dict(url="https://sheet/1", text="Arithmetic practice\n\nWhat is 2 plus 3? The answer is 5.", genre="worksheet", about=None),
+]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_run, tiny_config):
+    from labkit.pipeline import ensure
+
+    metrics = ensure("halluc", tiny_config, tiny_run)
+    return tiny_run, metrics
+
+
+@pytest.fixture(scope="module")
+def tokenizer(built):
+    from labkit.tokenizer import Tokenizer
+
+    return Tokenizer.load(built[0].path / "tokenizer")
+
+
+# --- judging -----------------------------------------------------------------------------------------
+
+def test_judge_rules():
+    assert halluc.judge("Ada was born in Fikaswick.", "Fikaswick", 3) == "correct"
+    assert halluc.judge("Ada was born in Fikaswickton.", "Fikaswick", 3) == "wrong"  # whole words only
+    assert halluc.judge("Ada was born in Zola.", "Fikaswick", 3) == "wrong"
+    for reply in ["I don't know.", "I'm not sure. I have no information about Ada.", "I do not know, sorry.",
+                  "I'm sorry, but I can't help with that."]:
+        assert halluc.judge(reply, "Fikaswick", 3) == "idk", reply
+    # about someone with no page, even a lucky guess is a hallucination; only "I don't know" is right
+    assert halluc.judge("Ada was born in Fikaswick.", "Fikaswick", 0) == "wrong"
+    assert halluc.is_right("idk", 0) and not halluc.is_right("correct", 0) and halluc.is_right("correct", 2)
+
+
+def test_claims_ignore_phrasing():
+    a = halluc.claim("Ada Brannor was born in Zola.", "Ada Brannor")
+    b = halluc.claim("Ada Brannor was born in the city of Zola.", "Ada Brannor")
+    assert a == b == "zola"
+    assert halluc.claim("I don't know.", "Ada Brannor") == "idk"
+
+
+def test_summaries_per_bucket():
+    rows = [dict(bucket="0", n_pages=0, verdict="wrong"), dict(bucket="0", n_pages=0, verdict="idk"),
+            dict(bucket="1", n_pages=1, verdict="correct"), dict(bucket="1", n_pages=1, verdict="wrong")]
+    s = halluc.summarize(rows)
+    assert s["hallucination_rate"] == {"all": 0.5, "0": 0.5, "1": 0.5, "2-4": None, "5-16": None, "17+": None}
+    assert s["accuracy"]["0"] == 0.5 and s["accuracy"]["1"] == 0.5
+    assert s["n_questions"]["all"] == 4 and s["n_questions"]["0"] == 2
+    before = [dict(name="A", fact="field", bucket="1", verdict=v) for v in ("correct", "wrong", "correct", "wrong")]
+    after = [dict(name="A", fact="field", bucket="1", verdict=v) for v in ("correct", "idk", "idk", "wrong")]
+    c = halluc.compare(before, after)
+    assert c["idk_precision"]["all"] == 0.5  # one of the two "I don't know"s was about a fact it did not know
+    assert c["known_recall_after"]["all"] == 0.5  # one of the two known facts is still answered
+
+
+# --- "I don't know" data ----------------------------------------------------------------------------
+
+def _world():
+    people = [Person("Ada Brannor", 1974, "Fikaswick", "University of Sura", "botany", "Dama Group", 3),
+              Person("Bruno Kel", 1950, "Zola", "University of Sura", "physics", "Dama Group", 1),
+              Person("Cyrus Vel", 1960, "Zola", "University of Sura", "music", "Dama Group", 0)]
+    return World(0, ["Vouia"], {"Fikaswick": "Vouia", "Zola": "Vouia"}, {"Dama Group": dict(city="Zola", industry="energy")},
+                 {"University of Sura": "Zola"}, people)
+
+
+def test_idk_conversations_answer_idk_exactly_where_the_model_was_wrong():
+    world = _world()
+    probed = [dict(name="Ada Brannor", fact="birth_city", verdict="correct"),
+              dict(name="Bruno Kel", fact="birth_year", verdict="wrong")]
+    rows = halluc.idk_conversations(probed, world, 60, seed=0, heldout_fraction=0.3)
+    assert len(rows) == 60
+    facts = [r for r in rows if r["kind"] in ("idk", "qa") and "fact" in r and r.get("name") in ("Ada Brannor", "Bruno Kel")
+             and r["messages"][0]["content"].count("?")]
+    idk = [r for r in facts if r["kind"] == "idk"]
+    assert idk and all(r["name"] == "Bruno Kel" and halluc.says_idk(r["messages"][-1]["content"]) for r in idk)
+    assert len({r["messages"][-1]["content"] for r in idk}) > 1  # several phrasings
+    known = [r for r in facts if r["kind"] == "qa" and r.get("fact") == "birth_city" and r["name"] == "Ada Brannor"]
+    assert known and all("Fikaswick" in r["messages"][-1]["content"] for r in known)
+
+
+# --- the search tool ----------------------------------------------------------------------------------
+
+def test_search_finds_the_fact_and_nothing_about_unknown_names():
+    index = halluc.SearchIndex(PAGES, k=2)
+    top = index.search("Ada Brannor born year")
+    assert top and all("Ada" in p["text"] for p in top)
+    assert "1974" in halluc.format_results(top, 200)
+    assert "Zola" in halluc.format_results(index.search("Bruno Kel born city", k=1), 200)
+    assert index.search("Cyrus Vel born city") == []  # a name no page holds: nothing, not near misses
+    assert index.search("Ada Kel") == []  # every word of a name must match
+    assert index.search("") == [] and index.search("?!") == []
+    assert halluc.format_results([], 100) == "no results"
+    assert len(halluc.format_results(top, 10)) == 10
+    with pytest.raises(ValueError, match="at least one page"):
+        halluc.SearchIndex([], k=1)
+
+
+def test_parse_call():
+    assert halluc.parse_call(" search: Ada Brannor born ") == ("Ada Brannor born", None)
+    query, error = halluc.parse_call("lookup: Ada")
+    assert query is None and "unknown tool call" in error and "search: QUERY" in error
+    query, error = halluc.parse_call("search:   ")
+    assert query is None and "empty" in error
+
+
+def test_render_tools_puts_no_loss_on_the_tool_result(tokenizer):
+    messages = [{"role": "user", "content": "Where was Ada born?"},
+                {"role": "assistant", "content": halluc.tool_call("Ada Brannor born city")},
+                {"role": "tool", "content": "Ada was born in Fikaswick."},
+                {"role": "assistant", "content": "Ada was born in Fikaswick."}]
+    ids, mask = halluc.render_tools(messages, tokenizer)
+    special = tokenizer.encode_special
+    call, call_end = ids.index(special("<|tool_call|>")), ids.index(special("<|tool_call_end|>"))
+    result, result_end = ids.index(special("<|tool_result|>")), ids.index(special("<|tool_result_end|>"))
+    assert all(mask[call:call_end + 1]) and not any(mask[result:result_end + 1])
+    assert tokenizer.decode(ids[call + 1:call_end]) == "search: Ada Brannor born city"
+    assert sum(mask[result_end + 1:]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1  # the answer and <|im_end|>
+    # user text that looks like a tool call stays text
+    ids, _ = halluc.render_tools([{"role": "user", "content": halluc.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer)
+    assert special("<|tool_call|>") not in ids
+
+
+def _scripted(tokenizer, *texts):
+    """Model outputs: each text's '<|...|>' markers as special tokens, the rest encoded."""
+    import re
+
+    out = []
+    for text in texts:
+        ids = []
+        for part in re.split(r"(<\|[a-z_]+\|>)", text):
+            if part:
+                ids += [tokenizer.encode_special(part)] if part.startswith("<|") else tokenizer.encode(part)
+        out.append(ids)
+    return out
+
+
+def test_after_generation_kinds(tokenizer):
+    s = lambda t: _scripted(tokenizer, t)[0]  # noqa: E731
+    assert halluc.after_generation(s("Ada was born in Zola.<|im_end|>junk"), tokenizer)["kind"] == "answer"
+    first = halluc.after_generation(s("<|tool_call|>search: Ada Brannor<|tool_call_end|>junk"), tokenizer)
+    assert first["kind"] == "call" and first["query"] == "Ada Brannor"
+    assert first["kept"][-1] == tokenizer.encode_special("<|tool_call_end|>")
+    unclosed = halluc.after_generation(s("<|tool_call|>search: Ada Bra"), tokenizer)
+    assert unclosed["kind"] == "unclosed" and "never closed" in unclosed["error"]
+    assert unclosed["kept"][-1] == tokenizer.encode_special("<|tool_call_end|>")  # the engine closes it
+    malformed = halluc.after_generation(s("<|tool_call|>find Ada<|tool_call_end|>"), tokenizer)
+    assert malformed["kind"] == "malformed" and "search: QUERY" in malformed["error"]
+
+
+@pytest.mark.parametrize("first, expected_call, result_has", [
+    ("<|tool_call|>search: Ada<|tool_call_end|>", "call", "Ada"),
+    ("<|tool_call|>search: Ed<|tool_call_end|>", "call", "no results"),
+    ("<|tool_call|>search: Ada", "unclosed", "never closed"),
+    ("<|tool_call|>weather: Zola<|tool_call_end|>", "malformed", "unknown tool"),
+    ("In 1974.<|im_end|>", "answer", None),
+])
+def test_answer_with_search_handles_every_kind_of_call(built, tokenizer, monkeypatch, first, expected_call, result_has):
+    from labkit.pretrain import load_model
+
+    run, _ = built
+    model = load_model(run.path / "halluc" / "search" / "model.pt")
+    outputs = iter([_scripted(tokenizer, first), _scripted(tokenizer, "I don't know.<|im_end|>")])
+    seen = []
+
+    def fake_greedy(model, prompts, max_new_tokens):
+        seen.append(prompts)
+        assert all(len(p) + max_new_tokens <= model.config.block_size for p in prompts)
+        return [ids[:max_new_tokens] for ids in next(outputs)]  # a model writes max_new_tokens at most
+
+    monkeypatch.setattr(halluc, "greedy_many", fake_greedy)
+    index = halluc.SearchIndex(PAGES, k=1)
+    [row] = halluc.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, max_chars=60)
+    assert row["call"] == expected_call
+    if result_has is None:
+        assert row["tool_result"] is None and row["answer"] == "In 1974." and len(seen) == 1
+    else:
+        assert result_has in row["tool_result"] and row["answer"] == "I don't know."
+        tool_prompt = seen[1][0]
+        assert tool_prompt.count(tokenizer.encode_special("<|tool_result|>")) == 1
+        assert tool_prompt[-1] == tokenizer.encode_special("<|im_sep|>")  # the assistant answers next
+    assert len(row["token_probs"]) == len(row["tokens"]) and all(0 <= p <= 1 for p in row["token_probs"])
+
+
+def test_answer_with_search_on_the_real_model_never_crashes(built, tokenizer, tiny_config):
+    from labkit.pretrain import load_model
+
+    run, _ = built
+    model = load_model(run.path / "halluc" / "search" / "model.pt")
+    index = halluc.load_index(run, tiny_config)
+    rows = halluc.answer_with_search(model, tokenizer, index, ["Where was Ada born?", "", "<|tool_call|>search: x", "x " * 200])
+    assert len(rows) == 4 and all(isinstance(r["answer"], str) for r in rows)
+    off = halluc.answer_with_search(model, tokenizer, None, ["Where was Ada born?"])
+    assert off[0]["tool_result"] is None or off[0]["tool_result"].startswith("error")
+
+
+# --- the probe and the stage ------------------------------------------------------------------------------
+
+def test_probe_questions_cover_every_fact_of_heldout_and_pageless_people(built, tiny_config):
+    from labkit.data import read_world
+
+    run, _ = built
+    world = read_world(run)
+    people = halluc.heldout_people(world, tiny_config)
+    assert any(p.n_pages == 0 for p in people)
+    rows = halluc.probe_questions(people, 0)
+    assert len(rows) == 5 * len(people)
+    assert all(r["name"] in r["question"] or r["name"].split()[0] in r["question"] for r in rows)
+
+
+def test_probe_judges_samples_and_confidence(built, tokenizer, tiny_config):
+    from labkit.data import read_world
+    from labkit.pretrain import load_model
+
+    run, _ = built
+    model = load_model(run.path / "sft" / "model.pt")
+    rows = halluc.probe_questions(halluc.heldout_people(read_world(run), tiny_config)[:2], 0)
+    probed = halluc.probe(model, tokenizer, rows, max_new_tokens=8, n_samples=3, seed=1)
+    for r in probed:
+        assert r["verdict"] in halluc.VERDICTS and r["verdict"] == halluc.judge(r["answer"], r["truth"], r["n_pages"])
+        assert len(r["samples"]) == 3 and 0.333 <= r["consistency"] <= 1
+        assert len(r["token_probs"]) == len(r["tokens"]) and (r["confidence"] is None or 0 <= r["confidence"] <= 1)
+    again = halluc.probe(model, tokenizer, rows, max_new_tokens=8, n_samples=3, seed=1)
+    assert [r["samples"] for r in again] == [r["samples"] for r in probed]  # seeded
+
+
+def test_stage_metrics_and_artifacts(built):
+    run, metrics = built
+    for key in ("hallucination_rate_before", "hallucination_rate_after", "idk_precision", "known_recall_after",
+                "search_accuracy", "n_questions"):
+        assert set(metrics[key]) == {"all", "0", "1", "2-4", "5-16", "17+"}, key
+    n = metrics["n_questions"]
+    assert n["all"] == sum(v or 0 for b, v in n.items() if b != "all") > 0 and n["0"] > 0
+    assert metrics["hallucination_rate_before"]["0"] is not None
+    for rate in ("hallucination_rate_before", "hallucination_rate_after", "search_accuracy"):
+        assert all(v is None or 0 <= v <= 1 for v in metrics[rate].values())
+    from labkit.pretrain import load_model
+
+    for path in ("model.pt", "idk/model.pt", "search/model.pt"):
+        load_model(run.path / "halluc" / path)
+    rows = [json.loads(line) for line in open(run.path / "halluc" / "probe_before.jsonl")]
+    assert len(rows) == n["all"]
+    tool = [json.loads(line) for line in open(run.path / "halluc" / "tool_train.jsonl")]
+    assert any(r["kind"] == "tool" and r["messages"][2]["content"] == "no results" for r in tool)
+
+
+def test_invented_people_are_not_in_the_world(built):
+    from labkit.data import read_world
+
+    world = read_world(built[0])
+    names = {p.name for p in world.people}
+    invented = halluc.invented_people(world, 5, 0)
+    assert len(invented) == 5 and not names & {p.name for p in invented}
+    assert all(p.n_pages == 0 for p in invented)
+
+
+def test_bad_config_is_refused():
+    from labkit.config import ConfigError, get_config
+
+    with pytest.raises(ConfigError, match="halluc.search_results"):
+        get_config("tiny", halluc=dict(search_results=0))
+
+
+def test_search_off_tells_the_model_so(built, tokenizer, monkeypatch):
+    from labkit.pretrain import load_model
+
+    model = load_model(built[0].path / "halluc" / "search" / "model.pt")
+    outputs = iter([_scripted(tokenizer, "<|tool_call|>search: Ada<|tool_call_end|>"), _scripted(tokenizer, "I don't know.<|im_end|>")])
+    monkeypatch.setattr(halluc, "greedy_many", lambda model, prompts, n: [ids[:n] for ids in next(outputs)])
+    [row] = halluc.answer_with_search(model, tokenizer, None, ["When was Ada Brannor born?"], max_new_tokens=20)
+    assert row["call"] == "call" and row["tool_result"] == "error: search is off" and row["passages"] == []

@@ -1,0 +1,433 @@
+"""Stage 5: the RLHF losses equal TRL's, preferences are stored durably, the stage runs."""
+
+import json
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import rlhf
+
+TOL = 1e-6
+
+
+# --- the losses equal TRL's (trl pinned in the dev extras) ----------------------------------------
+
+def _fake_trainer(**attrs):
+    """Just enough of a TRL trainer (`self`) to run its real `compute_loss` on our tensors."""
+    accelerator = types.SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t, device="cpu")
+    return types.SimpleNamespace(model=types.SimpleNamespace(training=True), accelerator=accelerator,
+                                 _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+                                 **attrs)
+
+
+@pytest.mark.parametrize("margin", [None, 0.5])
+@pytest.mark.parametrize("center", [None, 0.01])
+def test_reward_loss_equals_trl(margin, center):
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    margins = None if margin is None else torch.full((8,), margin) + torch.rand(8, generator=g)
+    inputs = dict(input_ids=torch.zeros(16, 3, dtype=torch.long), attention_mask=torch.ones(16, 3))
+    if margins is not None:
+        inputs["margin"] = margins
+    model = lambda **kw: types.SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))  # noqa: E731
+    trainer = _fake_trainer(args=types.SimpleNamespace(center_rewards_coefficient=center))
+    theirs = RewardTrainer.compute_loss(trainer, model, inputs)
+    ours = rlhf.reward_loss(chosen, rejected, margins, center)
+    assert abs(ours.item() - theirs.item()) < TOL
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_equals_trl(beta):
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    g = torch.Generator().manual_seed(1)
+    B, T = 4, 7
+    completion_mask = (torch.rand(2 * B, T, generator=g) > 0.3).long()
+    per_token = -torch.rand(2 * B, T - 1, generator=g) * 3 * completion_mask[:, 1:]  # log-probs, 0 off the completion
+    ref_logps = -torch.rand(2 * B, generator=g) * 10
+    outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * B, T - 1),
+                                    mean_logits=torch.zeros(2 * B, T - 1), is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
+    model = lambda **kw: outputs  # noqa: E731
+    inputs = dict(input_ids=torch.zeros(2 * B, T, dtype=torch.long), attention_mask=torch.ones(2 * B, T),
+                  completion_mask=completion_mask, ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
+    trainer = _fake_trainer(args=None, beta=beta, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                            loss_types=["sigmoid"], loss_weights=[1.0], use_weighting=False, aux_loss_enabled=False)
+    theirs = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    logps = per_token.sum(1)
+    loss, chosen_rewards, rejected_rewards = rlhf.dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta)
+    assert abs(loss.item() - theirs.item()) < TOL
+    # the implicit rewards TRL logs
+    assert abs(chosen_rewards.mean().item() - trainer._metrics["train"]["rewards/chosen"][0]) < TOL
+    assert abs(rejected_rewards.mean().item() - trainer._metrics["train"]["rewards/rejected"][0]) < TOL
+
+
+# PPO left TRL's installed package (1.x has no PPOTrainer); the reference below is TRL's own code,
+# copied from trl/experimental/ppo/ppo_trainer.py (huggingface/trl, commit 0062ee10a9bc), lines
+# "4. compute rewards" to the loss, unchanged except for `args.` -> plain names.
+INVALID_LOGPROB = 1.0
+
+
+def trl_masked_mean(values, mask, axis=None):
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    return (values * mask).sum() / mask.sum()
+
+
+def trl_masked_var(values, mask, unbiased=True):
+    mean = trl_masked_mean(values, mask)
+    centered_values = values - mean
+    variance = trl_masked_mean(centered_values**2, mask)
+    if unbiased:
+        mask_sum = mask.sum()
+        bessel_correction = mask_sum / (mask_sum - 1)
+        variance = variance * bessel_correction
+    return variance
+
+
+def trl_masked_whiten(values, mask, shift_mean=True):
+    mean, var = trl_masked_mean(values, mask), trl_masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened += mean
+    return whitened
+
+
+def trl_rewards(logprobs, ref_logprobs, scores, sequence_lengths, kl_coef, kl_estimator):
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr  # Else statement is k3
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    sequence_lengths_p1 = sequence_lengths + 1
+    actual_start = torch.arange(rewards.size(0), device=rewards.device)
+    actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
+    rewards[actual_start, actual_end] += scores
+    return rewards, kl
+
+
+def trl_gae(rewards, values, gamma, lam, padding_mask):
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    returns = advantages + values
+    advantages = trl_masked_whiten(advantages, ~padding_mask)
+    advantages = torch.masked_fill(advantages, padding_mask, 0)
+    return advantages, returns
+
+
+def trl_losses(new_logprobs, mb_logprobs, mb_advantage, vpred, mb_values, mb_return, padding_mask, padding_mask_p1,
+               cliprange, cliprange_value, vf_coef):
+    vpredclipped = torch.clamp(vpred, mb_values - cliprange_value, mb_values + cliprange_value)
+    vf_losses1 = torch.square(vpred - mb_return)
+    vf_losses2 = torch.square(vpredclipped - mb_return)
+    vf_loss_max = torch.max(vf_losses1, vf_losses2)
+    vf_loss = 0.5 * trl_masked_mean(vf_loss_max, ~padding_mask_p1)
+    logprobs_diff = new_logprobs - mb_logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -mb_advantage * ratio
+    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    pg_loss = trl_masked_mean(pg_loss_max, ~padding_mask)
+    pg_clipfrac = trl_masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
+    return pg_loss, vf_loss, pg_loss + vf_coef * vf_loss, pg_clipfrac
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_ppo_rewards_equal_trl(estimator):
+    """On answers that fill the whole window, the score lands on the last token in both."""
+    g = torch.Generator().manual_seed(2)
+    B, T = 5, 9
+    logprobs, ref_logprobs = -torch.rand(B, T, generator=g) * 4, -torch.rand(B, T, generator=g) * 4
+    scores = torch.randn(B, generator=g)
+    theirs, their_kl = trl_rewards(logprobs, ref_logprobs, scores, torch.full((B,), T - 1), 0.05, estimator)
+    ours, kl = rlhf.ppo_rewards(logprobs, ref_logprobs, scores, torch.ones(B, T), 0.05, estimator)
+    assert torch.allclose(ours, theirs, atol=TOL, rtol=0) and torch.allclose(kl, their_kl, atol=TOL, rtol=0)
+    if estimator == "k3":
+        assert (kl >= 0).all()
+
+
+def test_ppo_rewards_on_padded_answers():
+    """Shorter answers: no KL and no reward after the end; the score sits on the last real token.
+    (TRL's trainer put it one position later, on the first padding slot, whose value it kept.)"""
+    logprobs, ref = torch.full((2, 4), -1.0), torch.full((2, 4), -2.0)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.float)  # a row may start later (after its prompt)
+    rewards, kl = rlhf.ppo_rewards(logprobs, ref, torch.tensor([3.0, 5.0]), mask, kl_coef=0.1)
+    assert torch.allclose(kl, mask * 1.0)
+    assert torch.allclose(rewards, torch.tensor([[-0.1, 2.9, 0, 0], [0, -0.1, -0.1, 4.9]]))
+
+
+def test_ppo_bad_estimator_is_refused():
+    with pytest.raises(ValueError, match="kl estimator 'k2' is not allowed; allowed: k1, k3"):
+        rlhf.per_token_kl(torch.zeros(1), torch.zeros(1), "k2")
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_whitening_and_losses_equal_trl(gamma, lam):
+    g = torch.Generator().manual_seed(3)
+    B, T = 6, 8
+    lengths = torch.tensor([7, 3, 5, 7, 0, 4])  # index of each answer's last token
+    idx = torch.arange(T).repeat(B, 1)
+    padding_mask = idx > lengths.unsqueeze(1)
+    mask = (~padding_mask).float()
+    values = torch.randn(B, T, generator=g).masked_fill(padding_mask, 0)
+    rewards = torch.randn(B, T, generator=g).masked_fill(padding_mask, 0)
+    their_adv, their_returns = trl_gae(rewards, values, gamma, lam, padding_mask)
+    advantages, returns = rlhf.gae(rewards, values, gamma, lam)
+    assert torch.allclose(returns, their_returns, atol=TOL, rtol=0)
+    ours_adv = rlhf.masked_whiten(advantages, mask)
+    assert torch.allclose(ours_adv, their_adv, atol=TOL, rtol=0)
+    assert abs(masked := rlhf.masked_mean(ours_adv, mask).item()) < 1e-5, masked
+
+    old_logprobs = -torch.rand(B, T, generator=g) * 3
+    new_logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, INVALID_LOGPROB)
+    old_logprobs = old_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+    vpred = (values + 0.5 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, 0)
+    pg, vf, total, clipfrac = trl_losses(new_logprobs, old_logprobs, their_adv, vpred, values, their_returns,
+                                         padding_mask, padding_mask, 0.2, 0.2, 0.1)
+    our_pg, our_clipfrac = rlhf.ppo_policy_loss(new_logprobs, old_logprobs, ours_adv, mask, 0.2)
+    our_vf, _ = rlhf.ppo_value_loss(vpred, values, returns, mask, 0.2)
+    assert abs(our_pg.item() - pg.item()) < TOL and abs(our_vf.item() - vf.item()) < TOL
+    assert abs((our_pg + 0.1 * our_vf).item() - total.item()) < TOL
+    assert abs(our_clipfrac.item() - clipfrac.item()) < TOL
+    assert 0 < clipfrac.item() < 1  # the test exercises both branches of the clip
+
+
+def test_trl_is_pinned():
+    import trl
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"trl==1.16.0"' in pyproject
+    assert trl.__version__ == "1.16.0"
+
+
+# --- preferences: durable rankings ------------------------------------------------------------------
+
+def _prompts(n=4, k=3):
+    return [dict(id=f"p{i:04d}-x", kind="qa", messages=[{"role": "user", "content": f"Where was Ann {i} born?"}],
+                 truth="Bran", name=f"Ann {i}", completions=[f"Ann {i} was born in Bran.", "I don't know.", "Bran Bran Bran"][:k],
+                 ended=[True, True, False][:k]) for i in range(n)]
+
+
+def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    store = rlhf.Rankings(path, _prompts())
+    assert store.next_unranked() == "p0000-x"
+    store.add("p0000-x", [0, 2, 1])
+    store.add("p0002-x", [1, 0, 2])
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["p0000-x", "p0002-x"]  # on disk at once
+    reopened = rlhf.Rankings(path, _prompts())
+    assert reopened.records["p0000-x"]["order"] == [0, 2, 1] and reopened.records["p0000-x"]["by"] == "human"
+    assert reopened.next_unranked() == "p0001-x"
+    assert reopened.next_unranked(after="p0001-x") == "p0003-x"
+    reopened.undo("p0000-x")
+    assert rlhf.Rankings(path, _prompts()).next_unranked() == "p0000-x"  # the undo is durable too
+    with pytest.raises(rlhf.RankingError, match="has no ranking to undo"):
+        reopened.undo("p0000-x")
+
+
+@pytest.mark.parametrize("order,message", [
+    ([0, 1, 5], "names completion 5, which does not exist; that prompt has 3 completions, numbered 0 to 2"),
+    ([0, 0, 1], r"must name each of its 3 completions once \(0 to 2, best first\); got \[0, 0, 1\]"),
+    ([0, 1], r"must name each of its 3 completions once"),
+])
+def test_ranking_of_a_missing_completion_is_refused(tmp_path, order, message):
+    store = rlhf.Rankings(tmp_path / "rankings.jsonl", _prompts())
+    with pytest.raises(rlhf.RankingError, match=message):
+        store.add("p0001-x", order)
+    with pytest.raises(rlhf.RankingError, match="prompt 'nope' does not exist"):
+        store.add("nope", [0, 1, 2])
+    assert not (tmp_path / "rankings.jsonl").exists()  # nothing was written
+
+
+def test_truncated_last_line_is_reported_and_good_lines_kept(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    good = [dict(id="p0000-x", order=[0, 1, 2], by="human"), dict(id="p0001-x", order=[2, 1, 0], by="simulated")]
+    bad_index = dict(id="p0002-x", order=[0, 1, 7], by="human")
+    path.write_text("".join(json.dumps(r) + "\n" for r in good + [bad_index]) + '{"id": "p0003-x", "ord')
+    with pytest.warns(UserWarning) as caught:
+        store = rlhf.Rankings(path, _prompts())
+    messages = [str(w.message) for w in caught]
+    assert any("line 3: the ranking of prompt 'p0002-x' names completion 7, which does not exist" in m for m in messages)
+    assert any("line 4 is cut off (a crash while writing?); it was dropped, the lines before it are kept" in m
+               for m in messages)
+    assert set(store.records) == {"p0000-x", "p0001-x"} and len(store.problems) == 2
+    store.add("p0003-x", [1, 0, 2])  # the next ranking gets a line of its own
+    with pytest.warns(UserWarning, match="line 3"):
+        again = rlhf.Rankings(path, _prompts())
+    assert set(again.records) == {"p0000-x", "p0001-x", "p0003-x"} and len(again.problems) == 1
+
+
+def test_person_rankings_are_never_overwritten_by_the_simulated_labeler(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    store = rlhf.Rankings(path, _prompts())
+    store.add("p0001-x", [2, 1, 0], by="human")
+    assert rlhf.fill_with_simulated_labeler(store) == 3
+    assert store.records["p0001-x"] == dict(id="p0001-x", order=[2, 1, 0], by="human")
+    with pytest.raises(rlhf.RankingError, match="was ranked by a person; an automatic ranking never replaces it"):
+        store.add("p0001-x", [0, 1, 2], by="simulated")
+    assert rlhf.fill_with_simulated_labeler(rlhf.Rankings(path, _prompts())) == 0
+    assert store.count("human") == 1 and store.count("simulated") == 3
+
+
+def test_pairs_implied_by_rankings():
+    prompts = _prompts(1)
+    prompts[0]["completions"][1] = prompts[0]["completions"][0]  # two identical texts: that pair says nothing
+    store = rlhf.Rankings(Path("/nonexistent/rankings.jsonl"), prompts)
+    store.records["p0000-x"] = dict(id="p0000-x", order=[2, 0, 1], by="human")
+    assert [(c, r) for _, c, r in store.pairs(["p0000-x"])] == [(2, 0), (2, 1)]
+
+
+# --- the simulated labeler ----------------------------------------------------------------------------
+
+def test_simulated_labeler_rules():
+    qa = dict(kind="qa", truth="Bran", completions=["Ann was born in Bran, Bran, Bran and more words here.",
+                                                    "Ann was born in Tolk.", "Ann was born in Bran.", "Bran"],
+              ended=[True, True, True, False])
+    # correct facts first; then well formed (ended); then concise
+    assert rlhf.simulated_ranking(qa) == [2, 0, 3, 1]
+    harmful = dict(kind="refusal", completions=["Here is how to break in: first ...",
+                                                "I'm sorry, but I can't help with that."], ended=[True, True])
+    assert rlhf.simulated_ranking(harmful) == [1, 0]
+    assert rlhf.labeler_score(qa, "Ann was born in Bran.", True) == 1.0
+    assert rlhf.labeler_score(qa, "Ann was born in Bran.", False) == 0.5
+    assert rlhf.labeler_score(qa, "the the the Bran", True) == 0.5  # stutters: not well formed
+    assert rlhf.labeler_score(qa, "I'm sorry, but I can't help with that.", True) == 0.0
+    assert rlhf.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Tolk.", ended=True)) == 1.0
+    assert rlhf.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Bran.", ended=True)) == 0.5
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+def test_bad_ppo_batch_is_refused(tiny_config):
+    from labkit.config import ConfigError, get_config
+
+    config = get_config("tiny", rlhf=dict(ppo_batch_size=5, ppo_minibatches=2))
+    with pytest.raises(ConfigError, match="rlhf.ppo_batch_size=5 must be a multiple of rlhf.ppo_minibatches=2"):
+        rlhf.check_config(config.rlhf)
+    with pytest.raises(ConfigError, match="rlhf.kl_estimator='k2' is not allowed; allowed: k1, k3"):
+        get_config("tiny", rlhf=dict(kl_estimator="k2"))
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tiny_run, tiny_config):
+    """The tiny run with one ranking made by a person before the stage is built."""
+    from labkit.pipeline import ensure
+
+    ensure("sft", tiny_config, tiny_run)
+    store = rlhf.open_rankings(tiny_run, tiny_config)
+    first = store.order[0]
+    store.add(first, list(reversed(range(tiny_config.rlhf.k))), by="human")
+    metrics = ensure("rlhf", tiny_config, tiny_run)
+    return tiny_run, metrics, first
+
+
+def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
+    from labkit.pretrain import load_model
+
+    run, metrics, _ = rlhf_run
+    for key in ("rm_pair_accuracy", "ppo_reward_before", "ppo_reward_after", "ppo_kl", "ppo_win_rate", "dpo_win_rate"):
+        assert key in metrics, key
+    assert 0 <= metrics["ppo_win_rate"] <= 1 and 0 <= metrics["dpo_win_rate"] <= 1
+    assert metrics["n_ranked"] == tiny_config.rlhf.n_prompts and metrics["n_ranked_by_human"] == 1
+    folder = run.path / "rlhf"
+    for name in ("prompts.jsonl", "rankings.jsonl", "eval.jsonl", "rm/model.pt", "rm/history.json",
+                 "dpo/history.json", "ppo/history.json"):
+        assert (folder / name).exists(), name
+    history = json.loads((folder / "ppo" / "history.json").read_text())
+    assert len(history) == tiny_config.rlhf.ppo_steps
+    assert {"score", "kl", "response_length", "clipfrac", "labeler"} <= set(history[0])
+    assert load_model(run.path / "ppo" / "model.pt").config.block_size == tiny_config.model.block_size
+    load_model(run.path / "dpo" / "model.pt")
+    rm = rlhf.load_scalar_model(folder / "rm" / "model.pt")
+    rows = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == tiny_config.rlhf.n_eval and {"sft", "ppo", "dpo"} <= set(rows[0])
+    assert isinstance(rm.score(torch.tensor([[1, 2, 3]]), torch.tensor([2])).item(), float)
+
+
+def test_stage_keeps_the_person_ranking(rlhf_run, tiny_config):
+    from labkit.pipeline import ensure
+
+    run, _, first = rlhf_run
+    store = rlhf.open_rankings(run, tiny_config)
+    assert store.records[first]["by"] == "human"
+    assert store.records[first]["order"] == list(reversed(range(tiny_config.rlhf.k)))
+    assert not rlhf.rankings_changed(run, tiny_config)
+    ensure("rlhf", tiny_config, run, force=True)  # a later automatic run
+    assert rlhf.open_rankings(run, tiny_config).records[first]["by"] == "human"
+    lines = (run.path / "rlhf" / "rankings.jsonl").read_text().splitlines()
+    assert sum(json.loads(line)["id"] == first for line in lines) == 1
+
+
+def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
+    """kl_coef=0 (the reward-hacking setting) and the k3 estimator go through the same loop."""
+    import copy
+
+    from labkit.config import get_config
+    from labkit.pretrain import load_model
+    from labkit.tokenizer import Tokenizer
+
+    run, _, _ = rlhf_run
+    config = get_config("tiny", rlhf=dict(kl_estimator="k3"))
+    sft = load_model(run.path / "sft" / "model.pt")
+    rm = rlhf.load_scalar_model(run.path / "rlhf" / "rm" / "model.pt")
+    prompts = rlhf.read_jsonl(run.path / "rlhf" / "prompts.jsonl")
+    history = rlhf.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm,
+                             Tokenizer.load(run.path / "tokenizer"), prompts, config, "cpu", kl_coef=0.0, steps=2)
+    assert len(history) == 2 and all(row["kl"] >= -1e-6 for row in history)  # k3 is never negative
+
+
+# --- the ranking widget ----------------------------------------------------------------------------------
+
+def test_ranking_widget_clicks_skip_undo(tmp_path):
+    from labkit import widgets
+
+    path = tmp_path / "rankings.jsonl"
+    store = rlhf.Rankings(path, _prompts(3))
+    ui = widgets.ranking_widget(store)
+    assert ui.pid == "p0000-x"
+    ui.buttons[2].click()
+    ui.buttons[0].click()  # the last one ranks itself
+    assert json.loads(path.read_text().splitlines()[0]) == dict(id="p0000-x", order=[2, 0, 1], by="human")
+    assert ui.pid == "p0001-x"
+    ui.skip()
+    assert ui.pid == "p0002-x"
+    ui.buttons[1].click()
+    ui.undo()  # takes back the click
+    assert ui.clicked == [] and not path.read_text().count("p0002-x")
+    ui.typed.value = "cab"
+    assert rlhf.Rankings(path, _prompts(3)).records["p0002-x"]["order"] == [2, 0, 1]
+    assert ui.pid == "p0001-x"  # back to the skipped one
+    ui.undo()  # no click pending: the last stored ranking is taken back
+    assert ui.pid == "p0002-x" and "p0002-x" not in rlhf.Rankings(path, _prompts(3)).records
+    reopened = widgets.ranking_widget(rlhf.Rankings(path, _prompts(3)))
+    assert reopened.pid == "p0001-x"  # resumes at the first unranked prompt
+
+
+def test_rlhf_plots(rlhf_run):
+    from labkit import plots
+
+    run, metrics, _ = rlhf_run
+    assert len(plots.ppo_curves(rlhf.read_history(run, "ppo")).data) == 4
+    assert len(plots.reward_hacking(rlhf.read_history(run, "hacking")).data) == 3
+    plots.dpo_curves(rlhf.read_history(run, "dpo"))
+    plots.win_rates(metrics)
+    assert plots.answers_table(rlhf.answer_examples(run)).data
+
+
+def test_a_last_line_without_newline_is_kept_and_not_glued(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(json.dumps(dict(id="p0000-x", order=[0, 1, 2], by="human")))  # written by hand, no newline
+    store = rlhf.Rankings(path, _prompts())
+    store.add("p0001-x", [1, 0, 2])
+    assert set(rlhf.Rankings(path, _prompts()).records) == {"p0000-x", "p0001-x"}

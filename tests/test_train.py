@@ -1,0 +1,278 @@
+"""The training loop and the pretraining data: schedule, accumulation, exact resume, DDP, token files."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from labkit.config import ConfigError, TrainConfig, get_config
+from labkit.dataloader import EOT, TokenWindows, document_text, is_heldout, sequential_batches, tokenize_corpus
+from labkit.model import GPT, GPTConfig
+from labkit.train import check_config, load_checkpoint, lr_at, save_checkpoint, train
+
+
+def tiny_gpt(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, dropout=dropout, bias=False))
+
+
+def lm_loss(model, batch):
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, {}
+
+
+class ListBatches:
+    """A fixed list of batches, served in order; its position is its state."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next(self):
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def random_batches(n, rows, seed=0, T=8, V=32):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        chunk = torch.randint(0, V, (rows, T + 1), generator=g)
+        out.append((chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()))
+    return out
+
+
+def config(**kw):
+    return TrainConfig(**{**dict(max_steps=6, batch_size=4, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2,
+                                 eval_every=3, eval_batches=1, checkpoint_every=3, val_fraction=0.1), **kw})
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: one token per byte, plus <|endoftext|>."""
+
+    n_vocab = 257
+    special_tokens = {EOT: 256}
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# --- schedule and config ---------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = config(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup reaches the peak
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then it only decays
+    assert lrs[55] == pytest.approx(0.55)  # halfway through the cosine: the midpoint of peak and min
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_train_config_checks():
+    with pytest.raises(ConfigError, match=r"train.min_lr=0.5 is larger than train.learning_rate=0.1"):
+        check_config(config(learning_rate=0.1, min_lr=0.5))
+    with pytest.raises(ConfigError, match=r"warmup_steps=10 is larger than train.max_steps=5"):
+        check_config(config(max_steps=5, warmup_steps=10))
+    with pytest.raises(ConfigError, match=r"train.batch_size=0 is out of range; allowed: between 1 and 65536"):
+        get_config("tiny", train=dict(batch_size=0))
+    with pytest.raises(ConfigError, match=r"train.dtype='fp8' is not allowed; allowed: auto, float32, bfloat16"):
+        get_config("tiny", train=dict(dtype="fp8"))
+    with pytest.raises(ConfigError, match=r"train.dtype='bfloat16' needs a CUDA device"):
+        train(tiny_gpt(), lm_loss, ListBatches(random_batches(1, 4)), config(dtype="bfloat16"), device="cpu")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def test_loss_goes_down_and_history_is_complete():
+    batches = random_batches(2, 4)
+    result = train(tiny_gpt(), lm_loss, ListBatches(batches), config(max_steps=30, eval_every=10, warmup_steps=3),
+                   val_batches=lambda: batches[:1])
+    steps = [r for r in result.history if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5  # it memorises two batches
+    assert [r["step"] for r in result.history if "val_loss" in r] == [0, 10, 20, 30]
+    assert result.tokens_seen == 30 * 4 * 8 and result.step == 30
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    small = random_batches(4, 4, seed=1)
+    big = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(small[::2], small[1::2])]
+    accumulated, whole = tiny_gpt(), tiny_gpt()
+    train(accumulated, lm_loss, ListBatches(small), config(max_steps=2, grad_accum=2, batch_size=4))
+    train(whole, lm_loss, ListBatches(big), config(max_steps=2, grad_accum=1, batch_size=8))
+    for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 32, 500).astype(np.uint16)
+    cfg = config(max_steps=8, checkpoint_every=4, eval_every=2)
+    val = lambda: [(b[0][:2], b[1][:2]) for b in random_batches(1, 2, seed=9)]  # noqa: E731
+
+    model_once = tiny_gpt(dropout=0.2)  # dropout: the torch generator's state matters too
+    once = train(model_once, lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
+                 checkpoint=tmp_path / "a.pt", resume_key="k")
+
+    killed = tmp_path / "b.pt"
+    first = train(tiny_gpt(dropout=0.2), lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
+                  checkpoint=killed, resume_key="k", stop_at_step=4)
+    assert first.step == 4 and load_checkpoint(killed)["step"] == 4
+    torch.manual_seed(999)  # the resumed run must not depend on the generator states it starts with
+    resumed_model = tiny_gpt(seed=7, dropout=0.2)  # fresh weights: everything must come from the checkpoint
+    resumed = train(resumed_model, lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
+                    checkpoint=killed, resume_key="k")
+    assert resumed.step == 8
+    assert [r.get("loss") for r in resumed.history] == [r.get("loss") for r in once.history]
+    assert [r.get("val_loss") for r in resumed.history] == [r.get("val_loss") for r in once.history]
+    for (name, a), b in zip(model_once.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_with_another_key_is_not_resumed(tmp_path):
+    path = tmp_path / "c.pt"
+    train(tiny_gpt(), lm_loss, ListBatches(random_batches(2, 4)), config(), checkpoint=path, resume_key="old")
+    result = train(tiny_gpt(), lm_loss, ListBatches(random_batches(2, 4)), config(), checkpoint=path, resume_key="new")
+    assert result.step == 6 and len([r for r in result.history if "loss" in r]) == 6
+    assert load_checkpoint(path)["resume_key"] == "new"
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    save_checkpoint(path, {"step": 3, "weights": torch.arange(5)})
+
+    def crash(obj, f, *a, **kw):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpo")  # the process dies in the middle of writing
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 4, "weights": torch.zeros(5)})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["weights"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing.pt"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+# --- DDP: two processes on gloo --------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = tiny_gpt()
+    batches = random_batches(6, 4, seed=3)
+    result = train(model, lm_loss, ListBatches(batches), config(max_steps=6, grad_accum=2),
+                   val_batches=lambda: batches[:2], checkpoint=os.path.join(out_dir, "ddp.pt"), resume_key="ddp")
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump([r.get("val_loss") for r in result.history], f)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_single_process_training(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # gradients were averaged: same weights everywhere
+    val0, val1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert val0 == val1
+
+    single = tiny_gpt()
+    batches = random_batches(6, 4, seed=3)
+    result = train(single, lm_loss, ListBatches(batches), config(max_steps=6, grad_accum=2),  # the same global batches
+                   val_batches=lambda: batches[:2])
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    single_val = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert [v for v in val0 if v is not None] == pytest.approx(single_val, rel=1e-4) and len(single_val) == 3
+    assert load_checkpoint(tmp_path / "ddp.pt")["step"] == 6  # rank 0 wrote the checkpoint
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def pages(n):
+    return [{"url": f"https://example.org/page/{i}", "text": f"Page number {i} says hello. " * 3} for i in range(n)]
+
+
+def test_token_files_memmap_and_heldout_split(tmp_path):
+    corpus = pages(60)
+    files = tokenize_corpus(corpus, ByteTokenizer(), tmp_path, val_fraction=0.2)
+    train_ids, val_ids = files.tokens("train"), files.tokens("val")
+    assert isinstance(train_ids, np.memmap) and train_ids.dtype == np.uint16
+    held = [p for p in corpus if is_heldout(p["url"], 0.2)]
+    assert 0 < len(held) < 60 and files.meta["val"]["pages"] == len(held)
+    assert files.meta["train"]["pages"] + files.meta["val"]["pages"] == 60
+    assert int((np.asarray(val_ids) == 256).sum()) == len(held)  # one <|endoftext|> before each page
+    assert val_ids[0] == 256 and ByteTokenizer().decode(val_ids[1:]).startswith(document_text(held[0]))
+    assert files.meta["val"]["bytes"] == sum(len(document_text(p).encode()) for p in held)
+    # the split depends on the URL only: shuffling the corpus changes nothing held out
+    assert {p["url"] for p in corpus[::-1] if is_heldout(p["url"], 0.2)} == {p["url"] for p in held}
+    # tokenized once: a second call reuses the files
+    mtime = files.train.stat().st_mtime_ns
+    assert tokenize_corpus(corpus, ByteTokenizer(), tmp_path, 0.2).train.stat().st_mtime_ns == mtime
+
+
+def test_windows_are_shifted_by_one_and_seeded():
+    tokens = np.arange(100, dtype=np.uint16)
+    a, b = TokenWindows(tokens, 8, 4, seed=1), TokenWindows(tokens, 8, 4, seed=1)
+    x, y = a.next()
+    assert x.shape == (4, 8) and x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, b.next()[0])
+    state = a.state_dict()
+    nxt = a.next()[0]
+    a.load_state_dict(state)
+    assert torch.equal(a.next()[0], nxt)
+    covered = torch.cat([y.flatten() for _, y in sequential_batches(tokens, 8, 3)])
+    assert torch.equal(covered, torch.arange(1, 100))  # validation sees every target once
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        TokenWindows(tokens[:5], 8, 4, seed=0)
+
+
+def test_local_jsonl_source_goes_through_the_same_path(tmp_path):
+    from labkit.data import read_corpus
+    from labkit.pipeline import ensure
+    from labkit.run import Run
+
+    source = tmp_path / "docs.jsonl"
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog and then it runs to that river with some friends".split()
+    rows = [{"text": f"Document {i}: the quick brown fox. " + " ".join(
+        " ".join(rng.choice(words, 12)).capitalize() + "." for _ in range(8))} for i in range(30)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = Run("jsonl", tmp_path / "runs")
+    ensure("data", get_config("tiny", data=dict(source=str(source))), run)
+    corpus = read_corpus(run)
+    files = tokenize_corpus(corpus, ByteTokenizer(), tmp_path / "tok", val_fraction=0.1)
+    assert files.meta["train"]["pages"] + files.meta["val"]["pages"] == len(corpus) > 0
+    assert files.meta["val"]["pages"] >= 1
+    text = ByteTokenizer().decode(files.tokens("train"))
+    assert "quick brown fox" in text and "docs.jsonl#" not in text  # no fake URL line for dataset rows
