@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from pathlib import Path
 
 from .chat import ChatError, check
 from .world import FACTS, Person, World, bucket
@@ -248,15 +247,9 @@ def load_messages(source: str, column: str = "messages", max_conversations: int 
     """Conversations from a `datasets` source: a local .jsonl/.json/.parquet file or a hub name.
     Each row's `column` is a list of {"role", "content"} dicts (other keys are dropped);
     a row that is not a valid training conversation raises ChatError naming the row."""
-    from datasets import load_dataset
+    from .data import open_dataset
 
-    suffix = Path(source).suffix
-    if suffix in (".jsonl", ".json", ".parquet"):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"sft.source={source!r}: no such file")
-        data = load_dataset("parquet" if suffix == ".parquet" else "json", data_files=source, split="train")
-    else:
-        data = load_dataset(source, split=split)
+    data = open_dataset(source, "sft.source", split)
     if column not in data.column_names:
         raise ChatError(f"sft.source={source!r} has no {column!r} column; its columns: {', '.join(data.column_names)}")
     conversations = []

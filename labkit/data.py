@@ -26,19 +26,28 @@ from .world import BUCKETS, World, bucket, make_world
 TARGET_LABEL = {"url": "blocked", "quality": "low_quality", "exact_dedup": "exact_dup", "near_dedup": "near_dup"}
 
 
-def load_documents(cfg: DataConfig) -> list[Page]:
-    """Read a Hugging Face dataset by name, or a local .jsonl/.json/.parquet file, with a text column.
-    Named datasets are streamed, so only `max_docs` documents are fetched."""
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def open_dataset(source: str, setting: str, split: str = "train", name: str | None = None, streaming: bool = False):
+    """A `datasets` dataset from a local .jsonl/.json/.parquet file, or from the hub by name
+    (streamed when `streaming`, so only what is read is fetched). `setting` names the config
+    field in error messages."""
     import datasets
 
-    path = Path(cfg.source)
-    if path.exists():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ConfigError(f"data.source={cfg.source!r}: a local file must be .jsonl, .json or .parquet")
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
-    else:
-        rows = datasets.load_dataset(cfg.source, split="train", streaming=True)
+    path = Path(source)
+    if path.suffix in LOCAL_FORMATS or path.exists():
+        if path.suffix not in LOCAL_FORMATS:
+            raise ConfigError(f"{setting}={source!r}: a local file must be .jsonl, .json or .parquet")
+        if not path.exists():
+            raise FileNotFoundError(f"{setting}={source!r}: no such file")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming)
+    return datasets.load_dataset(source, name, split=split, streaming=streaming)
+
+
+def load_documents(cfg: DataConfig) -> list[Page]:
+    """Pages from a dataset with a text column (fineweb-edu's format), at most `max_docs` of them."""
+    rows = open_dataset(cfg.source, "data.source", streaming=True)
     pages = []
     for i, row in enumerate(rows):
         if cfg.max_docs and i >= cfg.max_docs:

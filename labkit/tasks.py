@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from pathlib import Path
 
 from .config import ConfigError
 
@@ -199,15 +198,9 @@ def gsm8k_answer(answer: str) -> str:
 def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dict]:
     """Tasks from GSM8K's format (`question`, `answer` ending in `#### N`): a local
     .jsonl/.json/.parquet file or a Hugging Face dataset name (e.g. 'openai/gsm8k', config 'main')."""
-    from datasets import load_dataset
+    from .data import open_dataset
 
-    suffix = Path(source).suffix
-    if suffix in (".jsonl", ".json", ".parquet"):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"grpo.source={source!r}: no such file")
-        data = load_dataset("parquet" if suffix == ".parquet" else "json", data_files=source, split="train")
-    else:
-        data = load_dataset(source, "main", split=split)
+    data = open_dataset(source, "grpo.source", split, name="main")
     missing = {"question", "answer"} - set(data.column_names)
     if missing:
         raise ValueError(f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "

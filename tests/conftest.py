@@ -24,3 +24,14 @@ def tiny_run(tmp_path_factory, tiny_config):
     run = Run("tiny", tmp_path_factory.mktemp("runs"))
     ensure("data", tiny_config, run)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: their ops are too small to share out."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from labkit.model import GPT, GPTConfig
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: their ops are too small to share out."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_gpt2(block_size, vocab_size, n_layer, n_head, n_embd):
