@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
     run.add_argument("--stages", default=None, metavar="LIST",
-                     help=f"comma-separated stages to run, with their missing inputs (default: all built): {','.join(cfg.STAGES)}")
+                     help=f"comma-separated stages to run, with their missing inputs (default: all): {','.join(cfg.STAGES)}")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
                      help="override one preset field, e.g. --set data.n_people=50 --set seed=3")
     run.add_argument("--force", action="store_true", help="rebuild the named stages even if complete")
@@ -43,12 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from .pipeline import AVAILABLE, ensure
+    from .pipeline import ensure
     from .report import write_report
     from .run import Run, load_run
 
     config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
-    stages = [s for s in cfg.parse_stages(args.stages) if args.stages or s in AVAILABLE]
+    stages = cfg.parse_stages(args.stages)
     run = Run(args.run, args.runs_dir)
     print(f"labkit: preset {config.preset}, run folder {run.path}, stages {', '.join(stages)}", file=sys.stderr)
     for stage in stages:
@@ -65,10 +65,6 @@ def _report(args) -> None:
 
 
 def _chat(args) -> None:
-    from .pipeline import STAGE_SPECS
-
-    if "sft" not in STAGE_SPECS:
-        raise ConfigError("chat needs a post-trained model, and the sft stage is not built yet")
     from .engine import chat_loop
 
     chat_loop(args.run, args.runs_dir, args.model)
