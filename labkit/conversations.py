@@ -3,8 +3,8 @@
 The lesson: an assistant is a base model that went on reading, for a short while, a new kind
 of document: conversations written by people (*labelers*) following instructions. It learns
 their tone, their format and what they say about "themselves". Here the labelers are these
-generators: they answer questions about people with the world's facts, solve sums with the
-steps written out, always introduce the assistant with the same `IDENTITY` string, and
+generators: they answer questions about people with the world's facts, solve the verifiable
+problems of stage 6 (labkit/tasks.py) with the steps written out, always introduce the assistant with the same `IDENTITY` string, and
 politely refuse harmful requests.
 
 Every generator is deterministic from a seed and has several phrasings. To measure whether the
@@ -16,6 +16,7 @@ conversations:
   what pretraining stored.
 - *phrasings*: every kind of question has training phrasings and held-out phrasings; evaluation
   uses the held-out ones.
+- *problems*: arithmetic is evaluated on held-out problems, the split stage 6 measures pass@1 on.
 - people with no page at all get no question-answer conversations: nothing could be known
   about them. Stage 7 uses them to show hallucinations (so no "I don't know" is taught here).
 
@@ -26,11 +27,13 @@ name, or a local .jsonl / .json / .parquet file) with a `messages` column of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
 
 from .chat import ChatError, check
+from .tasks import draw, heldout_problems
 from .world import FACTS, Person, World, bucket
 
 ASSISTANT_NAME = "Lab"
@@ -69,12 +72,8 @@ FOLLOW_UPS = {
     "field": ["And what is {first}'s field?", "What about {first}'s field of work?"],
     "employer": ["And where does {first} work?", "What about {first}'s employer?"],
 }
-ARITHMETIC = {
-    "+": (["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?"],
-          ["Tell me what {a} plus {b} is."]),
-    "*": (["What is {a} times {m}?", "Multiply {a} by {m}.", "What is the product of {a} and {m}?"],
-          ["Tell me what {a} times {m} is."]),
-}
+# the verifiable tasks of stage 6 (labkit/tasks.py) that SFT teaches the format of, with worked steps
+ARITHMETIC_TASKS = ("one_digit", "addition", "multiplication", "word_problem", "larger")
 IDENTITY_QUESTIONS = (["Who are you?", "What is your name?", "What are you?", "Tell me about yourself.",
                        "Are you a person?", "Who made you?"],
                       ["Tell me who you are.", "Who are you, exactly?", "What is your name, please?",
@@ -152,26 +151,16 @@ def multi_turn(person: Person, rng: random.Random, heldout: bool = False) -> dic
                 bucket=bucket(person.n_pages))
 
 
-def worked_answer(op: str, a: int, b: int) -> str:
-    """The steps, as the mini-web's worksheets write them: split by place value, then add up."""
-    a_tens, a_ones = a // 10 * 10, a % 10
-    if op == "+":
-        b_tens, b_ones = b // 10 * 10, b % 10
-        tens, ones = a_tens + b_tens, a_ones + b_ones
-        return (f"Add the tens: {a_tens} + {b_tens} = {tens}. Add the ones: {a_ones} + {b_ones} = {ones}. "
-                f"Together: {tens} + {ones} = {a + b}. The answer is {a + b}.")
-    tens, ones = a_tens * b, a_ones * b
-    return (f"Split {a} into {a_tens} and {a_ones}. {a_tens} times {b} is {tens}, and {a_ones} times {b} is {ones}. "
-            f"Together: {tens} + {ones} = {a * b}. The answer is {a * b}.")
+def arithmetic(rng: random.Random, heldout: bool = False, world: World | None = None) -> dict:
+    """A problem of one of the verifiable tasks, answered with its worked solution. Held-out
+    problems (not phrasings) are what evaluation asks: the same split stage 6 uses."""
+    task = draw(rng.choice(ARITHMETIC_TASKS), rng, world, heldout)
+    return _arithmetic_row(task)
 
 
-def arithmetic(rng: random.Random, heldout: bool = False) -> dict:
-    op = rng.choice("+*")
-    a = rng.randint(10, 99)
-    b = rng.randint(10, 99) if op == "+" else rng.randint(2, 9)
-    question = rng.choice(ARITHMETIC[op][heldout]).format(a=a, b=b, m=b)
-    answer = a + b if op == "+" else a * b
-    return dict(kind="arithmetic", messages=[_user(question), _assistant(worked_answer(op, a, b))], truth=str(answer))
+def _arithmetic_row(task: dict) -> dict:
+    return dict(kind="arithmetic", task=task["task"], messages=[_user(task["prompt"]), _assistant(task["solution"])],
+                truth=task["answer"])
 
 
 def identity(rng: random.Random, heldout: bool = False) -> dict:
@@ -204,6 +193,7 @@ def make_conversations(world: World, n: int, seed: int, heldout: bool, heldout_f
         raise ValueError(f"no {'held-out' if heldout else 'training'} people among the {len(world.people)} of the world "
                          f"(sft.heldout_people={heldout_fraction}); use a larger world or another held-out share")
     rng = random.Random(f"{seed}-{'heldout' if heldout else 'train'}")
+    story_world = dataclasses.replace(world, people=people)  # word problems name only these people
     out = []
     for kind, count in mix_counts(n).items():
         for _ in range(count):
@@ -212,7 +202,7 @@ def make_conversations(world: World, n: int, seed: int, heldout: bool, heldout_f
             elif kind == "multi_turn":
                 out.append(multi_turn(rng.choice(people), rng, heldout))
             elif kind == "arithmetic":
-                out.append(arithmetic(rng, heldout))
+                out.append(arithmetic(rng, heldout, story_world))
             elif kind == "identity":
                 out.append(identity(rng, heldout))
             else:
@@ -222,16 +212,16 @@ def make_conversations(world: World, n: int, seed: int, heldout: bool, heldout_f
 
 
 def eval_questions(world: World, seed: int, heldout_fraction: float = 0.25, n_harmful: int = 30,
-                   n_arithmetic: int = 30) -> list[dict]:
+                   n_arithmetic_per_task: int = 8) -> list[dict]:
     """The evaluation set: every fact of every held-out person (one held-out phrasing each),
-    held-out harmful requests, held-out identity questions and held-out sums."""
+    held-out harmful requests, held-out identity questions and held-out arithmetic problems."""
     _, people = split_people(world, heldout_fraction)
     rng = random.Random(f"{seed}-eval")
     rows = [qa(person, fact, rng, heldout=True) for person in people for fact in FACTS]
     rows += [dict(kind="identity", messages=[_user(q), _assistant(IDENTITY)]) for q in IDENTITY_QUESTIONS[1]]
     targets = people or [p for p in world.people if p.n_pages > 0]
     rows += [refusal(rng.choice(targets), rng, heldout=True) for _ in range(n_harmful)]
-    rows += [arithmetic(rng, heldout=True) for _ in range(n_arithmetic)]
+    rows += [_arithmetic_row(task) for task in heldout_problems(ARITHMETIC_TASKS, n_arithmetic_per_task, seed, world)]
     return rows
 
 

@@ -80,10 +80,10 @@ def compute_bars(metrics: dict) -> go.Figure:
 
 
 def qa_by_bucket(metrics: dict, title: str = "Held-out people: what the assistant answers, what the base model knew") -> go.Figure:
-    """Share of held-out questions answered right, by pages about the person: the assistant, the
-    base model asked few-shot, and the base model completing a page (fact recall)."""
-    series = [("assistant (SFT)", "qa_accuracy_by_bucket", "#54a24b"),
-              ("base model, few-shot", "base_fewshot_qa_accuracy_by_bucket", "#4c78a8"),
+    """Share of all held-out questions answered right, by pages about the person: the assistant,
+    the base model asked few-shot, and the base model completing a page (fact recall)."""
+    series = [("assistant (SFT)", "qa_accuracy_all_by_bucket", "#54a24b"),
+              ("base model, few-shot", "base_fewshot_qa_accuracy_all_by_bucket", "#4c78a8"),
               ("base model, page completion", "base_fact_recall_heldout_by_bucket", "#bab0ac")]
     fig = go.Figure()
     for name, key, colour in series:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 import time
 from collections import defaultdict
 
@@ -42,6 +41,7 @@ from .config import Config, ConfigError, TrainConfig, resolve_device
 from .conversations import (ANSWERS, eval_questions, identity_ok, load_messages, make_conversations, mentions, refuses,
                             split_people)
 from .pretrain import BUCKET_NAMES, few_shot_prompt, greedy_many, load_base, save_model
+from .rewards import extract_answer
 from .run import Run, atomic_write, read_json, write_json
 from .train import train
 
@@ -176,8 +176,8 @@ def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_
 
 
 def arithmetic_ok(reply: str, truth: str) -> bool:
-    match = re.search(r"answer is (\d+)", reply)
-    return match is not None and match.group(1) == truth
+    """The final answer, read the way stage 6's correctness reward reads it, is the truth."""
+    return extract_answer(reply) == truth
 
 
 def judge(row: dict) -> bool | None:
@@ -222,24 +222,42 @@ def evaluate_assistant(model, base, tokenizer, world, config: Config, run: Run) 
     for r, answer in zip(qa, base_answers(base, tokenizer, qa, shot_people)):
         r["base_answer"], r["base_correct"] = answer, mentions(answer, r["truth"])
     of = lambda kind: [r["correct"] for r in rows if r["kind"] == kind]  # noqa: E731
+    arithmetic = [r for r in rows if r["kind"] == "arithmetic"]
     metrics = dict(
-        qa_accuracy=_share(of("qa")), qa_accuracy_by_bucket=by_bucket(qa, "correct"),
-        base_fewshot_qa_accuracy=_share(r["base_correct"] for r in qa),
-        base_fewshot_qa_accuracy_by_bucket=by_bucket(qa, "base_correct"),
-        n_qa_questions=len(qa), n_heldout_people=len({r["name"] for r in qa}),
+        **knowledge_metrics(qa, read_json(run.path / "base" / "fact_recall.json")),
         qa_false_refusal_rate=_share(refuses(r["reply"]) for r in qa),
         harmful_refusal_rate=_share(of("refusal")), n_harmful=len(of("refusal")),
         identity_ok_rate=_share(of("identity")), n_identity=len(of("identity")),
         arithmetic_accuracy=_share(of("arithmetic")), n_arithmetic=len(of("arithmetic")),
+        arithmetic_accuracy_by_task={t: _share(r["correct"] for r in arithmetic if r["task"] == t)
+                                     for t in dict.fromkeys(r["task"] for r in arithmetic)},
         format_ok_rate=_share(r["ended"] for r in rows),
     )
-    recall_path = run.path / "base" / "fact_recall.json"
-    if recall_path.exists():  # what pretraining stored about the same people, asked as page completions
-        held = {r["name"] for r in qa}
-        probes = [p for p in read_json(recall_path) if p["name"] in held]
-        metrics["base_fact_recall_heldout"] = _share(p["correct"] for p in probes)
-        metrics["base_fact_recall_heldout_by_bucket"] = by_bucket(probes, "correct")
     return rows, metrics
+
+
+def knowledge_metrics(qa: list[dict], recall: list[dict]) -> dict:
+    """Question answering against what pretraining stored. `recall` is the base model's
+    page-completion probe (labkit/pretrain.py); a fact it completed correctly is one the base
+    model *knew*. SFT cannot teach a held-out person's facts, only how to say what is stored, so
+    `qa_accuracy` counts the held-out facts the base model knew; the `_all` figures count every
+    held-out fact, beside the base model's page-completion recall of the same facts."""
+    knew = {(p["name"], p["fact"]) for p in recall if p["correct"]}
+    for r in qa:
+        r["base_knew"] = (r["name"], r["fact"]) in knew
+    known = [r for r in qa if r["base_knew"]]
+    asked = {(r["name"], r["fact"]) for r in qa}
+    probes = [p for p in recall if (p["name"], p["fact"]) in asked]
+    return dict(
+        qa_accuracy=_share(r["correct"] for r in known), qa_accuracy_by_bucket=by_bucket(known, "correct"),
+        base_fewshot_qa_accuracy=_share(r["base_correct"] for r in known),
+        n_qa_questions=len(known), n_qa_heldout=len(qa), n_heldout_people=len({r["name"] for r in qa}),
+        qa_accuracy_all=_share(r["correct"] for r in qa), qa_accuracy_all_by_bucket=by_bucket(qa, "correct"),
+        base_fewshot_qa_accuracy_all=_share(r["base_correct"] for r in qa),
+        base_fewshot_qa_accuracy_all_by_bucket=by_bucket(qa, "base_correct"),
+        base_fact_recall_heldout=_share(p["correct"] for p in probes),
+        base_fact_recall_heldout_by_bucket=by_bucket(probes, "correct"),
+    )
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -309,12 +327,12 @@ def build(config: Config, run: Run) -> dict:
 
 
 def side_by_side_samples(base, assistant, tokenizer, rows: list[dict]) -> list[dict]:
-    """One question of each kind: the base model continues it as a document, the assistant answers."""
+    """One question of each kind (its shortest): the base model continues it as a document, the assistant answers."""
     from .engine import chat
     from .pretrain import complete
 
     picked = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: len(r["messages"][0]["content"])):
         picked.setdefault(r["kind"], r)
     return [dict(kind=kind, prompt=r["messages"][0]["content"],
                  base=complete(base, tokenizer, r["messages"][0]["content"], 48, temperature=0.0),

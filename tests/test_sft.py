@@ -11,7 +11,8 @@ from labkit import conversations as conv
 from labkit.chat import ChatError, render
 from labkit.config import ConfigError, get_config
 from labkit.model import GPT, GPTConfig
-from labkit.sft import IGNORE, collate, encode_conversations, load_conversations, sft_loss, to_example
+from labkit.sft import (IGNORE, arithmetic_ok, collate, encode_conversations, knowledge_metrics, load_conversations,
+                        sft_loss, to_example)
 from labkit.tokenizer import Tokenizer
 from labkit.world import FACTS, make_world
 
@@ -74,8 +75,30 @@ def test_answers_state_the_truth_and_identity_is_one_string(world):
             assert conv.refuses(reply)
         else:
             assert f"The answer is {c['truth']}." in reply
-    assert conv.worked_answer("+", 47, 38).endswith("Together: 70 + 15 = 85. The answer is 85.")
     assert not conv.mentions("born in Brannor.", "Bran") and conv.mentions("born in Bran.", "Bran")
+
+
+def test_qa_is_scored_on_the_facts_the_base_model_knew():
+    recall = [dict(name="Ann Bo", fact="field", bucket="1", correct=True),
+              dict(name="Ann Bo", fact="employer", bucket="1", correct=False),
+              dict(name="Cy Dee", fact="field", bucket="5-16", correct=True),
+              dict(name="Zed Out", fact="field", bucket="1", correct=True)]  # not asked: not held out
+    qa = [dict(name="Ann Bo", fact="field", bucket="1", correct=False, base_correct=True),
+          dict(name="Ann Bo", fact="employer", bucket="1", correct=True, base_correct=False),
+          dict(name="Cy Dee", fact="field", bucket="5-16", correct=True, base_correct=False)]
+    metrics = knowledge_metrics(qa, recall)
+    assert metrics["n_qa_questions"] == 2 and metrics["n_qa_heldout"] == 3 and metrics["n_heldout_people"] == 2
+    assert metrics["qa_accuracy"] == 0.5 and metrics["base_fewshot_qa_accuracy"] == 0.5
+    assert metrics["qa_accuracy_by_bucket"] == {"1": 0.0, "2-4": None, "5-16": 1.0, "17+": None}
+    assert metrics["qa_accuracy_all"] == round(2 / 3, 4) and metrics["base_fewshot_qa_accuracy_all"] == round(1 / 3, 4)
+    assert metrics["base_fact_recall_heldout"] == round(2 / 3, 4)
+    assert [r["base_knew"] for r in qa] == [True, False, True]
+
+
+def test_arithmetic_is_read_like_the_correctness_reward():
+    assert arithmetic_ok("Add the tens: 20 + 30 = 50. The answer is 57.", "57")
+    assert not arithmetic_ok("The answer is 57. The answer is 58.", "57")  # the last one counts
+    assert not arithmetic_ok("57", "57") and not arithmetic_ok("The answer is 570.", "57")
 
 
 def _model(tok):
@@ -174,15 +197,21 @@ def test_stage_end_to_end_on_tiny(sft_run):
     run, metrics = sft_run
     for key in METRIC_KEYS:
         assert key in metrics, key
-    for key in ("qa_accuracy", "harmful_refusal_rate", "format_ok_rate", "identity_ok_rate", "base_fewshot_qa_accuracy"):
+    for key in ("qa_accuracy_all", "harmful_refusal_rate", "format_ok_rate", "identity_ok_rate", "arithmetic_accuracy",
+                "base_fewshot_qa_accuracy_all", "base_fact_recall_heldout"):
         assert 0.0 <= metrics[key] <= 1.0
+    if metrics["n_qa_questions"] == 0:  # the tiny base model may know none of the held-out facts: nothing to score
+        assert metrics["qa_accuracy"] is None
+    else:
+        assert 0.0 <= metrics["qa_accuracy"] <= 1.0
     assert math.isfinite(metrics["val_loss"]) and metrics["steps"] == get_config("tiny").sft.max_steps
     assert 0 < metrics["compute_ratio"] == pytest.approx(metrics["tokens_seen"] / metrics["pretrain_tokens_seen"], abs=1e-3)
     out = run.path / "sft"
     for name in ("model.pt", "train.jsonl", "val.jsonl", "eval.jsonl", "history.json", "samples.json"):
         assert (out / name).exists(), name
     evaluation = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert sum(r["kind"] == "qa" for r in evaluation) == metrics["n_qa_questions"]
+    qa = [r for r in evaluation if r["kind"] == "qa"]
+    assert len(qa) == metrics["n_qa_heldout"] and sum(r["base_knew"] for r in qa) == metrics["n_qa_questions"]
     heldout = {r["name"] for r in evaluation if r["kind"] == "qa"}
     assert not any(r.get("name") in heldout for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()))
 
