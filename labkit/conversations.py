@@ -4,8 +4,8 @@ The lesson: an assistant is a base model that went on reading, for a short while
 of document: conversations written by people (*labelers*) following instructions. It learns
 their tone, their format and what they say about "themselves". Here the labelers are these
 generators: they answer questions about people with the world's facts, solve the verifiable
-problems of stage 6 (labkit/tasks.py) with the steps written out, always introduce the assistant with the same `IDENTITY` string, and
-politely refuse harmful requests.
+problems of stage 6 (labkit/tasks.py) with the steps written out, always introduce the
+assistant with the same `IDENTITY` string, and politely refuse harmful requests.
 
 Every generator is deterministic from a seed and has several phrasings. To measure whether the
 assistant generalises instead of reciting, part of the world is held out of the training

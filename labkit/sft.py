@@ -228,7 +228,7 @@ def evaluate_assistant(model, base, tokenizer, world, config: Config, run: Run) 
         qa_false_refusal_rate=_share(refuses(r["reply"]) for r in qa),
         harmful_refusal_rate=_share(of("refusal")), n_harmful=len(of("refusal")),
         identity_ok_rate=_share(of("identity")), n_identity=len(of("identity")),
-        arithmetic_accuracy=_share(of("arithmetic")), n_arithmetic=len(of("arithmetic")),
+        arithmetic_accuracy=_share(r["correct"] for r in arithmetic), n_arithmetic=len(arithmetic),
         arithmetic_accuracy_by_task={t: _share(r["correct"] for r in arithmetic if r["task"] == t)
                                      for t in dict.fromkeys(r["task"] for r in arithmetic)},
         format_ok_rate=_share(r["ended"] for r in rows),
