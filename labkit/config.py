@@ -138,12 +138,14 @@ class RLHFConfig:
 @dataclass
 class GRPOConfig:
     source: str = param("mini-web", help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')")
-    tasks: str = param("one_digit,larger", help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter")
-    n_heldout: int = param(40, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
-    rewards: str = param("correct=1.0,format=0.2,close=0.5", help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS")
+    tasks: str = param("larger", help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter")
+    n_heldout: int = param(200, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
+    cold_start_steps: int = param(30, low=0, high=10_000_000, help="steps of SFT on worked solutions of training problems before GRPO, DeepSeek-R1's 'cold start' (0: GRPO straight from the SFT model)")
+    cold_start_learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of the cold start (batch size and decay as in sft)")
+    rewards: str = param("correct=1.0,format=0.2", help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS")
     num_generations: int = param(8, low=2, high=1024, help="G: samples per prompt, compared with each other")
     prompts_per_step: int = param(8, low=1, high=4096, help="prompts per optimizer step (a step trains on prompts_per_step * G samples)")
-    max_steps: int = param(30, low=1, high=10_000_000, help="optimizer steps")
+    max_steps: int = param(120, low=1, high=10_000_000, help="optimizer steps")
     num_iterations: int = param(1, low=1, high=64, help="mu: optimizer steps on each batch of samples (more than 1 makes the ratio and its clipping matter)")
     learning_rate: float = param(2e-4, low=0.0, high=1.0, help="constant learning rate (after warmup)")
     warmup_steps: int = param(5, low=0, help="steps of linear warmup")
@@ -153,8 +155,8 @@ class GRPOConfig:
     scale_rewards: bool = param(True, help="divide advantages by the group's std (GRPO); False gives Dr. GRPO's plain r - mean")
     loss_type: str = param("grpo", choices=("grpo", "bnpo", "dr_grpo"), help="normalisation: per sequence then mean (grpo), over all tokens (bnpo), sum / (batch * max_new_tokens) (dr_grpo)")
     max_new_tokens: int = param(48, low=1, high=4096, help="longest completion; one that has not ended by then is cut and fails the format reward")
-    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the G samples")
-    eval_every: int = param(10, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems")
+    temperature: float = param(0.7, low=0.01, high=10.0, help="sampling temperature of the G samples (below 1 for a small model: at 1 its numbers come out garbled and a right answer is luck)")
+    eval_every: int = param(20, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems")
 
 
 @dataclass
@@ -204,7 +206,7 @@ PRESETS: dict[str, dict] = {
         rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, rm_steps=6, rm_batch_size=8,
                   dpo_steps=4, dpo_batch_size=4, ppo_steps=3, ppo_batch_size=4, ppo_epochs=2, ppo_minibatches=2,
                   hacking_steps=3),
-        grpo=dict(n_heldout=3, num_generations=4, prompts_per_step=2, max_steps=3, warmup_steps=1, max_new_tokens=16,
+        grpo=dict(cold_start_steps=3, n_heldout=3, num_generations=4, prompts_per_step=2, max_steps=3, warmup_steps=1, max_new_tokens=16,
                   eval_every=2),
         halluc=dict(n_samples=2, max_new_tokens=12, idk_conversations=60, idk_steps=4, tool_conversations=60, tool_steps=4,
                     batch_size=8, learning_rate=3e-3, min_lr=3e-4, warmup_steps=1, search_results=1, result_chars=60),
@@ -225,7 +227,9 @@ PRESETS: dict[str, dict] = {
                   dpo_steps=1000, dpo_batch_size=32, dpo_learning_rate=5e-7, ppo_steps=500, ppo_batch_size=64,
                   ppo_minibatches=4, ppo_learning_rate=1e-6, hacking_steps=500),
         grpo=dict(tasks="one_digit,addition,multiplication,word_problem,larger,count_letter", n_heldout=200,
-                  num_generations=16, prompts_per_step=32, max_steps=500, learning_rate=1e-5, warmup_steps=20,
+                  cold_start_steps=300, cold_start_learning_rate=1e-4,
+                  num_generations=16, prompts_per_step=32, max_steps=500, learning_rate=1e-5, temperature=1.0,
+                  rewards="correct=1.0,format=0.2,close=0.5", warmup_steps=20,
                   max_new_tokens=256, eval_every=50),
         halluc=dict(n_samples=8, max_new_tokens=48, idk_conversations=20000, idk_steps=600, tool_conversations=30000,
                     tool_steps=1000, batch_size=64, learning_rate=1e-4, min_lr=1e-5, warmup_steps=50, search_results=3,

@@ -21,16 +21,23 @@ answer's tokens count less each), "bnpo" averages all tokens of the batch, "dr_g
 and divides by batch * max_new_tokens (no length bias). These are TRL's definitions (1.16,
 trl/trainer/grpo_trainer.py, `_compute_loss`); tests/test_grpo.py checks them against TRL itself.
 
+RL can only reinforce what the policy already does now and then, so the stage begins the way
+DeepSeek-R1 did, with a short *cold start*: SFT on worked solutions of training problems
+(`grpo.cold_start_steps`), after which the policy writes the checked format and gets some problems
+right. The reference model for the KL is that cold-started policy. pass@1 is measured on the SFT
+model (`pass_at_1_sft`), after the cold start (`pass_at_1_before`) and after GRPO (`pass_at_1_after`).
+
 A group whose samples all score the same (all right, or all wrong) has every advantage 0: it
 teaches nothing. The share of such groups (`zero_variance_group_fraction`) says how much of the
 sampling was wasted: prompts too easy or too hard for the model.
 
 Writes to `runs/<run>/grpo/`:
   model.pt, train_state.pt     the policy after training; the resumable training checkpoint
+  cold_start_state.pt          the cold start's checkpoint
   history.json                 per step: mean reward (and per reward), KL, response length, ...; pass@1 at evaluations
   groups.json                  some prompts' groups of G samples with their rewards and advantages
   heldout.jsonl                every held-out problem with the replies before and after, right or wrong
-  metrics.json                 pass_at_1_before / after (overall, per task), n_heldout, mean_response_tokens, ...
+  metrics.json                 pass_at_1_sft / before / after (overall, per task), n_heldout, mean_response_tokens, ...
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Callable
 
 import torch
 
-from .chat import render_prompt
+from .chat import render, render_prompt
 from .config import Config, ConfigError, GRPOConfig, resolve_device
 from .engine import generate
 from .pretrain import greedy_many, load_model, save_model
@@ -355,6 +362,32 @@ def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
     return TaskStream(["gsm8k"], config.seed, pool=rows[n:]), rows[:n]
 
 
+def cold_start(model, tokenizer, stream: TaskStream, config: Config, device: str, run: Run, checkpoint,
+               resume_key: str) -> dict:
+    """DeepSeek-R1's cold start: before RL, a short SFT on worked solutions of training problems, so
+    that the policy writes the steps in the checked format often enough for some samples to be right.
+    (RL can only reinforce what the policy already does now and then.)"""
+    g, s = config.grpo, config.sft
+    if g.cold_start_steps == 0:
+        return dict(steps=0, problems=0, seconds=0.0)
+    from .sft import finetune
+
+    problems = stream.fork("cold-start").next(min(g.cold_start_steps * s.batch_size, 5000))
+    conversations = [dict(messages=[dict(role="user", content=t["prompt"]), dict(role="assistant", content=t["solution"])])
+                     for t in problems]
+    keep = model.config.block_size + 1
+
+    def render_end(messages, tokenizer):  # too long for the context: keep the end, as `fit` does when sampling
+        ids, mask = render(messages, tokenizer)
+        return ids[-keep:], mask[-keep:]
+
+    result, _ = finetune(model, conversations, tokenizer, config, steps=g.cold_start_steps, batch_size=s.batch_size,
+                         learning_rate=g.cold_start_learning_rate, min_lr=g.cold_start_learning_rate / 10,
+                         warmup_steps=s.warmup_steps, device=device, run=run, checkpoint=checkpoint,
+                         resume_key=resume_key, desc="grpo: cold start", renderer=render_end)
+    return dict(steps=result.step, problems=len({t["key"] for t in problems}), seconds=round(result.train_seconds, 2))
+
+
 def check_config(config: Config) -> None:
     g = config.grpo
     parse_weights(g.rewards)
@@ -380,6 +413,9 @@ def build(config: Config, run: Run) -> dict:
     stream, heldout = load_tasks(config, world)
     weights = parse_weights(g.rewards)
 
+    _, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
+    warm = cold_start(model, tokenizer, stream, config, device, run, out / "cold_start_state.pt",
+                      stage_fingerprint("grpo", config) + "-cold-start")
     before_rows, before = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
     _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
     result = train_grpo(model, tokenizer, stream, heldout, g, weights, seed=config.seed, device=device,
@@ -398,6 +434,8 @@ def build(config: Config, run: Run) -> dict:
         for t, b, a in zip(heldout, before_rows, after_rows)))
     n_groups = sum(r["groups"] for r in history)
     return dict(
+        pass_at_1_sft=sft["pass_at_1"], pass_at_1_sft_by_task=sft["pass_at_1_by_task"],
+        cold_start_steps=warm["steps"], cold_start_problems=warm["problems"], cold_start_seconds=warm["seconds"],
         pass_at_1_before=before["pass_at_1"], pass_at_1_after=after["pass_at_1"],
         pass_at_1_before_by_task=before["pass_at_1_by_task"], pass_at_1_after_by_task=after["pass_at_1_by_task"],
         n_heldout=len(heldout), n_heldout_by_task=before["n_by_task"],

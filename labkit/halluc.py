@@ -46,6 +46,7 @@ from .config import Config, ConfigError, resolve_device
 from .conversations import ANSWERS, QUESTIONS, make_conversations, mentions, refuses, split_people
 from .pretrain import BUCKET_NAMES, greedy_many, load_model, save_model
 from .run import Run, atomic_write
+from .sft import finetune as sft_finetune
 from .world import FACTS, Person, World, _word, bucket
 
 IDK_ANSWERS = [
@@ -550,28 +551,12 @@ def retrieval_recall(index: SearchIndex, people: list[Person], max_chars: int) -
 # --- fine-tuning ------------------------------------------------------------------------------------
 
 def finetune(model, conversations: list[dict], tokenizer, config: Config, steps: int, device: str, run: Run,
-             checkpoint, resume_key: str, desc: str, renderer=None):
-    """The SFT recipe (assistant-only loss, the shared loop) on `conversations`."""
-    from .sft import ConversationBatches, sft_loss, to_example
-    from .train import train
-
+             checkpoint, resume_key: str, desc: str):
+    """The SFT recipe on `conversations` (tool messages rendered), with this stage's settings."""
     h = config.halluc
-    render = renderer or render_tools
-    block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
-    examples = []
-    for c in conversations:
-        x, y = to_example(*render(c["messages"], tokenizer), block)
-        if any(t != -1 for t in y):
-            examples.append((x, y))
-    if not examples:
-        raise ConfigError(f"no {desc} conversation has an assistant token within block_size={block}")
-    cfg = dataclasses.replace(config.train, max_steps=steps, batch_size=h.batch_size, grad_accum=1,
-                              learning_rate=h.learning_rate, min_lr=h.min_lr, warmup_steps=min(h.warmup_steps, steps),
-                              eval_every=steps, checkpoint_every=steps)
-    result = train(model, sft_loss, ConversationBatches(examples, cfg.batch_size, config.seed, pad), cfg, device=device,
-                   checkpoint=checkpoint, resume_key=resume_key, run=run, desc=desc)
-    model.eval()
-    return result, len(examples)
+    return sft_finetune(model, conversations, tokenizer, config, steps=steps, batch_size=h.batch_size,
+                        learning_rate=h.learning_rate, min_lr=h.min_lr, warmup_steps=h.warmup_steps, device=device,
+                        run=run, checkpoint=checkpoint, resume_key=resume_key, desc=desc, renderer=render_tools)
 
 
 def _write_jsonl(path, rows: list[dict]) -> None:

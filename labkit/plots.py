@@ -177,12 +177,17 @@ def grpo_curves(history: list[dict], title: str = "GRPO: training on verifiable 
     return fig
 
 
-def pass_at_1_bars(metrics: dict, title: str = "Held-out problems solved, before and after GRPO") -> go.Figure:
-    """pass@1 (greedy) per task before and after, with the number of held-out problems."""
+def pass_at_1_bars(metrics: dict, title: str = "Held-out problems solved: SFT model, after the cold start, after GRPO") -> go.Figure:
+    """pass@1 (greedy) per task of the SFT model, of GRPO's starting policy (after the cold start)
+    and after GRPO, with the number of held-out problems."""
     tasks = list(metrics["pass_at_1_before_by_task"])
     n = metrics["n_heldout_by_task"]
+    bars = [("pass_at_1_before_by_task", "before GRPO"), ("pass_at_1_after_by_task", "after GRPO")]
+    if metrics.get("cold_start_steps"):
+        bars = [("pass_at_1_sft_by_task", "SFT model"), ("pass_at_1_before_by_task", "after the cold start (GRPO's start)"),
+                ("pass_at_1_after_by_task", "after GRPO")]
     fig = go.Figure()
-    for key, name in (("pass_at_1_before_by_task", "SFT model (before)"), ("pass_at_1_after_by_task", "after GRPO")):
+    for key, name in bars:
         values = [100 * metrics[key][t] for t in tasks]
         fig.add_bar(x=[f"{t} (n={n[t]})" for t in tasks], y=values, name=name, text=[f"{v:.0f}%" for v in values],
                     textposition="outside")

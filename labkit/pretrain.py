@@ -20,6 +20,7 @@ Writes to `runs/<run>/base/`:
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from collections import Counter, defaultdict
@@ -36,7 +37,7 @@ from .engine import generate
 from .model import GPT, GPTConfig
 from .run import Run, atomic_path, write_json
 from .train import autocast, autocast_dtype, is_main_process, train
-from .world import BUCKETS, FACTS, World, bucket
+from .world import BUCKETS, FACTS, World, _word, bucket
 
 BUCKET_NAMES = [label for _, _, label in BUCKETS]
 # Document-style prompts, phrased as the mini-web's encyclopedia pages phrase each fact (labkit/web.py)
@@ -105,6 +106,7 @@ def build(config: Config, run: Run) -> dict:
         block_size=block, vocab_size=tokenizer.n_vocab,
         train_tokens=files.meta["train"]["tokens"], val_tokens=files.meta["val"]["tokens"],
         epochs=round(result.tokens_seen / max(1, files.meta["train"]["tokens"]), 2),
+        copy_accuracy=round(copy_accuracy(model, tokenizer, copy_probes(tokenizer, seed=config.seed)), 4),
         device=device,
     )
     from .data import read_world
@@ -188,6 +190,39 @@ def evaluate_bpb(model, tokenizer, tokens: np.ndarray, batch_size: int, device: 
         text_nats += losses[nbytes > 0].sum().item()
         text_bytes += nbytes.sum().item()
     return total_nats / max(1, total_tokens), text_nats / math.log(2) / max(1, text_bytes)
+
+
+COPY_TEXT = "One day a stranger named {name} came to town. Everyone liked {name}. The next day {name}"
+
+
+def copy_probes(tokenizer, n: int = 60, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(ids, start) pairs: a short text that names a made-up stranger three times, and where the
+    last mention's tokens begin. The name is new, so only the text itself can tell how it goes on."""
+    rng = random.Random(f"{seed}-copy")
+    probes = []
+    for _ in range(n):
+        name = _word(rng, rng.randint(2, 3))
+        ids = tokenizer.encode(COPY_TEXT.format(name=name))
+        probes.append((ids, len(ids) - len(tokenizer.encode(" " + name))))
+    return probes
+
+
+@torch.no_grad()
+def copy_accuracy(model, tokenizer, probes: list[tuple[list[int], int]]) -> float:
+    """In-context copying (what induction heads do): the share of the last mention's tokens after
+    its first that greedy prediction gets right. The first token is a guess; the rest can be read
+    from the earlier mentions. A model without this skill cannot repeat a new name or number."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = total = 0
+    for ids, start in probes:
+        cut = max(0, len(ids) - model.config.block_size)
+        ids, start = ids[cut:], start - cut
+        logits, _ = model(torch.tensor([ids], device=device))
+        predicted = logits[0, start:-1].argmax(-1).tolist()  # position t predicts token t + 1
+        hits += sum(p == t for p, t in zip(predicted, ids[start + 1:]))
+        total += len(ids) - start - 1
+    return hits / max(1, total)
 
 
 def fact_prompt(person, fact: str) -> str:

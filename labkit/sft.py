@@ -114,6 +114,24 @@ def encode_conversations(conversations: list[dict], tokenizer, block_size: int) 
     return examples, dict(truncated=truncated, dropped=dropped, assistant_tokens=assistant_tokens)
 
 
+def finetune(model, conversations: list[dict], tokenizer, config: Config, *, steps: int, batch_size: int,
+             learning_rate: float, min_lr: float, warmup_steps: int, device: str, run: Run, checkpoint, resume_key: str,
+             desc: str, renderer=render):
+    """The SFT recipe (assistant-only loss, the shared loop) on `conversations`, for the later stages that
+    fine-tune again (stage 6's cold start, stage 7's mitigations). Returns (TrainResult, examples used)."""
+    block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
+    examples = [(x, y) for x, y in (to_example(*renderer(c["messages"], tokenizer), block) for c in conversations)
+                if any(t != IGNORE for t in y)]
+    if not examples:
+        raise ConfigError(f"no {desc} conversation has an assistant token within block_size={block}")
+    cfg = dataclasses.replace(config.train, max_steps=steps, batch_size=batch_size, grad_accum=1, learning_rate=learning_rate,
+                              min_lr=min_lr, warmup_steps=min(warmup_steps, steps), eval_every=steps, checkpoint_every=steps)
+    result = train(model, sft_loss, ConversationBatches(examples, batch_size, config.seed, pad), cfg, device=device,
+                   checkpoint=checkpoint, resume_key=resume_key, run=run, desc=desc)
+    model.eval()
+    return result, len(examples)
+
+
 # --- the data -------------------------------------------------------------------------------------
 
 def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:

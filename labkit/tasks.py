@@ -170,9 +170,13 @@ class TaskStream:
     """Training problems forever: each draw picks a task at random, then a training-split problem.
     Its position (the generator's state) can be saved and restored."""
 
-    def __init__(self, names: list[str], seed: int, world=None, pool: list[dict] | None = None):
-        self.names, self.world, self.pool = names, world, pool
-        self.rng = random.Random(f"{seed}-grpo-train")
+    def __init__(self, names: list[str], seed: int, world=None, pool: list[dict] | None = None, purpose: str = "train"):
+        self.names, self.seed, self.world, self.pool = names, seed, world, pool
+        self.rng = random.Random(f"{seed}-grpo-{purpose}")
+
+    def fork(self, purpose: str) -> "TaskStream":
+        """Another stream over the same training problems, in its own random order."""
+        return TaskStream(self.names, self.seed, self.world, self.pool, purpose)
 
     def next(self, n: int) -> list[dict]:
         if self.pool is not None:

@@ -346,6 +346,32 @@ def test_a_failing_reward_stops_training(tiny_tokenizer, monkeypatch):
         grpo.train_grpo(model, tiny_tokenizer, stream, [], cfg, {"correct": 1.0, "broken": 1.0}, seed=0)
 
 
+def test_cold_start_teaches_the_worked_solutions(tiny_tokenizer, tmp_path):
+    from labkit.chat import render_prompt
+    from labkit.run import Run
+
+    config = get_config("tiny", grpo=dict(cold_start_steps=12, cold_start_learning_rate=1e-2))
+    model = tiny_gpt(tiny_tokenizer.n_vocab, block_size=128)
+    stream = tasks.TaskStream(["one_digit"], seed=0)
+    problem = tasks.draw("one_digit", random.Random(3))
+    prompt = render_prompt([dict(role="user", content=problem["prompt"])], tiny_tokenizer)
+    solution = tiny_tokenizer.encode(problem["solution"])
+
+    def solution_logp():
+        with torch.no_grad():
+            return completion_logps(model, [prompt], [solution])[0].sum().item()
+
+    run = Run("cold", tmp_path)
+    untouched = solution_logp()
+    off = grpo.cold_start(model, tiny_tokenizer, stream, get_config("tiny", grpo=dict(cold_start_steps=0)), "cpu", run,
+                          tmp_path / "off.pt", "off")
+    assert off == dict(steps=0, problems=0, seconds=0.0) and solution_logp() == untouched
+    warm = grpo.cold_start(model, tiny_tokenizer, stream, config, "cpu", run, tmp_path / "cold.pt", "cold")
+    assert warm["steps"] == 12 and 1 <= warm["problems"] <= 81  # one-digit sums: 81 problems, a fifth held out
+    assert solution_logp() > untouched + 1.0
+    assert stream.next(1) == tasks.TaskStream(["one_digit"], seed=0).next(1)  # its own stream: GRPO's order is unchanged
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match="grpo.loss_type='ppo' is not allowed; allowed: grpo, bnpo, dr_grpo"):
         get_config("tiny", grpo=dict(loss_type="ppo"))
@@ -363,7 +389,8 @@ def test_stage_on_tiny(tiny_run, tiny_config):
     metrics = ensure("grpo", tiny_config, tiny_run)
     n = tiny_config.grpo.n_heldout * len(tasks.parse_tasks(tiny_config.grpo.tasks))
     assert metrics["n_heldout"] == n and sum(metrics["n_heldout_by_task"].values()) == n
-    for key in ("pass_at_1_before", "pass_at_1_after", "mean_response_tokens", "zero_variance_group_fraction",
+    assert metrics["cold_start_steps"] == tiny_config.grpo.cold_start_steps and metrics["cold_start_problems"] >= 1
+    for key in ("pass_at_1_sft", "pass_at_1_before", "pass_at_1_after", "mean_response_tokens", "zero_variance_group_fraction",
                 "immediate_pass_at_1_before"):
         assert 0 <= metrics[key] <= (1 if "pass" in key or "fraction" in key else 10_000)
     assert set(metrics["pass_at_1_after_by_task"]) == set(tasks.parse_tasks(tiny_config.grpo.tasks))

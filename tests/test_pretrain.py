@@ -1,6 +1,7 @@
 """Stage 3: the base stage end to end on the tiny preset, its metrics, loader and measurements."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def base(tiny_run, tiny_config):
 
 def test_base_stage_metrics(base, tiny_run, tiny_config):
     t, m = tiny_config.train, tiny_config.model
-    for key in ("val_loss", "val_bpb", "tokens_seen", "tokens_per_second", "train_seconds", "n_params", "fact_recall"):
+    for key in ("val_loss", "val_bpb", "tokens_seen", "tokens_per_second", "train_seconds", "n_params", "fact_recall",
+                "copy_accuracy"):
         assert key in base
     assert base["tokens_seen"] == t.max_steps * t.batch_size * t.grad_accum * m.block_size
     assert base["steps"] == t.max_steps and base["tokens_per_second"] > 0
@@ -112,3 +114,32 @@ def test_answers_are_judged_as_whole_words():
     summary = summarize_recall(rows)
     assert summary["fact_recall"] == {"0": None, "1": 0.2, "2-4": None, "5-16": None, "17+": 1.0}
     assert summary["fact_recall_people"] == {"0": 0, "1": 1, "2-4": 0, "5-16": 0, "17+": 1}
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in model whose greedy next token is always the text's real next token (or always token 0)."""
+
+    def __init__(self, right: bool, vocab: int):
+        super().__init__()
+        self.config = types.SimpleNamespace(block_size=128)
+        self.right, self.vocab, self.anchor = right, vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        following = torch.cat([idx[:, 1:], idx[:, -1:]], 1) if self.right else torch.zeros_like(idx)
+        return logits.scatter(-1, following.unsqueeze(-1), 1.0), None
+
+
+def test_copy_accuracy_reads_only_the_repeated_name(base, tiny_run):
+    from labkit.pretrain import COPY_TEXT, copy_accuracy, copy_probes
+
+    from labkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_run.path / "tokenizer")
+    probes = copy_probes(tok, n=20, seed=1)
+    assert probes == copy_probes(tok, n=20, seed=1) and probes != copy_probes(tok, n=20, seed=2)
+    for ids, start in probes:
+        name = tok.decode(ids[start:]).strip()
+        assert tok.decode(ids) == COPY_TEXT.format(name=name) and tok.decode(ids).count(name) == 3
+    assert copy_accuracy(_Oracle(True, tok.n_vocab), tok, probes) == 1.0
+    assert copy_accuracy(_Oracle(False, tok.n_vocab), tok, probes) == 0.0
