@@ -106,7 +106,7 @@ def build(config: Config, run: Run) -> dict:
         block_size=block, vocab_size=tokenizer.n_vocab,
         train_tokens=files.meta["train"]["tokens"], val_tokens=files.meta["val"]["tokens"],
         epochs=round(result.tokens_seen / max(1, files.meta["train"]["tokens"]), 2),
-        copy_accuracy=round(copy_accuracy(model, tokenizer, copy_probes(tokenizer, seed=config.seed)), 4),
+        copy_accuracy=round(copy_accuracy(model, copy_probes(tokenizer, seed=config.seed)), 4),
         device=device,
     )
     from .data import read_world
@@ -208,7 +208,7 @@ def copy_probes(tokenizer, n: int = 60, seed: int = 0) -> list[tuple[list[int], 
 
 
 @torch.no_grad()
-def copy_accuracy(model, tokenizer, probes: list[tuple[list[int], int]]) -> float:
+def copy_accuracy(model, probes: list[tuple[list[int], int]]) -> float:
     """In-context copying (what induction heads do): the share of the last mention's tokens after
     its first that greedy prediction gets right. The first token is a guess; the rest can be read
     from the earlier mentions. A model without this skill cannot repeat a new name or number."""

@@ -141,5 +141,5 @@ def test_copy_accuracy_reads_only_the_repeated_name(base, tiny_run):
     for ids, start in probes:
         name = tok.decode(ids[start:]).strip()
         assert tok.decode(ids) == COPY_TEXT.format(name=name) and tok.decode(ids).count(name) == 3
-    assert copy_accuracy(_Oracle(True, tok.n_vocab), tok, probes) == 1.0
-    assert copy_accuracy(_Oracle(False, tok.n_vocab), tok, probes) == 0.0
+    assert copy_accuracy(_Oracle(True, tok.n_vocab), probes) == 1.0
+    assert copy_accuracy(_Oracle(False, tok.n_vocab), probes) == 0.0
