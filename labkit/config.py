@@ -141,7 +141,7 @@ class GRPOConfig:
     tasks: str = param("larger", help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter")
     n_heldout: int = param(200, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
     cold_start_steps: int = param(30, low=0, high=10_000_000, help="steps of SFT on worked solutions of training problems before GRPO, DeepSeek-R1's 'cold start' (0: GRPO straight from the SFT model)")
-    cold_start_learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of the cold start (batch size and decay as in sft)")
+    cold_start_learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of the cold start (it decays to a tenth; batch size and warmup are sft's)")
     rewards: str = param("correct=1.0,format=0.2", help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS")
     num_generations: int = param(8, low=2, high=1024, help="G: samples per prompt, compared with each other")
     prompts_per_step: int = param(8, low=1, high=4096, help="prompts per optimizer step (a step trains on prompts_per_step * G samples)")

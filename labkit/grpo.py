@@ -372,7 +372,7 @@ def cold_start(model, tokenizer, stream: TaskStream, config: Config, device: str
         return dict(steps=0, problems=0, seconds=0.0)
     from .sft import finetune
 
-    problems = stream.fork("cold-start").next(min(g.cold_start_steps * s.batch_size, 5000))
+    problems = stream.fork("cold-start").next(g.cold_start_steps * s.batch_size)
     conversations = [dict(messages=[dict(role="user", content=t["prompt"]), dict(role="assistant", content=t["solution"])])
                      for t in problems]
     keep = model.config.block_size + 1

@@ -95,12 +95,12 @@ def sft_loss(model, batch):
     return loss, {}
 
 
-def encode_conversations(conversations: list[dict], tokenizer, block_size: int) -> tuple[list, dict]:
+def encode_conversations(conversations: list[dict], tokenizer, block_size: int, renderer=render) -> tuple[list, dict]:
     """Render every conversation; keep those with at least one assistant target inside the context."""
     examples, truncated, dropped, assistant_tokens = [], 0, 0, 0
     for i, conversation in enumerate(conversations):
         try:
-            ids, mask = render(conversation["messages"], tokenizer)
+            ids, mask = renderer(conversation["messages"], tokenizer)
         except ChatError as error:
             raise ChatError(f"conversation {i}: {error}") from None
         truncated += len(ids) > block_size + 1
@@ -120,8 +120,7 @@ def finetune(model, conversations: list[dict], tokenizer, config: Config, *, ste
     """The SFT recipe (assistant-only loss, the shared loop) on `conversations`, for the later stages that
     fine-tune again (stage 6's cold start, stage 7's mitigations). Returns (TrainResult, examples used)."""
     block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
-    examples = [(x, y) for x, y in (to_example(*renderer(c["messages"], tokenizer), block) for c in conversations)
-                if any(t != IGNORE for t in y)]
+    examples, _ = encode_conversations(conversations, tokenizer, block, renderer)
     if not examples:
         raise ConfigError(f"no {desc} conversation has an assistant token within block_size={block}")
     cfg = dataclasses.replace(config.train, max_steps=steps, batch_size=batch_size, grad_accum=1, learning_rate=learning_rate,
