@@ -413,10 +413,11 @@ def build(config: Config, run: Run) -> dict:
     stream, heldout = load_tasks(config, world)
     weights = parse_weights(g.rewards)
 
-    _, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
+    sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
     warm = cold_start(model, tokenizer, stream, config, device, run, out / "cold_start_state.pt",
                       stage_fingerprint("grpo", config) + "-cold-start")
-    before_rows, before = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
+    # without a cold start GRPO starts from the SFT model: no need to measure it twice
+    before_rows, before = pass_at_1(model, tokenizer, heldout, g.max_new_tokens) if warm["steps"] else (sft_rows, sft)
     _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
     result = train_grpo(model, tokenizer, stream, heldout, g, weights, seed=config.seed, device=device,
                         grad_clip=config.train.grad_clip, betas=(config.train.beta1, config.train.beta2), run=run,

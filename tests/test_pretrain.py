@@ -132,7 +132,6 @@ class _Oracle(torch.nn.Module):
 
 def test_copy_accuracy_reads_only_the_repeated_name(base, tiny_run):
     from labkit.pretrain import COPY_TEXT, copy_accuracy, copy_probes
-
     from labkit.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tiny_run.path / "tokenizer")
