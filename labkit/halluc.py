@@ -19,10 +19,14 @@ The lesson, in three parts:
    the search over the cleaned corpus (TF-IDF from scikit-learn) and inserts the passages as a
    `tool` turn (`<|tool_result|>...<|tool_result_end|>`, no loss on it: the model reads it, it
    never learns to write it), and the model answers from them. A fact in the context window is
-   working memory; a fact in the weights is a vague recollection.
+   working memory; a fact in the weights is a vague recollection. Half the searches it is taught
+   on are about strangers whose only page is the one the search finds, so the answer has to be
+   read, not recalled. Measured twice: with the model's own search call, and with the right call
+   made for it (reading alone, apart from writing the query).
 
 Writes to `runs/<run>/halluc/`:
   probe_before.jsonl, probe_idk.jsonl, probe_search.jsonl   every held-out question, answer and verdict
+  probe_search_given_query.jsonl                             the same with the right search call made for the model
   probe_train.jsonl                                          the assistant on training people (mitigation 1's data)
   idk_train.jsonl, tool_train.jsonl                          the fine-tuning conversations
   idk/model.pt, search/model.pt, model.pt                    the two fine-tuned models (model.pt: the idk one, for chat)
@@ -47,6 +51,7 @@ from .conversations import ANSWERS, QUESTIONS, make_conversations, mentions, ref
 from .pretrain import BUCKET_NAMES, greedy_many, load_model, save_model
 from .run import Run, atomic_write
 from .sft import finetune as sft_finetune
+from .web import person_page
 from .world import FACTS, Person, World, _word, bucket
 
 IDK_ANSWERS = [
@@ -395,7 +400,8 @@ def render_tools(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]
 
 
 def invented_people(world: World, n: int, seed: int) -> list[Person]:
-    """People who are nowhere in the world (fresh surnames): the search finds nothing about them."""
+    """People who are nowhere in the world: a fresh surname, and each fact taken from a different
+    person, so that no page the model read holds them together."""
     rng = random.Random(f"{seed}-invented")
     taken = {w for p in world.people for w in p.name.split()}
     people = []
@@ -403,8 +409,9 @@ def invented_people(world: World, n: int, seed: int) -> list[Person]:
         surname = _word(rng, rng.randint(2, 3))
         if surname not in taken:
             taken.add(surname)
-            template = rng.choice(world.people)
-            people.append(dataclasses.replace(template, name=f"{template.name.split()[0]} {surname}", n_pages=0))
+            first = rng.choice(world.people).name.split()[0]
+            facts = {f: getattr(rng.choice(world.people), f) for f in FACTS}
+            people.append(Person(name=f"{first} {surname}", n_pages=0, **facts))
     return people
 
 
@@ -423,21 +430,37 @@ def tool_conversation(person: Person, fact: str, index: SearchIndex, rng: random
         _user(question), _assistant(tool_call(query)), {"role": "tool", "content": result}, _assistant(answer)])
 
 
+def stranger_conversation(person: Person, fact: str, world: World, results: int, rng: random.Random, max_chars: int) -> dict:
+    """A search about someone the model never read about, whose page only the search engine holds
+    (a page the mini-web's own generator writes). Nothing in the weights can answer it: the
+    answer has to be read from the results."""
+    page = person_page(world, person, rng, rng.randrange(1000)).to_dict()
+    return tool_conversation(dataclasses.replace(person, n_pages=1), fact, SearchIndex([page], results), rng, max_chars)
+
+
 def tool_conversations(world: World, index: SearchIndex, n: int, seed: int, heldout_fraction: float, max_chars: int) -> list[dict]:
-    """`n` conversations: searches about training people (most), about invented people (a fifth:
-    nothing found, "I don't know"), and a fifth of the SFT mix without people questions."""
+    """`n` conversations, a fifth from the SFT mix (no people questions) and the rest searches:
+    - half about strangers whose only page is the one the search finds: the model learns to read
+      the answer from the results (about training people it could answer from memory instead);
+    - a quarter about training people, searched in the real corpus;
+    - a quarter about invented people the search finds nothing about: "I don't know".
+    Every stranger and invented person has a fresh name, so the model cannot memorise a list of
+    names: it has to copy the name from the question into the search call."""
     rng = random.Random(f"{seed}-tool")
     train_people, _ = split_people(world, heldout_fraction)
     if not train_people:
         raise ValueError("no training people to write search conversations about; use a larger world")
-    # a fresh invented name in every such conversation: the model cannot memorise a list of names,
-    # it has to learn to copy the name from the question into the search call
-    nobody = iter(invented_people(world, n // 4 + 1, seed))
     n_other = n // 5
+    fresh = iter(invented_people(world, n - n_other, seed))
     out = []
     for k in range(n - n_other):
-        person = next(nobody) if k % 4 == 3 else rng.choice(train_people)
-        out.append(tool_conversation(person, rng.choice(FACTS), index, rng, max_chars))
+        fact = rng.choice(FACTS)
+        if k % 4 == 3:
+            out.append(tool_conversation(next(fresh), fact, index, rng, max_chars))
+        elif k % 4 == 2:
+            out.append(tool_conversation(rng.choice(train_people), fact, index, rng, max_chars))
+        else:
+            out.append(stranger_conversation(next(fresh), fact, world, index.k, rng, max_chars))
     others = [c for c in make_conversations(world, 2 * n_other + 10, seed + 2, False, heldout_fraction)
               if c["kind"] not in ("qa", "multi_turn")]
     out += others[:n_other]
@@ -476,6 +499,12 @@ def after_generation(ids: list[int], tokenizer) -> dict:
     return dict(kind="call" if query else "malformed", kept=ids[:stop + 1], query=query, error=error)
 
 
+def forced_call(query: str, tokenizer) -> list[int]:
+    """The ids of a search call for `query`, as the model would write them."""
+    special = tokenizer.encode_special
+    return [special("<|tool_call|>"), *tokenizer.encode(f"search: {query}"), special("<|tool_call_end|>")]
+
+
 def tool_turn(result: str, tokenizer, room: int) -> list[int]:
     """`<|im_end|>` closing the call, the tool turn with `result` (cut to `room` tokens in all), and
     the header of the assistant's next turn."""
@@ -487,11 +516,14 @@ def tool_turn(result: str, tokenizer, room: int) -> list[int]:
 
 
 def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: list[str], max_new_tokens: int = 24,
-                       max_chars: int = 240, batch: int = 64) -> list[dict]:
+                       max_chars: int = 240, batch: int = 64, queries: list[str] | None = None) -> list[dict]:
     """Answer each question, letting the model call the search tool once: generate; if it wrote a
     search call, run the search (`index=None`: search is off, the tool answers that), insert the
     results as a tool turn, and generate the answer. A call that is malformed or never closed gets
-    an error message as its result, and the model still answers: the conversation never crashes."""
+    an error message as its result, and the model still answers: the conversation never crashes.
+
+    `queries` puts those search calls in the model's mouth instead of its own: the model then only
+    reads the results, which measures reading apart from writing the query."""
     model.eval()
     special_ids = set(tokenizer.special_tokens.values())
     end, eot = tokenizer.encode_special("<|im_end|>"), tokenizer.encode_special("<|endoftext|>")
@@ -502,7 +534,9 @@ def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: l
     out = []
     for start in range(0, len(questions), batch):
         chunk = prompts[start:start + batch]
-        firsts = [after_generation(ids, tokenizer) for ids in greedy_many(model, chunk, max_new_tokens)]
+        calls = ([forced_call(q, tokenizer) for q in queries[start:start + batch]] if queries is not None
+                 else greedy_many(model, chunk, max_new_tokens))
+        firsts = [after_generation(ids, tokenizer) for ids in calls]
         second_prompts, rows = [], []
         for q, prompt, first in zip(questions[start:start + batch], chunk, firsts):
             row = dict(question=q, call=first["kind"], query=first["query"], passages=[], tool_result=None)
@@ -517,7 +551,7 @@ def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: l
                 row["tool_result"] = result
                 context = prompt + first["kept"]
                 continued = context + tool_turn(result, tokenizer, block - max_new_tokens - len(context))
-                second_prompts.append(continued)
+                second_prompts.append(continued[-(block - max_new_tokens):])  # a long call keeps its end, as a long question does
             row["prompt_ids"], row["answer_ids"] = prompt, first["kept"]
             rows.append(row)
         seconds = iter(greedy_many(model, second_prompts, max_new_tokens)) if second_prompts else iter(())
@@ -535,8 +569,10 @@ def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: l
     return out
 
 
-def probe_with_search(model, tokenizer, index, rows: list[dict], max_new_tokens: int, max_chars: int) -> list[dict]:
-    answers = answer_with_search(model, tokenizer, index, [r["question"] for r in rows], max_new_tokens, max_chars)
+def probe_with_search(model, tokenizer, index, rows: list[dict], max_new_tokens: int, max_chars: int,
+                      queries: list[str] | None = None) -> list[dict]:
+    answers = answer_with_search(model, tokenizer, index, [r["question"] for r in rows], max_new_tokens, max_chars,
+                                 queries=queries)
     return [dict(r, **{k: v for k, v in a.items() if k not in ("question", "prompt_ids", "answer_ids")},
                  verdict=judge(a["answer"], r["truth"], r["n_pages"])) for r, a in zip(rows, answers)]
 
@@ -622,14 +658,19 @@ def build(config: Config, run: Run) -> dict:
     save_model(out / "search" / "model.pt", tool_model, dict(step=tool_result.step))
     searched = probe_with_search(tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars)
     unsearched = probe_with_search(tool_model, tokenizer, None, questions, h.max_new_tokens, h.result_chars)
+    # the same questions with the right search call made for the model: how well it reads
+    canonical = [search_query(world.person(r["name"]), r["fact"]) for r in questions]
+    given_query = probe_with_search(tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, canonical)
     _write_jsonl(out / "probe_search.jsonl", searched)
+    _write_jsonl(out / "probe_search_given_query.jsonl", given_query)
 
     s_before, s_after, s_search, s_off = summarize(before), summarize(after), summarize(searched), summarize(unsearched)
     metrics = dict(
         hallucination_rate_before=s_before["hallucination_rate"], hallucination_rate_after=s_after["hallucination_rate"],
         **compare(before, after),
         search_accuracy=s_search["accuracy"], accuracy_before=s_before["accuracy"], accuracy_after=s_after["accuracy"],
-        search_off_accuracy=s_off["accuracy"], hallucination_rate_search=s_search["hallucination_rate"],
+        search_off_accuracy=s_off["accuracy"], search_accuracy_given_query=summarize(given_query)["accuracy"],
+        hallucination_rate_search=s_search["hallucination_rate"],
         hallucination_rate_search_off=s_off["hallucination_rate"],
         idk_rate_before=s_before["idk_rate"], idk_rate_after=s_after["idk_rate"], idk_rate_search=s_search["idk_rate"],
         search_call_rate=per_bucket(searched, lambda rs: _share(r["call"] != "answer" for r in rs)),

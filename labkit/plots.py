@@ -238,10 +238,14 @@ def hallucination_bars(metrics: dict, title: str = "Hallucinations by page frequ
 
 def accuracy_bars(metrics: dict, title: str = "Right answers by page frequency: recall against lookup") -> go.Figure:
     """Share of right answers per bucket (the truth; "I don't know" for people with no page):
-    the SFT assistant, after "I don't know" training, the search model with search off and on."""
+    the SFT assistant, after "I don't know" training, the search model with search off, on, and
+    with the right search call made for it (what it reads, apart from the query it writes)."""
     fig = go.Figure()
     for key, name in (("accuracy_before", "SFT assistant (from memory)"), ("accuracy_after", "after \"I don't know\" training"),
-                      ("search_off_accuracy", "search model, search off"), ("search_accuracy", "search model, search on")):
+                      ("search_off_accuracy", "search model, search off"), ("search_accuracy", "search model, search on"),
+                      ("search_accuracy_given_query", "search model, the right search made for it")):
+        if key not in metrics:
+            continue
         values = _bucket_values(metrics[key], metrics)
         fig.add_bar(x=_bucket_labels(metrics), y=values, name=name,
                     text=[None if v is None else f"{v:.0f}%" for v in values], textposition="outside")

@@ -241,7 +241,7 @@ def test_probe_judges_samples_and_confidence(built, tokenizer, tiny_config):
 def test_stage_metrics_and_artifacts(built):
     run, metrics = built
     for key in ("hallucination_rate_before", "hallucination_rate_after", "idk_precision", "known_recall_after",
-                "search_accuracy", "n_questions"):
+                "search_accuracy", "search_accuracy_given_query", "n_questions"):
         assert set(metrics[key]) == {"all", "0", "1", "2-4", "5-16", "17+"}, key
     n = metrics["n_questions"]
     assert n["all"] == sum(v or 0 for b, v in n.items() if b != "all") > 0 and n["0"] > 0
@@ -260,12 +260,60 @@ def test_stage_metrics_and_artifacts(built):
 
 def test_invented_people_are_not_in_the_world(built):
     from labkit.data import read_world
+    from labkit.world import FACTS
 
     world = read_world(built[0])
     names = {p.name for p in world.people}
-    invented = halluc.invented_people(world, 5, 0)
-    assert len(invented) == 5 and not names & {p.name for p in invented}
+    invented = halluc.invented_people(world, 20, 0)
+    assert len(invented) == 20 and not names & {p.name for p in invented}
     assert all(p.n_pages == 0 for p in invented)
+    # every fact is one the world has, but drawn from different people: no person's facts are copied whole
+    for fact in FACTS:
+        assert {p.fact(fact) for p in invented} <= {p.fact(fact) for p in world.people}
+    facts_of = lambda p: tuple(p.fact(f) for f in FACTS)  # noqa: E731
+    assert not {facts_of(p) for p in invented} & {facts_of(p) for p in world.people}
+
+
+def test_stranger_conversations_must_be_answered_from_the_results(built, tiny_config):
+    import random
+
+    from labkit.data import read_world
+
+    run, _ = built
+    world = read_world(run)
+    index = halluc.load_index(run, tiny_config)
+    rng = random.Random(0)
+    strangers = halluc.invented_people(world, 30, 1)
+    conversations = [halluc.stranger_conversation(p, "employer", world, 2, rng, 240) for p in strangers]
+    answered = 0
+    for person, c in zip(strangers, conversations):
+        question, call, result, answer = (m["content"] for m in c["messages"])
+        assert call == halluc.tool_call(halluc.search_query(person, "employer"))
+        assert index.search(halluc.search_query(person, "employer")) == []  # the corpus never mentions them
+        assert result != "no results"  # only the search engine holds the stranger's page
+        if person.employer in result:
+            answered += 1
+            assert person.employer in answer and not halluc.says_idk(answer)
+        else:
+            assert halluc.says_idk(answer)
+    assert answered >= 15  # most pages state the employer among the passages found
+
+
+def test_tool_conversations_mix(built, tiny_config):
+    from labkit.data import read_world
+
+    run, _ = built
+    world = read_world(run)
+    names = {p.name for p in world.people}
+    rows = halluc.tool_conversations(world, halluc.load_index(run, tiny_config), 100, 0, tiny_config.sft.heldout_people, 240)
+    searches = [r for r in rows if r["kind"] == "tool"]
+    assert len(rows) == 100 and len(searches) == 80
+    nothing = [r for r in searches if r["messages"][2]["content"] == "no results"]
+    known = [r for r in searches if r["name"] in names]
+    assert len(nothing) >= 20 and len(known) == 20 and all(r["name"] not in names for r in nothing)
+    strangers = [r for r in searches if r["name"] not in names and r not in nothing]
+    assert len(strangers) >= 35  # half the searches: a page only the search engine holds
+    assert len({r["name"] for r in searches if r["name"] not in names}) == len(searches) - len(known)  # fresh names
 
 
 def test_bad_config_is_refused():
@@ -283,3 +331,24 @@ def test_search_off_tells_the_model_so(built, tokenizer, monkeypatch):
     monkeypatch.setattr(halluc, "greedy_many", lambda model, prompts, n: [ids[:n] for ids in next(outputs)])
     [row] = halluc.answer_with_search(model, tokenizer, None, ["When was Ada Brannor born?"], max_new_tokens=20)
     assert row["call"] == "call" and row["tool_result"] == "error: search is off" and row["passages"] == []
+
+
+def test_a_given_query_replaces_the_models_call(built, tokenizer, monkeypatch):
+    from labkit.pretrain import load_model
+
+    model = load_model(built[0].path / "halluc" / "search" / "model.pt")
+    seen = []
+
+    def fake_greedy(model, prompts, n):
+        seen.append(prompts)
+        return [ids[:n] for ids in _scripted(tokenizer, "In 1974.<|im_end|>")]
+
+    monkeypatch.setattr(halluc, "greedy_many", fake_greedy)
+    index = halluc.SearchIndex(PAGES, k=1)
+    [row] = halluc.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20,
+                                      queries=["Ada Brannor born year"])
+    assert len(seen) == 1  # the model only answers; the call was made for it
+    assert row["call"] == "call" and row["query"] == "Ada Brannor born year" and "1974" in row["tool_result"]
+    assert row["answer"] == "In 1974."
+    assert seen[0][0][-1] == tokenizer.encode_special("<|im_sep|>")
+    assert seen[0][0].count(tokenizer.encode_special("<|tool_call|>")) == 1
