@@ -577,13 +577,6 @@ def probe_with_search(model, tokenizer, index, rows: list[dict], max_new_tokens:
                  verdict=judge(a["answer"], r["truth"], r["n_pages"])) for r, a in zip(rows, answers)]
 
 
-def retrieval_recall(index: SearchIndex, people: list[Person], max_chars: int) -> dict:
-    """How often the canonical search call finds the asked fact (people with pages), per bucket."""
-    rows = [dict(bucket=bucket(p.n_pages), ok=mentions(format_results(index.search(search_query(p, f)), max_chars), p.fact(f)))
-            for p in people if p.n_pages for f in FACTS]
-    return per_bucket(rows, lambda rs: _share(r["ok"] for r in rs))
-
-
 # --- fine-tuning ------------------------------------------------------------------------------------
 
 def finetune(model, conversations: list[dict], tokenizer, config: Config, steps: int, device: str, run: Run,
@@ -675,7 +668,9 @@ def build(config: Config, run: Run) -> dict:
         idk_rate_before=s_before["idk_rate"], idk_rate_after=s_after["idk_rate"], idk_rate_search=s_search["idk_rate"],
         search_call_rate=per_bucket(searched, lambda rs: _share(r["call"] != "answer" for r in rs)),
         search_query_ok=per_bucket(searched, lambda rs: _share(bool(r["query"]) and r["name"] in r["query"] for r in rs)),
-        retrieval_recall=retrieval_recall(index, [world.person(n) for n in dict.fromkeys(r["name"] for r in questions)], h.result_chars),
+        # how often the right search call finds the asked fact at all (people with pages): the retrieval alone
+        retrieval_recall=per_bucket([r for r in given_query if r["n_pages"]],
+                                    lambda rs: _share(mentions(r["tool_result"], r["truth"]) for r in rs)),
         n_questions=s_before["n_questions"],
         n_heldout_people=len({r["name"] for r in questions}),
         train_hallucination_rate=summarize(probed_train)["hallucination_rate"]["all"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from statistics import NormalDist
 
 FIRST_NAMES = [
@@ -54,7 +55,13 @@ class World:
     people: list[Person]
 
     def person(self, name: str) -> Person:
-        return next(p for p in self.people if p.name == name)
+        if name not in self._by_name:
+            raise KeyError(f"no person named {name!r} in the world")
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, Person]:  # the world is made once and never changed: look names up in O(1)
+        return {p.name: p for p in self.people}
 
     def to_dict(self) -> dict:
         return asdict(self)
