@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from labkit.config import get_config, resolve_device
 from labkit.engine import generate
 from labkit.model import GPT, GPTConfig
+from labkit.train import peak_flops
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
 def sync(device):
@@ -63,6 +63,27 @@ def bench_generation(device, repeats, new_tokens=256, prompt_tokens=16, num_samp
     same = generate(model, prompt, new_tokens, temperature=0) == generate(model, prompt, new_tokens, temperature=0,
                                                                            use_cache=False)
     print(f"speed-up from the cache: {recomputed / cached:.1f}x (target >= 5x); greedy outputs identical: {same}")
+
+
+def bench_many_prompts(device, repeats, n_prompts=64, new_tokens=32):
+    """What the stages do: greedy replies to many prompts of different lengths, in one batched call
+    (left-padded, stopped rows dropped) against one call per prompt."""
+    config = GPTConfig(**dataclasses.asdict(get_config("cpu").model), vocab_size=2048)
+    torch.manual_seed(0)
+    model = GPT(config).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(10, 60, (n_prompts,), generator=g)]
+    print(f"\n## {n_prompts} prompts of 10-59 tokens, {new_tokens} greedy tokens each (cpu preset model)")
+    batched, one_by_one = best_times([
+        lambda: generate(model, prompts, new_tokens, temperature=0),
+        lambda: [generate(model, p, new_tokens, temperature=0) for p in prompts],
+    ], device, repeats)
+    same = generate(model, prompts, new_tokens, temperature=0) == [generate(model, p, new_tokens, temperature=0)[0]
+                                                                   for p in prompts]
+    print(f"one batched call : {n_prompts * new_tokens / batched:9.0f} tokens/s")
+    print(f"one call a prompt: {n_prompts * new_tokens / one_by_one:9.0f} tokens/s")
+    print(f"speed-up from batching: {one_by_one / batched:.1f}x; greedy outputs identical: {same}")
 
 
 def bench_training(config, device, batch_size, repeats, steps=3, bf16=False):
@@ -117,6 +138,7 @@ def main():
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads")
 
     bench_generation(device, args.repeats)
+    bench_many_prompts(device, args.repeats)
 
     cpu_config = GPTConfig(**dataclasses.asdict(get_config("cpu").model), vocab_size=2048)
     print(f"\n## forward + backward, float32, cpu preset model (vocab 2048, batch 8 x {cpu_config.block_size} tokens)")
@@ -132,7 +154,7 @@ def main():
     ours, tokens_per_second = bench_training(gpu_config, device, batch_size=8, repeats=args.repeats, bf16=True)
     print("\n## model FLOPs utilisation (bf16)")
     name = torch.cuda.get_device_name()
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = peak_flops(device)
     if peak is None:
         print(f"skipped (peak bf16 FLOP/s of {name!r} unknown)")
     else:

@@ -10,9 +10,14 @@ they cannot close their turn or forge the assistant's.
 `render` also returns the loss mask for supervised fine-tuning: 1 on the tokens the assistant
 writes (its content and the `<|im_end|>` that closes it, so the model learns to stop), 0 on
 everything it reads (the template, the user, the system prompt, tool results).
+
+Tool use (stage 7) adds special tokens around a tool call the assistant writes and around the
+result the engine inserts; `render_tools`, `tool_call_ids` and `tool_turn` render them.
 """
 
 from __future__ import annotations
+
+import re
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -38,7 +43,7 @@ def check(messages: list[dict], for_training: bool = False) -> None:
         raise ChatError(f"a training conversation must end with an assistant turn; it ends with {messages[-1]['role']!r}")
 
 
-def _turn(role: str, content: str, tokenizer) -> tuple[list[int], list[int]]:
+def render_turn(role: str, content: str, tokenizer) -> tuple[list[int], list[int]]:
     special = tokenizer.encode_special
     head = [special("<|im_start|>"), *tokenizer.encode(role), special("<|im_sep|>")]
     body = [*tokenizer.encode(content), special("<|im_end|>")]
@@ -51,7 +56,7 @@ def render(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     check(messages, for_training=True)
     ids, mask = [tokenizer.encode_special("<|endoftext|>")], [0]
     for message in messages:
-        turn_ids, turn_mask = _turn(message["role"], message["content"], tokenizer)
+        turn_ids, turn_mask = render_turn(message["role"], message["content"], tokenizer)
         ids += turn_ids
         mask += turn_mask
     return ids, mask
@@ -62,7 +67,7 @@ def render_prompt(messages: list[dict], tokenizer) -> list[int]:
     check(messages)
     ids = [tokenizer.encode_special("<|endoftext|>")]
     for message in messages:
-        ids += _turn(message["role"], message["content"], tokenizer)[0]
+        ids += render_turn(message["role"], message["content"], tokenizer)[0]
     return ids + [tokenizer.encode_special("<|im_start|>"), *tokenizer.encode("assistant"), tokenizer.encode_special("<|im_sep|>")]
 
 
@@ -79,3 +84,51 @@ def parse(ids: list[int], tokenizer) -> list[dict]:
         messages.append({"role": tokenizer.decode(ids[i + 1:role_end]), "content": tokenizer.decode(ids[role_end + 1:content_end])})
         i = content_end + 1
     return messages
+
+
+# --- tool use ---------------------------------------------------------------------------------------
+
+_CALL = re.compile(r"<\|tool_call\|>(.*)<\|tool_call_end\|>", re.S)
+
+
+def render_tools(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Like `chat.render`, with tool use: an assistant turn `<|tool_call|>...<|tool_call_end|>` (our
+    own training data, never user text) becomes the special tokens around the call, and a `tool`
+    turn's content is wrapped in `<|tool_result|>...<|tool_result_end|>`. The loss mask is 1 on
+    what the assistant writes (the call included), 0 on the tool's result: the engine writes it."""
+    check(messages, for_training=True)
+    special = tokenizer.encode_special
+    ids, mask = [special("<|endoftext|>")], [0]
+    for message in messages:
+        role, content = message["role"], message["content"]
+        call = _CALL.fullmatch(content) if role == "assistant" else None
+        head = [special("<|im_start|>"), *tokenizer.encode(role), special("<|im_sep|>")]
+        if call:
+            body = [special("<|tool_call|>"), *tokenizer.encode(call.group(1)), special("<|tool_call_end|>")]
+            ids += head + body + [special("<|im_end|>")]
+            mask += [0] * len(head) + [1] * len(body) + [0]  # the engine closes the turn after the call
+        elif role == "tool":
+            body = [special("<|tool_result|>"), *tokenizer.encode(content), special("<|tool_result_end|>"), special("<|im_end|>")]
+            ids += head + body
+            mask += [0] * (len(head) + len(body))
+        else:
+            turn_ids, turn_mask = render_turn(role, content, tokenizer)
+            ids += turn_ids
+            mask += turn_mask
+    return ids, mask
+
+
+def tool_call_ids(query: str, tokenizer) -> list[int]:
+    """The ids of a search call for `query`, as the model writes them."""
+    special = tokenizer.encode_special
+    return [special("<|tool_call|>"), *tokenizer.encode(f"search: {query}"), special("<|tool_call_end|>")]
+
+
+def tool_turn(result: str, tokenizer, room: int) -> list[int]:
+    """`<|im_end|>` closing the call, the tool turn with `result` (cut to `room` tokens in all), and
+    the header of the assistant's next turn."""
+    special = tokenizer.encode_special
+    head = [special("<|im_end|>"), special("<|im_start|>"), *tokenizer.encode("tool"), special("<|im_sep|>"), special("<|tool_result|>")]
+    tail = [special("<|tool_result_end|>"), special("<|im_end|>"), special("<|im_start|>"), *tokenizer.encode("assistant"), special("<|im_sep|>")]
+    body = tokenizer.encode(result)[:max(0, room - len(head) - len(tail))]
+    return head + body + tail

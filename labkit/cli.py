@@ -65,9 +65,37 @@ def _report(args) -> None:
 
 
 def _chat(args) -> None:
-    from .engine import chat_loop
+    from .run import Run
 
-    chat_loop(args.run, args.runs_dir, args.model)
+    chat_loop(Run(args.run, args.runs_dir), args.model)
+
+
+def chat_loop(run, model_name: str = "sft", *, device: str = "auto", max_new_tokens: int = 128,
+              temperature: float = 0.0, input_stream=None, output_stream=None) -> None:
+    """Chat in the terminal: read a line, print the reply, until end of input or 'exit'."""
+    from .engine import chat
+    from .sft import load_assistant
+
+    input_stream, output_stream = input_stream or sys.stdin, output_stream or sys.stdout
+    model, tokenizer = load_assistant(run, device, model_name)
+    interactive = input_stream.isatty()
+    if interactive:
+        print(f"chatting with the {model_name} model of run {run.name!r} (empty line or 'exit' to stop)", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = input_stream.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = chat(model, tokenizer, messages, max_new_tokens, temperature=temperature)
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, file=output_stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

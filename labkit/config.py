@@ -105,34 +105,47 @@ class SFTConfig:
 class RLHFConfig:
     n_prompts: int = param(120, low=4, high=1_000_000, help="prompts whose completions are ranked (a share is held out for the reward model's pair accuracy)")
     k: int = param(4, low=2, high=16, help="completions sampled per prompt and ranked together (a ranking of K gives K(K-1)/2 pairs)")
-    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the completions to rank and of PPO's rollouts")
+    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the completions to rank and of PPO's rollouts (PPO scores its tokens at it too)")
     max_new_tokens: int = param(32, low=1, high=4096, help="longest completion; one that has not reached <|im_end|> by then is cut")
     simulated_labeler: bool = param(True, help="the simulated labeler ranks every prompt a person has not ranked (headless runs need it)")
     heldout_prompts: float = param(0.15, low=0.05, high=0.9, help="share of ranked prompts held out to measure the reward model's pair accuracy")
     n_eval: int = param(60, low=2, high=100_000, help="held-out questions (held-out people and phrasings) for rewards and win rates")
-    rm_steps: int = param(150, low=1, high=10_000_000, help="reward model: optimizer steps")
-    rm_batch_size: int = param(32, low=1, high=65536, help="reward model: pairs per batch")
-    rm_learning_rate: float = param(3e-4, low=0.0, high=1.0, help="reward model: peak learning rate")
-    rm_margin: float = param(0.0, low=0.0, high=100.0, help="reward model: the chosen must beat the rejected by this much (0: plain Bradley-Terry)")
-    center_rewards_coefficient: float = param(0.01, low=0.0, high=10.0, help="reward model: weight of mean((r_c + r_r)^2), keeps rewards near 0 (0: off)")
-    dpo_steps: int = param(100, low=1, high=10_000_000, help="DPO: optimizer steps")
-    dpo_batch_size: int = param(16, low=1, high=65536, help="DPO: pairs per batch")
-    dpo_learning_rate: float = param(1e-4, low=0.0, high=1.0, help="DPO: peak learning rate")
-    dpo_beta: float = param(0.1, low=0.0, high=100.0, help="DPO: beta, how far from the reference the policy may move (higher: closer)")
-    ppo_steps: int = param(40, low=1, high=10_000_000, help="PPO: batches of rollouts")
-    ppo_batch_size: int = param(16, low=2, high=65536, help="PPO: rollouts (prompts) per batch")
-    ppo_epochs: int = param(4, low=1, high=100, help="PPO: passes over each batch of rollouts")
-    ppo_minibatches: int = param(2, low=1, high=1024, help="PPO: minibatches per pass (ppo_batch_size must be a multiple)")
-    ppo_learning_rate: float = param(3e-5, low=0.0, high=1.0, help="PPO: learning rate of the policy and the value head")
-    kl_coef: float = param(0.05, low=0.0, high=100.0, help="PPO: weight of the per-token KL penalty against the reference (0: none, reward hacking)")
-    kl_estimator: str = param("k1", choices=("k1", "k3"), help="PPO: per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r")
-    gamma: float = param(1.0, low=0.0, high=1.0, help="PPO: discount")
-    lam: float = param(0.95, low=0.0, high=1.0, help="PPO: GAE lambda")
-    cliprange: float = param(0.2, low=0.0, high=10.0, help="PPO: clip of the probability ratio")
-    cliprange_value: float = param(0.2, low=0.0, high=100.0, help="PPO: clip of the value head's move")
-    vf_coef: float = param(0.1, low=0.0, high=100.0, help="PPO: weight of the value loss")
-    missing_eos_penalty: float = param(1.0, low=0.0, high=100.0, help="PPO: subtracted from the score of an answer that never reaches <|im_end|> (0: off)")
     hacking_steps: int = param(0, low=0, high=10_000_000, help="extra PPO run with kl_coef=0 for this many batches, to show reward hacking (0: skip)")
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = param(150, low=1, high=10_000_000, help="optimizer steps")
+    batch_size: int = param(32, low=1, high=65536, help="pairs per batch")
+    learning_rate: float = param(3e-4, low=0.0, high=1.0, help="peak learning rate")
+    margin: float = param(0.0, low=0.0, high=100.0, help="the chosen must beat the rejected by this much (0: plain Bradley-Terry)")
+    center_rewards_coefficient: float = param(0.01, low=0.0, high=10.0, help="weight of mean((r_c + r_r)^2), keeps rewards near 0 (0: off)")
+
+
+@dataclass
+class DPOConfig:
+    steps: int = param(100, low=1, high=10_000_000, help="optimizer steps")
+    batch_size: int = param(16, low=1, high=65536, help="pairs per batch")
+    learning_rate: float = param(1e-4, low=0.0, high=1.0, help="peak learning rate")
+    beta: float = param(0.1, low=0.0, high=100.0, help="how far from the reference the policy may move (higher: closer)")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = param(40, low=1, high=10_000_000, help="batches of rollouts")
+    batch_size: int = param(16, low=2, high=65536, help="rollouts (prompts) per batch")
+    epochs: int = param(4, low=1, high=100, help="passes over each batch of rollouts")
+    minibatches: int = param(2, low=1, high=1024, help="minibatches (optimizer steps) per pass (batch_size must be a multiple)")
+    micro_batch_size: int = param(64, low=1, high=65536, help="rollouts per forward/backward pass; a minibatch's gradients accumulate over them (bounds memory, not results)")
+    learning_rate: float = param(3e-5, low=0.0, high=1.0, help="learning rate of the policy and the value head")
+    kl_coef: float = param(0.05, low=0.0, high=100.0, help="weight of the per-token KL penalty against the reference (0: none, reward hacking)")
+    kl_estimator: str = param("k1", choices=("k1", "k3"), help="per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r")
+    gamma: float = param(1.0, low=0.0, high=1.0, help="discount")
+    lam: float = param(0.95, low=0.0, high=1.0, help="GAE lambda")
+    cliprange: float = param(0.2, low=0.0, high=10.0, help="clip of the probability ratio")
+    cliprange_value: float = param(0.2, low=0.0, high=100.0, help="clip of the value head's move")
+    vf_coef: float = param(0.1, low=0.0, high=100.0, help="weight of the value loss")
+    missing_eos_penalty: float = param(1.0, low=0.0, high=100.0, help="subtracted from the score of an answer that never reaches <|im_end|> (0: off)")
 
 
 @dataclass
@@ -157,6 +170,7 @@ class GRPOConfig:
     max_new_tokens: int = param(48, low=1, high=4096, help="longest completion; one that has not ended by then is cut and fails the format reward")
     temperature: float = param(0.7, low=0.01, high=10.0, help="sampling temperature of the G samples (below 1 for a small model: at 1 its numbers come out garbled and a right answer is luck)")
     eval_every: int = param(20, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems")
+    micro_batch_size: int = param(64, low=1, high=65536, help="samples per forward/backward pass; a step's gradients accumulate over them (bounds memory, not results)")
 
 
 @dataclass
@@ -178,15 +192,19 @@ class HallucConfig:
 
 @dataclass
 class Config:
-    preset: str = param("cpu", choices=("tiny", "cpu", "gpu"), help="the preset these values started from")
+    preset: str = param("cpu", choices=("tiny", "cpu", "gpu", "gpu-check"), help="the preset these values started from")
     seed: int = param(1337, low=0, help="drives data, initialisation and sampling")
     device: str = param("auto", choices=("auto", "cpu", "cuda", "mps"), help="'auto' picks cuda, then mps, then cpu")
+    max_batch: int = param(64, low=1, high=65536, help="rows through the model at once when sampling, scoring and evaluating (bounds memory; greedy results do not depend on it)")
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     halluc: HallucConfig = field(default_factory=HallucConfig)
 
@@ -203,9 +221,10 @@ PRESETS: dict[str, dict] = {
                    eval_batches=2, checkpoint_every=10, val_fraction=0.1),
         sft=dict(n_conversations=200, val_conversations=20, heldout_people=0.3, max_steps=10, batch_size=8,
                  learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=5, max_new_tokens=16),
-        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, rm_steps=6, rm_batch_size=8,
-                  dpo_steps=4, dpo_batch_size=4, ppo_steps=3, ppo_batch_size=4, ppo_epochs=2, ppo_minibatches=2,
-                  hacking_steps=3),
+        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, hacking_steps=3),
+        reward_model=dict(steps=6, batch_size=8),
+        dpo=dict(steps=4, batch_size=4),
+        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2),
         grpo=dict(cold_start_steps=3, n_heldout=3, num_generations=4, prompts_per_step=2, max_steps=3, warmup_steps=1, max_new_tokens=16,
                   eval_every=2),
         halluc=dict(n_samples=2, max_new_tokens=12, idk_conversations=60, idk_steps=4, tool_conversations=60, tool_steps=4,
@@ -213,9 +232,13 @@ PRESETS: dict[str, dict] = {
     ),
     "cpu": dict(
         train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
-        rlhf=dict(rm_steps=100, rm_batch_size=16, dpo_steps=60, ppo_steps=30, hacking_steps=60),
+        rlhf=dict(hacking_steps=60),
+        reward_model=dict(steps=100, batch_size=16),
+        dpo=dict(steps=60),
+        ppo=dict(steps=30),
     ),
     "gpu": dict(
+        max_batch=128,
         data=dict(n_people=5000, median_pages=4.0, max_pages_per_person=200),
         tokenizer=dict(vocab_size=32768),
         model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
@@ -223,18 +246,35 @@ PRESETS: dict[str, dict] = {
                    beta2=0.95, eval_every=250, eval_batches=20, checkpoint_every=500, val_fraction=0.01, compile=True),
         sft=dict(n_conversations=50000, val_conversations=1000, heldout_people=0.1, max_steps=1500, batch_size=64,
                  learning_rate=1e-4, min_lr=1e-5, warmup_steps=100, eval_every=250, max_new_tokens=128),
-        rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, rm_steps=1000, rm_batch_size=64, rm_learning_rate=1e-5,
-                  dpo_steps=1000, dpo_batch_size=32, dpo_learning_rate=5e-7, ppo_steps=500, ppo_batch_size=64,
-                  ppo_minibatches=4, ppo_learning_rate=1e-6, hacking_steps=500),
+        rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, hacking_steps=500),
+        reward_model=dict(steps=1000, batch_size=64, learning_rate=1e-5),
+        dpo=dict(steps=1000, batch_size=32, learning_rate=5e-7),
+        ppo=dict(steps=500, batch_size=64, minibatches=4, micro_batch_size=16, learning_rate=1e-6),
         grpo=dict(tasks="one_digit,addition,multiplication,word_problem,larger,count_letter", n_heldout=200,
                   cold_start_steps=300, cold_start_learning_rate=1e-4,
                   num_generations=16, prompts_per_step=32, max_steps=500, learning_rate=1e-5, temperature=1.0,
                   rewards="correct=1.0,format=0.2,close=0.5", warmup_steps=20,
-                  max_new_tokens=256, eval_every=50),
+                  max_new_tokens=256, eval_every=50, micro_batch_size=32),
         halluc=dict(n_samples=8, max_new_tokens=48, idk_conversations=20000, idk_steps=600, tool_conversations=30000,
                     tool_steps=1000, batch_size=64, learning_rate=1e-4, min_lr=1e-5, warmup_steps=50, search_results=3,
                     result_chars=600),
     ),
+}
+
+
+# `gpu` cut to a few steps per stage, with its model, batch shapes, micro-batches and precision:
+# a GPU lent for a few minutes proves bf16, torch.compile, the memory plan and MFU on every path.
+PRESETS["gpu-check"] = {
+    **PRESETS["gpu"],
+    "train": dict(PRESETS["gpu"]["train"], max_steps=20, warmup_steps=5, eval_every=10, eval_batches=2, checkpoint_every=20),
+    "sft": dict(PRESETS["gpu"]["sft"], n_conversations=2000, val_conversations=100, max_steps=10, warmup_steps=2, eval_every=5),
+    "rlhf": dict(PRESETS["gpu"]["rlhf"], n_prompts=64, n_eval=32, hacking_steps=2),
+    "reward_model": dict(PRESETS["gpu"]["reward_model"], steps=10),
+    "dpo": dict(PRESETS["gpu"]["dpo"], steps=10),
+    "ppo": dict(PRESETS["gpu"]["ppo"], steps=2),
+    "grpo": dict(PRESETS["gpu"]["grpo"], n_heldout=16, cold_start_steps=5, max_steps=2, eval_every=1, warmup_steps=1),
+    "halluc": dict(PRESETS["gpu"]["halluc"], idk_conversations=500, idk_steps=10, tool_conversations=500, tool_steps=10,
+                   warmup_steps=2),
 }
 
 

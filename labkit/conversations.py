@@ -28,11 +28,11 @@ name, or a local .jsonl / .json / .parquet file) with a `messages` column of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import re
 
 from .chat import ChatError, check
+from .run import in_share
 from .tasks import draw, heldout_problems
 from .world import FACTS, Person, World, bucket
 
@@ -65,6 +65,14 @@ ANSWERS = {
     "field": ["{first} works in the field of {field}.", "{first} is known for work in {field}."],
     "employer": ["{first} works at {employer}.", "{first} joined {employer} and has stayed there since."],
 }
+# "I don't know" in several phrasings (stage 7 teaches it where the model was wrong, and after a
+# search that found nothing)
+IDK_ANSWERS = [
+    "I don't know.",
+    "I don't know that about {name}.",
+    "I'm not sure. I have no information about {name}.",
+    "I do not know, sorry: I have not read about {first}.",
+]
 FOLLOW_UPS = {
     "birth_city": ["And where was {first} born?", "What about {first}'s home town?"],
     "birth_year": ["And when was {first} born?", "What about {first}'s year of birth?"],
@@ -110,12 +118,9 @@ def identity_ok(reply: str) -> bool:
 def split_people(world: World, heldout_fraction: float) -> tuple[list[Person], list[Person]]:
     """(training people, held-out people) among the people with pages, by a hash of the name
     (stable across seeds and world sizes). People with no page are in neither list."""
-    def heldout(person):
-        h = int.from_bytes(hashlib.sha1(person.name.encode()).digest()[:8], "big")
-        return h / 2**64 < heldout_fraction
-
     known = [p for p in world.people if p.n_pages > 0]
-    return [p for p in known if not heldout(p)], [p for p in known if heldout(p)]
+    return ([p for p in known if not in_share(p.name, heldout_fraction)],
+            [p for p in known if in_share(p.name, heldout_fraction)])
 
 
 # --- generators: one conversation each --------------------------------------------------------

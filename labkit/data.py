@@ -9,7 +9,6 @@ Writes to `runs/<run>/data/`:
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .cleaning import PIIRedactor, default_steps
 from .config import Config, ConfigError, DataConfig
-from .run import Run, atomic_path, read_json, write_json
+from .run import Run, read_json, read_jsonl, write_json, write_jsonl
 from .web import Page, crawl
 from .world import BUCKETS, World, bucket, make_world
 
@@ -108,7 +107,7 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
                 pii_planted=dict(Counter(kind for p in pages for kind, _ in p.pii)))
 
 
-def build(config: Config, run: Run) -> dict:
+def build(config: Config, run: Run, made_from: str = "") -> dict:
     """Run stage 1 into `run`, returning its metrics."""
     cfg, out, start = config.data, run.stage_dir("data"), time.time()
     if cfg.source == "mini-web":
@@ -121,11 +120,11 @@ def build(config: Config, run: Run) -> dict:
     steps = default_steps(cfg.min_words, cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, config.seed)
     cleaned = clean(pages, steps)
 
-    _write_jsonl(out / "pages.jsonl", (
+    write_jsonl(out / "pages.jsonl", (
         {**p.to_dict(), "removed_by": cleaned.decisions.get(p.url, (None, None))[0],
          "reason": cleaned.decisions.get(p.url, (None, None))[1], "redactions": cleaned.redactions.get(p.url, [])}
         for p in pages))
-    _write_jsonl(out / "corpus.jsonl", ({"url": p.url, "text": p.text, "genre": p.genre, "about": p.about} for p in cleaned.kept))
+    write_jsonl(out / "corpus.jsonl", ({"url": p.url, "text": p.text, "genre": p.genre, "about": p.about} for p in cleaned.kept))
 
     metrics = dict(
         source=cfg.source,
@@ -173,17 +172,6 @@ def one_per_genre(pages: list[dict]) -> dict[str, dict]:
         if page["label"] in ("clean", None):
             samples.setdefault(page["genre"], page)
     return samples
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def read_corpus(run: Run) -> list[dict]:

@@ -15,14 +15,13 @@ training checkpoint, so a resumed run sees exactly the batches the uninterrupted
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .run import Run, atomic_path, fingerprint, read_json, write_json
+from .run import Run, atomic_path, fingerprint, in_share, read_json, write_json
 
 EOT = "<|endoftext|>"
 
@@ -32,12 +31,6 @@ def document_text(page: dict) -> str:
     With the URL in the stream, the base model can be asked to continue a page from its address."""
     url = page.get("url") or ""
     return f"{url}\n{page['text']}" if url.startswith("http") else page["text"]
-
-
-def is_heldout(url: str, fraction: float) -> bool:
-    """A page is held out when the hash of its URL falls in the first `fraction` of the range."""
-    h = int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
 
 
 def token_dtype(n_vocab: int):
@@ -77,7 +70,7 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
 
     splits = {"train": [], "val": []}
     for page in pages:
-        splits["val" if is_heldout(page["url"], val_fraction) else "train"].append(page)
+        splits["val" if in_share(page["url"], val_fraction) else "train"].append(page)
     if val_fraction > 0 and not splits["val"] and len(splits["train"]) > 1:
         splits["val"].append(splits["train"].pop())  # a tiny corpus still gets a validation page
     if not splits["train"]:

@@ -42,7 +42,6 @@ Writes to `runs/<run>/grpo/`:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
@@ -54,15 +53,14 @@ import torch
 
 from .chat import render, render_prompt
 from .config import Config, ConfigError, GRPOConfig, resolve_device
-from .engine import generate
-from .pretrain import greedy_many, load_model, save_model
+from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
+from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
 from .rewards import combine, parse_weights
-from .run import Run, atomic_write, write_json
+from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
-from .train import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .train import autocast, autocast_dtype
 
 STD_EPS = 1e-4  # TRL's constant: advantages / (std + 1e-4)
-_WATCHERS: list[Callable[[dict], None]] = []
 
 
 # --- the algorithm -----------------------------------------------------------------------------------
@@ -80,12 +78,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon=0.2, epsilon_high=None, beta=0.0,
-              loss_type="grpo", max_completion_length=None):
+              loss_type="grpo", max_completion_length=None, n_rows=None, n_tokens=None):
     """The clipped policy loss with a k3 KL penalty, per token, normalised by `loss_type`.
 
     logps, old_logps, ref_logps, mask: [B, T] (completion tokens; mask 1 on real tokens);
     advantages: [B]. old_logps are the sampling policy's (detached); ref_logps the frozen
-    reference's (ignored when beta is 0). Returns (loss, stats)."""
+    reference's (ignored when beta is 0). For a micro-batch of a larger batch, `n_rows` and
+    `n_tokens` are the whole batch's (the normalisers), so that the micro-batches' losses add up
+    to the batch's. Returns (loss, stats)."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     advantages = advantages.unsqueeze(1)
@@ -96,52 +96,26 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon=0.2, eps
     if beta != 0.0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl
+    n_rows = per_token.size(0) if n_rows is None else n_rows
+    n_tokens = mask.sum().clamp(min=1.0) if n_tokens is None else n_tokens
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_rows
     elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (per_token * mask).sum() / n_tokens
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' divides by batch * max_completion_length; give max_completion_length")
-        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+        loss = (per_token * mask).sum() / (n_rows * max_completion_length)
     else:
         raise ValueError(f"loss_type={loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
-    n_tokens = mask.sum().clamp(min=1.0)
-    with torch.no_grad():
+    with torch.no_grad():  # token means over the whole batch, as the loss's normaliser
         is_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
         stats = dict(clip_fraction=((is_clipped * mask).sum() / n_tokens).item(),
                      kl=((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0)
     return loss, stats
 
 
-def completion_logps(model, prompts: list[list[int]], completions: list[list[int]]):
-    """Log-probability of every completion token given its prompt and the tokens before it.
-    Rows are right-padded (causal attention: padding after a row changes nothing before it).
-    Returns (logps [B, T], mask [B, T]) with T the longest completion."""
-    device = next(model.parameters()).device
-    B, T = len(prompts), max(1, max(len(c) for c in completions))
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    x = torch.zeros(B, length, dtype=torch.long, device=device)
-    targets = torch.zeros(B, T, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, device=device)
-    positions = torch.zeros(B, T, dtype=torch.long, device=device)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        x[row, :len(p) + len(c)] = torch.tensor(p + c)
-        targets[row, :len(c)] = torch.tensor(c)
-        mask[row, :len(c)] = 1
-        # completion token j sits at position len(p) + j and is predicted from position len(p) + j - 1
-        positions[row] = torch.arange(len(p) - 1, len(p) - 1 + T).clamp(max=length - 1)
-    logits, _ = model(x)
-    logits = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logps * mask, mask
-
-
 # --- sampling and scoring ----------------------------------------------------------------------------
-
-def stop_tokens(tokenizer) -> tuple[int, int]:
-    return tokenizer.encode_special("<|im_end|>"), tokenizer.encode_special("<|endoftext|>")
-
 
 def prompt_ids(task: dict, tokenizer, prefill: str = "") -> list[int]:
     """The task as a one-message conversation, ready for the assistant's reply (and, for the
@@ -149,34 +123,19 @@ def prompt_ids(task: dict, tokenizer, prefill: str = "") -> list[int]:
     return render_prompt([{"role": "user", "content": task["prompt"]}], tokenizer) + tokenizer.encode(prefill)
 
 
-def reply_text(ids: list[int], tokenizer) -> tuple[str, bool]:
-    """(text, ended): the reply's text up to its stop token; ended is False when it was cut off."""
-    stops = set(stop_tokens(tokenizer))
-    cut = next((i for i, t in enumerate(ids) if t in stops), None)
-    special = set(tokenizer.special_tokens.values())
-    body = ids if cut is None else ids[:cut]
-    return tokenizer.decode([t for t in body if t not in special]).strip(), cut is not None
-
-
-def fit(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
-    """(prompt, new tokens) that fit in the context: the reply gets at most half of it, and a
-    prompt too long for the rest keeps its last tokens (the question's end and the format)."""
-    budget = max(1, min(max_new_tokens, block_size // 2))
-    return prompt[-(block_size - budget):], budget
-
-
-def sample_groups(model, tokenizer, tasks: list[dict], cfg: GRPOConfig, seed: int | None = None) -> list[dict]:
-    """G sampled replies to each task: one dict per sample with the task, prompt and reply ids,
-    text, and whether it ended. Samples come task by task (the group layout of the advantages)."""
+def sample_groups(model, tokenizer, tasks: list[dict], cfg: GRPOConfig, seed: int | None = None,
+                  max_batch: int = 64) -> list[dict]:
+    """G sampled replies to each task, all in one batched generation: one dict per sample with the
+    task, prompt and reply ids, text, and whether it ended. Samples come task by task (the group
+    layout of the advantages)."""
+    fitted = [fit(prompt_ids(task, tokenizer), cfg.max_new_tokens, model.config.block_size) for task in tasks]
+    rows = generate(model, [p for p, _ in fitted], fitted[0][1], temperature=cfg.temperature,
+                    num_samples=cfg.num_generations, stop_tokens=reply_stops(tokenizer), seed=seed, max_batch=max_batch)
     samples = []
-    for i, task in enumerate(tasks):
-        prompt, budget = fit(prompt_ids(task, tokenizer), cfg.max_new_tokens, model.config.block_size)
-        rows = generate(model, prompt, budget, temperature=cfg.temperature,
-                        num_samples=cfg.num_generations, stop_tokens=stop_tokens(tokenizer),
-                        seed=None if seed is None else seed * 100_003 + i)
-        for ids in rows:
-            text, ended = reply_text(ids, tokenizer)
-            samples.append(dict(task=task, prompt=prompt, ids=ids, text=text, ended=ended))
+    for i, ids in enumerate(rows):
+        task, prompt = tasks[i // cfg.num_generations], fitted[i // cfg.num_generations][0]
+        reply = decode_reply(ids, tokenizer)
+        samples.append(dict(task=task, prompt=prompt, ids=ids, text=reply.text, ended=reply.ended))
     return samples
 
 
@@ -191,25 +150,23 @@ def score_groups(samples: list[dict], weights: dict[str, float], group_size: int
     return zero_variance
 
 
-@torch.no_grad()
-def greedy_replies(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "") -> list[dict]:
-    """Greedy replies to many tasks (batched by prompt length): text, ended, tokens."""
-    prompts = [fit(prompt_ids(t, tokenizer, prefill), max_new_tokens, model.config.block_size)[0] for t in tasks]
-    budget = fit([], max_new_tokens, model.config.block_size)[1]
-    out: list[dict] = [{} for _ in tasks]
-    if tasks:
-        for i, ids in enumerate(greedy_many(model, prompts, budget)):
-            stops = set(stop_tokens(tokenizer))
-            cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
-            text, ended = reply_text(ids[:cut], tokenizer)
-            out[i] = dict(reply=f"{prefill} {text}" if prefill else text, ended=ended, tokens=cut)
-    return out
+def greedy_replies(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "",
+                   max_batch: int = 64) -> list[dict]:
+    """Greedy replies to many tasks, in batches: text, ended, tokens."""
+    if not tasks:
+        return []
+    fitted = [fit(prompt_ids(t, tokenizer, prefill), max_new_tokens, model.config.block_size) for t in tasks]
+    outputs = generate(model, [p for p, _ in fitted], fitted[0][1], temperature=0, stop_tokens=reply_stops(tokenizer),
+                       max_batch=max_batch)
+    replies = [decode_reply(ids, tokenizer) for ids in outputs]
+    return [dict(reply=f"{prefill} {r.text}" if prefill else r.text, ended=r.ended, tokens=r.tokens) for r in replies]
 
 
-def pass_at_1(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "") -> tuple[list[dict], dict]:
+def pass_at_1(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "",
+              max_batch: int = 64) -> tuple[list[dict], dict]:
     """Greedy replies to the held-out problems, judged by the `correct` rule: (rows, summary)
     where summary has pass_at_1 overall and per task, n per task and the mean reply length."""
-    replies = greedy_replies(model, tokenizer, tasks, max_new_tokens, prefill)
+    replies = greedy_replies(model, tokenizer, tasks, max_new_tokens, prefill, max_batch)
     _, per_reward = combine([r["reply"] for r in replies], tasks, {"correct": 1.0})
     rows = [dict(r, task=t["task"], key=t["key"], answer=t["answer"], correct=bool(c))
             for t, r, c in zip(tasks, replies, per_reward["correct"])]
@@ -230,39 +187,48 @@ def _share(flags) -> float:
 
 # --- training ----------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def watch(callback: Callable[[dict], None]):
-    """Call `callback(event)` after every GRPO step inside the block (a notebook's live plots).
-    `event` holds the step's history row and the whole history so far."""
-    _WATCHERS.append(callback)
-    try:
-        yield callback
-    finally:
-        _WATCHERS.remove(callback)
+def grpo_backward(model, batch: Completions, advantages, old_logps, ref_logps, cfg: GRPOConfig, dtype=None) -> dict:
+    """GRPO's loss on one batch of samples and its gradients, accumulated over micro-batches of
+    `cfg.micro_batch_size` samples (normalised by the whole batch, so the sum is the batch's loss).
+    `old_logps` None: the samples come from the current policy (ratio 1, a detached copy)."""
+    n_rows, n_tokens = batch.mask.size(0), batch.mask.sum().clamp(min=1.0)
+    stats = defaultdict(float)
+    for part in chunks(n_rows, cfg.micro_batch_size):
+        micro = batch.rows(part)
+        with autocast(str(micro.ids.device), dtype):
+            logps = logprobs(model, micro, temperature=cfg.temperature)
+        loss, micro_stats = grpo_loss(
+            logps, logps.detach() if old_logps is None else old_logps[part], None if ref_logps is None else ref_logps[part],
+            advantages[part], micro.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+            loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens, n_rows=n_rows, n_tokens=n_tokens)
+        loss.backward()
+        for k, v in dict(micro_stats, loss=loss.item()).items():
+            stats[k] += v
+    return dict(stats)
 
 
-def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig, grad_clip: float = 1.0) -> dict:
-    """Optimizer steps (`num_iterations` of them) on one batch of scored groups; returns stats."""
+def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig, grad_clip: float = 1.0,
+              dtype=None, max_batch: int = 64) -> dict:
+    """Optimizer steps (`num_iterations` of them) on one batch of scored groups; returns stats.
+    Every log-probability is taken at the sampling temperature (the KL to the reference too)."""
     prompts, completions = [s["prompt"] for s in samples], [s["ids"] for s in samples]
-    advantages = torch.tensor([s["advantage"] for s in samples], device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    batch = pack(prompts, completions, device)
+    advantages = torch.tensor([s["advantage"] for s in samples], device=device)
     old_logps = ref_logps = None
-    with torch.no_grad():
+    with autocast(str(device), dtype):
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, fixed while we take several steps
-            old_logps, _ = completion_logps(model, prompts, completions)
+            old_logps, _ = score(model, prompts, completions, temperature=cfg.temperature, max_batch=max_batch)
         if cfg.beta != 0.0:
-            ref_logps, _ = completion_logps(ref_model, prompts, completions)
+            ref_logps, _ = score(ref_model, prompts, completions, temperature=cfg.temperature, max_batch=max_batch)
     stats = defaultdict(float)
     model.train()
     for _ in range(cfg.num_iterations):
-        logps, mask = completion_logps(model, prompts, completions)
-        loss, step_stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, advantages,
-                                     mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_stats = grpo_backward(model, batch, advantages, old_logps, ref_logps, cfg, dtype)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         optimizer.step()
-        for k, v in dict(step_stats, loss=loss.item(), grad_norm=grad_norm.item()).items():
+        for k, v in dict(step_stats, grad_norm=grad_norm.item()).items():
             stats[k] += v / cfg.num_iterations
     model.eval()
     return dict(stats)
@@ -271,19 +237,18 @@ def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig,
 def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: GRPOConfig, weights: dict[str, float], *,
                seed: int = 0, device: str = "cpu", grad_clip: float = 1.0, betas=(0.9, 0.99), run: Run | None = None,
                checkpoint=None, resume_key: str | None = None, on_step: Callable[[dict], None] | None = None,
-               keep_groups: int = 3, stop_at_step: int | None = None) -> dict:
-    """GRPO from `model` (the reference is a frozen copy of it as given). Returns history and groups."""
+               keep_groups: int = 3, stop_at_step: int | None = None, dtype=None, max_batch: int = 64) -> dict:
+    """GRPO from `model` (the reference is a frozen copy of it as given). Returns history and groups.
+    `dtype`: the autocast dtype (bf16 on CUDA); `max_batch`: rows per pass when sampling and scoring."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=betas, weight_decay=0.0)
     step, history, groups, seconds = 0, [], [], 0.0
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, map_location=device)
-        if state.get("resume_key") == resume_key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, history, groups, seconds = state["step"], state["history"], state["groups"], state["seconds"]
-            stream.load_state_dict(state["stream"])
-            set_rng_state(state["rng"])
+    if (state := resume(checkpoint, resume_key)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, groups, seconds = state["step"], state["history"], state["groups"], state["seconds"]
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
 
     def save():
         if checkpoint is not None:
@@ -301,9 +266,9 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
         for group in optimizer.param_groups:
             group["lr"] = lr
         tasks = stream.next(cfg.prompts_per_step)
-        samples = sample_groups(model, tokenizer, tasks, cfg, seed=seed * 1_000_003 + step)
+        samples = sample_groups(model, tokenizer, tasks, cfg, seed=seed * 1_000_003 + step, max_batch=max_batch)
         zero_variance = score_groups(samples, weights, cfg.num_generations, cfg.scale_rewards)
-        stats = grpo_step(model, ref_model, optimizer, samples, cfg, grad_clip)
+        stats = grpo_step(model, ref_model, optimizer, samples, cfg, grad_clip, dtype, max_batch)
         step += 1
         seconds += time.perf_counter() - start
         row = dict(step=step, lr=lr, reward=_mean(s["reward"] for s in samples),
@@ -312,7 +277,7 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
                    zero_variance_fraction=round(zero_variance.float().mean().item(), 4),
                    zero_variance_groups=int(zero_variance.sum().item()), groups=len(tasks), **stats)
         if step == 1 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            _, summary = pass_at_1(model, tokenizer, heldout, cfg.max_new_tokens)
+            _, summary = pass_at_1(model, tokenizer, heldout, cfg.max_new_tokens, max_batch=max_batch)
             row.update(pass_at_1=summary["pass_at_1"], heldout_response_tokens=summary["mean_response_tokens"])
             groups += [dict(step=step, **group_view(samples, g, cfg.num_generations))
                        for g in range(min(keep_groups, len(tasks)))]
@@ -321,10 +286,11 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
             run.log({f"grpo/{k}": v for k, v in row.items() if k != "step"}, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
-        event = dict(row=row, history=history, step=step, model=model)
+        event = dict(loop="grpo", row=row, history=history, step=step, model=model)
         saved = rng_state()
-        for callback in ([on_step] if on_step else []) + list(_WATCHERS):
-            callback(event)
+        if on_step is not None:
+            on_step(event)
+        notify(event)
         set_rng_state(saved)
         if "pass_at_1" in row or step == last:
             save()
@@ -397,35 +363,37 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"grpo.loss_type={g.loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
 
 
-def build(config: Config, run: Run) -> dict:
-    """GRPO from the run's SFT model on verifiable tasks; pass@1 on held-out problems before and after."""
+def build(config: Config, run: Run, made_from: str) -> dict:
+    """GRPO from the run's SFT model on verifiable tasks; pass@1 on held-out problems before and after.
+    `made_from` is the stage's fingerprint (what a resumable checkpoint must match)."""
     from .data import read_world
-    from .pipeline import stage_fingerprint
     from .tokenizer import Tokenizer
 
     start = time.time()
     check_config(config)
     g, out, device = config.grpo, run.stage_dir("grpo"), resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = load_model(run.path / "sft" / "model.pt", device)
+    model = load_model(model_path(run, "sft"), device)
+    batch = config.max_batch
     tokenizer = Tokenizer.load(run.path / "tokenizer")
     world = read_world(run) if g.source == "mini-web" else None
     stream, heldout = load_tasks(config, world)
     weights = parse_weights(g.rewards)
 
-    sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
-    warm = cold_start(model, tokenizer, stream, config, device, run, out / "cold_start_state.pt",
-                      stage_fingerprint("grpo", config) + "-cold-start")
+    sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch)
+    warm = cold_start(model, tokenizer, stream, config, device, run, out / "cold_start_state.pt", made_from + "-cold-start")
     # without a cold start GRPO starts from the SFT model: no need to measure it twice
-    before_rows, before = pass_at_1(model, tokenizer, heldout, g.max_new_tokens) if warm["steps"] else (sft_rows, sft)
-    _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
+    before_rows, before = (pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"]
+                           else (sft_rows, sft))
+    _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is", max_batch=batch)
     result = train_grpo(model, tokenizer, stream, heldout, g, weights, seed=config.seed, device=device,
                         grad_clip=config.train.grad_clip, betas=(config.train.beta1, config.train.beta2), run=run,
-                        checkpoint=out / "train_state.pt", resume_key=stage_fingerprint("grpo", config))
+                        checkpoint=out / "train_state.pt", resume_key=made_from,
+                        dtype=autocast_dtype(config.train, device), max_batch=batch)
     model.eval()
     save_model(out / "model.pt", model, dict(step=result["step"]))
-    after_rows, after = pass_at_1(model, tokenizer, heldout, g.max_new_tokens)
-    _, immediate_after = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is")
+    after_rows, after = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch)
+    _, immediate_after = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is", max_batch=batch)
     history = result["history"]
     write_json(out / "history.json", history)
     write_json(out / "groups.json", result["groups"])

@@ -18,7 +18,11 @@ pass over a sequence trains on every next-token prediction in it at once. It goe
 
 The names of the modules follow GPT-2's (as in Hugging Face's `GPT2LMHeadModel`), so its
 weights load with `GPT.from_hf` and give the same logits. Generation (sampling, the KV cache)
-lives in `labkit.engine`; the model only accepts a `kv_cache` object in `forward`.
+lives in `labkit.engine`; the model only accepts a `kv_cache` object in `forward`, which tells
+it where the new tokens sit (their positions, and which cached positions they may attend to).
+
+`ScalarModel` is the same body with a one-number head instead of the vocabulary head: the reward
+model of RLHF and PPO's value model.
 """
 
 from __future__ import annotations
@@ -74,13 +78,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
+        past, mask = 0, None
         if kv_cache is not None:
             # keep this step's keys/values and attend over everything cached so far
-            past = kv_cache.length
+            past, mask = kv_cache.length, kv_cache.attention_mask(T)
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is not None:
+            # rows padded on the left (a batch of prompts of different lengths): the cache's mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif past == 0:
             # the usual case (training, or the first pass over a prompt): plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:
@@ -173,7 +180,7 @@ class GPT(nn.Module):
                 f"sequence of length {past + T} is longer than the model's block_size={self.config.block_size}; "
                 f"give at most {self.config.block_size} tokens"
             )
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if kv_cache is None else kv_cache.positions(T, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, kv_cache)
@@ -250,3 +257,24 @@ class GPT(nn.Module):
                     tensor = tensor.t()
                 ours[name].copy_(tensor)
         return model
+
+
+class ScalarModel(nn.Module):
+    """A GPT body and a linear head from its last hidden states to one number per position.
+    The reward model reads it at the answer's last token; PPO's value head at every token."""
+
+    def __init__(self, body: GPT):
+        super().__init__()
+        self.body = body
+        self.config = body.config
+        self.head = nn.Linear(body.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(body.config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T] scalars."""
+        return self.head(self.body.hidden_states(idx)).squeeze(-1)
+
+    def score(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The scalar at each row's position `last` [B] (the answer's last token)."""
+        return self(idx).gather(1, last.unsqueeze(1)).squeeze(1)

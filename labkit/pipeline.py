@@ -1,7 +1,9 @@
 """The stages in order, and `ensure`: build a stage (and whatever it needs first) into a run.
 
-A stage is a function `build(config, run) -> metrics`, named "module" (its `build`) or
-"module:function" in STAGE_SPECS. It is complete when its
+A stage is a function `build(config, run, made_from) -> metrics`, named "module" (its `build`)
+or "module:function" in STAGE_SPECS; `made_from` is the stage's fingerprint, handed down so that
+a stage can key its resumable checkpoints by it (stages never import this module). It is
+complete when its
 `metrics.json` exists and carries the fingerprint of the configuration it was made from:
 the stage's own config sections, the seed, and its inputs' fingerprints. Change `vocab_size`
 and the tokenizer (and everything after it) is rebuilt; change nothing and it is reused.
@@ -23,7 +25,7 @@ STAGE_SPECS = {
     "base": ("labkit.pretrain", ("model", "train"), ("tokenizer",)),
     "sft": ("labkit.sft", ("sft",), ("base",)),
     "grpo": ("labkit.grpo", ("grpo",), ("sft",)),
-    "rlhf": ("labkit.rlhf", ("rlhf",), ("sft",)),
+    "rlhf": ("labkit.rlhf", ("rlhf", "reward_model", "dpo", "ppo"), ("sft",)),
     "halluc": ("labkit.halluc", ("halluc",), ("sft",)),
 }
 
@@ -52,13 +54,20 @@ def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]
 
 def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
     """Make `stage` complete in `run`, building its missing inputs first; return its metrics."""
+    import torch
+
     todo = plan(stage, config, run, force)
     for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         module, _, function = STAGE_SPECS[name][0].partition(":")
         build = getattr(importlib.import_module(module), function or "build")
         run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
+        made_from = stage_fingerprint(name, config)
         with run.tracking(name, config.to_dict()) as tracker:
-            metrics = build(config, run)
+            metrics = build(config, run, made_from)
+            if torch.cuda.is_available():  # the memory plan, checked: the most this stage held at once
+                metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             tracker.summary.update(metrics)
-        run.write_metrics(name, metrics, stage_fingerprint(name, config))
+        run.write_metrics(name, metrics, made_from)
     return run.metrics(stage)

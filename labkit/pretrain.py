@@ -24,8 +24,6 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,11 +31,12 @@ from torch.nn import functional as F
 
 from .config import Config, resolve_device
 from .dataloader import EOT, TokenWindows, sequential_batches, tokenize_run
-from .engine import generate
+from .checkpoint import load_model, save_model
+from .engine import fit, generate
 from .model import GPT, GPTConfig
-from .run import Run, atomic_path, write_json
-from .train import autocast, autocast_dtype, is_main_process, train
-from .world import BUCKETS, FACTS, World, _word, bucket
+from .run import Run, write_json
+from .train import autocast, autocast_dtype, is_main_process, peak_flops, train
+from .world import BUCKETS, FACTS, World, bucket, made_up_word
 
 BUCKET_NAMES = [label for _, _, label in BUCKETS]
 # Document-style prompts, phrased as the mini-web's encyclopedia pages phrase each fact (labkit/web.py)
@@ -65,9 +64,9 @@ def make_model(config: Config, vocab_size: int) -> GPT:
                          n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
 
 
-def build(config: Config, run: Run) -> dict:
-    """Pretrain a GPT on the run's cleaned corpus and measure it; return the stage's metrics."""
-    from .pipeline import stage_fingerprint
+def build(config: Config, run: Run, made_from: str) -> dict:
+    """Pretrain a GPT on the run's cleaned corpus and measure it; return the stage's metrics.
+    `made_from` is the stage's fingerprint (what a resumable checkpoint must match)."""
     from .tokenizer import Tokenizer
 
     start = time.time()
@@ -89,7 +88,7 @@ def build(config: Config, run: Run) -> dict:
     result = train(
         model, lm_loss, TokenWindows(train_ids, block, cfg.batch_size, config.seed), cfg, device=device,
         val_batches=lambda: sequential_batches(val_ids, block, cfg.batch_size, cfg.eval_batches),
-        checkpoint=out / "train_state.pt", resume_key=stage_fingerprint("base", config), run=run,
+        checkpoint=out / "train_state.pt", resume_key=made_from, run=run,
         on_eval=sample_at_eval, desc="pretraining")
     model.eval()
     if is_main_process():
@@ -109,11 +108,13 @@ def build(config: Config, run: Run) -> dict:
         copy_accuracy=round(copy_accuracy(model, copy_probes(tokenizer, seed=config.seed)), 4),
         device=device,
     )
+    if (peak := peak_flops(device)) is not None:  # the share of the GPU's bf16 peak that training used
+        metrics["mfu"] = round(model.estimate_mfu(result.tokens_per_second, peak), 4)
     from .data import read_world
 
     world = read_world(run)
     if world is not None:  # real datasets have no world to check facts against
-        probes = fact_recall(model, tokenizer, world)
+        probes = fact_recall(model, tokenizer, world, max_batch=config.max_batch)
         if is_main_process():
             write_json(out / "fact_recall.json", probes)
         metrics.update(summarize_recall(probes))
@@ -121,27 +122,7 @@ def build(config: Config, run: Run) -> dict:
     return metrics
 
 
-# --- saving and loading ---------------------------------------------------------------------------
-
-def save_model(path: str | Path, model: GPT, extra: dict | None = None) -> None:
-    """The weights and the GPTConfig that rebuilds the model, written atomically."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(dict(config=asdict(model.config), model=state, **(extra or {})), tmp)
-
-
-def load_model(path: str | Path, device: str = "cpu") -> GPT:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model checkpoint at {path}")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a labkit model checkpoint (it needs 'config' and 'model'; "
-                         f"`labkit.pretrain.save_model` writes one)")
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
-
+# --- loading ------------------------------------------------------------------------------------
 
 def load_base(run: Run, device: str = "cpu"):
     """(model, tokenizer) of the run's base stage, for later stages and notebooks."""
@@ -201,7 +182,7 @@ def copy_probes(tokenizer, n: int = 60, seed: int = 0) -> list[tuple[list[int], 
     rng = random.Random(f"{seed}-copy")
     probes = []
     for _ in range(n):
-        name = _word(rng, rng.randint(2, 3))
+        name = made_up_word(rng, rng.randint(2, 3))
         ids = tokenizer.encode(COPY_TEXT.format(name=name))
         probes.append((ids, len(ids) - len(tokenizer.encode(" " + name))))
     return probes
@@ -251,37 +232,14 @@ def is_correct(answer: str, truth: str) -> bool:
     return re.match(re.escape(truth) + r"(?![\w])", answer.strip()) is not None
 
 
-@torch.no_grad()
-def greedy_many(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of many prompts: prompts of the same length go through the model
-    as one batch (no padding needed), with a KV cache."""
-    from .engine import KVCache
-
-    device = next(model.parameters()).device
-    by_length = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    for length, rows in by_length.items():
-        x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
-        cache = KVCache(model.config.n_layer, length + max_new_tokens)
-        new = []
-        for _ in range(max_new_tokens):
-            x = model.lm_head(model.hidden_states(x, kv_cache=cache)[:, -1]).argmax(-1, keepdim=True)
-            new.append(x)
-        for i, ids in zip(rows, torch.cat(new, dim=1).tolist()):
-            out[i] = ids
-    return out
-
-
-def fact_recall(model, tokenizer, world: World, max_new_tokens: int = 12) -> list[dict]:
+def fact_recall(model, tokenizer, world: World, max_new_tokens: int = 12, max_batch: int = 64) -> list[dict]:
     """Ask the base model every fact of every person (greedy completion of a page-style prompt)."""
-    model.eval()
     eot = tokenizer.special_tokens[EOT]
-    max_new_tokens = min(max_new_tokens, model.config.block_size // 2)
-    keep = model.config.block_size - max_new_tokens  # a prompt too long for the context keeps its end
     probes = [(person, fact, fact_prompt(person, fact)) for person in world.people for fact in FACTS]
-    answers = greedy_many(model, [([eot] + tokenizer.encode(prompt))[-keep:] for _, _, prompt in probes], max_new_tokens)
+    # a prompt too long for the context keeps its end
+    prompts = [fit([eot] + tokenizer.encode(prompt), max_new_tokens, model.config.block_size) for _, _, prompt in probes]
+    answers = generate(model, [p for p, _ in prompts], prompts[0][1], temperature=0, stop_tokens=(eot,),
+                       max_batch=max_batch) if probes else []
     rows = []
     for (person, fact, prompt), ids in zip(probes, answers):
         answer = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)

@@ -1,5 +1,9 @@
 """The run folder `runs/<run>/<stage>/`, atomic writes, metrics and experiment tracking.
 
+Also the small things every stage shares: JSON and JSON-lines files, a stable split of keys
+by hash (`in_share`), and the one registry of live callbacks (`watch`) that notebooks use to
+plot a training loop while it runs.
+
 Every file labkit writes goes through `atomic_write` (or `atomic_path` for libraries that
 want a path): the bytes go to a temporary file in the same folder, are flushed to disk, and
 the file is renamed over the target. A run killed at any moment leaves the old file or the
@@ -16,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .config import STAGES
 
@@ -53,6 +57,19 @@ def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
 
 
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    """One JSON object per line (rows: any iterable, streamed), written atomically. Non-ASCII
+    characters are escaped, so that any text a model writes (a lone surrogate too) is valid JSON."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform can open a directory
         fd = os.open(folder, os.O_RDONLY)
@@ -65,6 +82,39 @@ def _fsync_dir(folder: Path) -> None:
 def fingerprint(obj) -> str:
     """A short stable hash of a JSON-able object: what a stage's artifacts were made from."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def in_share(key: str, share: float) -> bool:
+    """True for a stable `share` of all keys: the hash of `key` falls in the first `share` of its
+    range. The same key lands on the same side whatever else changes (seed, sizes, order)."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+    return h / 2**64 < share
+
+
+# --- live callbacks ----------------------------------------------------------------------------
+
+_WATCHERS: list[tuple[Callable[[dict], None], tuple[str, ...]]] = []
+
+
+@contextlib.contextmanager
+def watch(callback: Callable[[dict], None], *loops: str):
+    """Call `callback(event)` whenever a training loop reports inside the block (a notebook's
+    live plot). `loops` names the loops to hear from (the `desc` they run under: "pretraining",
+    "sft", "ppo", "grpo", ...; none: all). An event holds `loop`, `step`, the step's `row` and
+    the loop's `history` so far."""
+    entry = (callback, loops)
+    _WATCHERS.append(entry)
+    try:
+        yield callback
+    finally:
+        _WATCHERS.remove(entry)
+
+
+def notify(event: dict) -> None:
+    """Hand `event` (with its `loop` name) to every callback watching that loop."""
+    for callback, loops in list(_WATCHERS):
+        if not loops or event["loop"] in loops:
+            callback(event)
 
 
 @dataclass

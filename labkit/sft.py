@@ -28,7 +28,6 @@ Writes to `runs/<run>/sft/`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections import defaultdict
@@ -36,13 +35,15 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .chat import ChatError, render, render_prompt
+from .chat import ChatError, render
 from .config import Config, ConfigError, TrainConfig, resolve_device
 from .conversations import (ANSWERS, eval_questions, identity_ok, load_messages, make_conversations, mentions, refuses,
                             split_people)
-from .pretrain import BUCKET_NAMES, few_shot_prompt, greedy_many, load_base, save_model
+from .checkpoint import load_model, model_path, save_model
+from .engine import chat, fit, generate, replies
+from .pretrain import BUCKET_NAMES, few_shot_prompt, load_base
 from .rewards import extract_answer
-from .run import Run, atomic_write, read_json, write_json
+from .run import Run, read_json, write_json, write_jsonl
 from .train import train
 
 IGNORE = -1  # the model's cross-entropy skips targets equal to this
@@ -150,43 +151,25 @@ def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
     return rows[n_val:], rows[:n_val]
 
 
-def _write_jsonl(path, rows: list[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 # --- replies --------------------------------------------------------------------------------------
 
-def replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[dict]:
-    """Greedy replies of the assistant to many conversations at once: text, and whether it
-    ended with `<|im_end|>` within `max_new_tokens`."""
-    end = tokenizer.encode_special("<|im_end|>")
-    block = model.config.block_size
-    max_new_tokens = max(1, min(max_new_tokens, block // 2))
-    prompts = [render_prompt(messages, tokenizer)[-(block - max_new_tokens):] for messages in conversations]
-    special, out = set(tokenizer.special_tokens.values()), []
-    for ids in greedy_many(model, prompts, max_new_tokens):
-        ended = end in ids
-        cut = ids.index(end) if ended else len(ids)
-        text_ids = ids[:cut]
-        ended = ended and not special & set(text_ids)  # a document boundary or a new turn inside is not a reply
-        out.append(dict(reply=tokenizer.decode([t for t in text_ids if t not in special]).strip(), ended=ended))
-    return out
-
-
-def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_new_tokens: int = 12) -> list[str]:
+def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_new_tokens: int = 12,
+                 max_batch: int = 64) -> list[str]:
     """The base model's few-shot answers: `FEW_SHOTS` solved questions of the same phrasing about
     well-known training people, answered in the assistant's words, then the question; the answer
     is the first line it writes."""
     eot = tokenizer.encode_special("<|endoftext|>")
-    keep = base.config.block_size - max_new_tokens
     prompts = []
     for q in questions:
         question = q["messages"][0]["content"]
         shots = [(question.replace(q["name"], p.name), ANSWERS[q["fact"]][0].format(**vars(p), first=p.name.split()[0]))
                  for p in shot_people]
-        prompts.append(([eot] + tokenizer.encode(few_shot_prompt(shots, question)))[-keep:])
+        prompts.append(fit([eot] + tokenizer.encode(few_shot_prompt(shots, question)), max_new_tokens,
+                           base.config.block_size)[0])
+    if not prompts:
+        return []
     answers = []
-    for ids in greedy_many(base, prompts, max_new_tokens):
+    for ids in generate(base, prompts, max_new_tokens, temperature=0, stop_tokens=(eot,), max_batch=max_batch):
         text = tokenizer.decode([t for t in (ids[:ids.index(eot)] if eot in ids else ids)])
         answers.append(text.split("\n")[0].strip())
     return answers
@@ -229,14 +212,14 @@ def evaluate_assistant(model, base, tokenizer, world, config: Config, run: Run) 
     questions few-shot. Returns (rows, metrics)."""
     s = config.sft
     rows = eval_questions(world, config.seed, s.heldout_people)
-    answers = replies(model, tokenizer, [r["messages"][:-1] for r in rows], s.max_new_tokens)
-    rows = [dict(r, reference=r["messages"][-1]["content"], **a) for r, a in zip(rows, answers)]
+    answers = replies(model, tokenizer, [r["messages"][:-1] for r in rows], s.max_new_tokens, max_batch=config.max_batch)
+    rows = [dict(r, reference=r["messages"][-1]["content"], reply=a.text, ended=a.ended) for r, a in zip(rows, answers)]
     for r in rows:
         r["correct"] = judge(r)
     qa = [r for r in rows if r["kind"] == "qa"]
     train_people, _ = split_people(world, s.heldout_people)
     shot_people = sorted(train_people, key=lambda p: -p.n_pages)[:FEW_SHOTS]
-    for r, answer in zip(qa, base_answers(base, tokenizer, qa, shot_people)):
+    for r, answer in zip(qa, base_answers(base, tokenizer, qa, shot_people, max_batch=config.max_batch)):
         r["base_answer"], r["base_correct"] = answer, mentions(answer, r["truth"])
     of = lambda kind: [r["correct"] for r in rows if r["kind"] == kind]  # noqa: E731
     arithmetic = [r for r in rows if r["kind"] == "arithmetic"]
@@ -287,19 +270,18 @@ def train_config(config: Config) -> TrainConfig:
                                eval_every=s.eval_every, checkpoint_every=s.eval_every)
 
 
-def build(config: Config, run: Run) -> dict:
-    """Fine-tune the run's base model on conversations and measure the assistant."""
+def build(config: Config, run: Run, made_from: str) -> dict:
+    """Fine-tune the run's base model on conversations and measure the assistant.
+    `made_from` is the stage's fingerprint (what a resumable checkpoint must match)."""
     from .data import read_world
-    from .engine import chat
-    from .pipeline import stage_fingerprint
 
     start = time.time()
     out, device = run.stage_dir("sft"), resolve_device(config.device)
     model, tokenizer = load_base(run, device)
     world = read_world(run)
     train_rows, val_rows = load_conversations(config, world)
-    _write_jsonl(out / "train.jsonl", train_rows)
-    _write_jsonl(out / "val.jsonl", val_rows)
+    write_jsonl(out / "train.jsonl", train_rows)
+    write_jsonl(out / "val.jsonl", val_rows)
     block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
     train_examples, train_stats = encode_conversations(train_rows, tokenizer, block)
     val_examples, _ = encode_conversations(val_rows, tokenizer, block)
@@ -315,7 +297,7 @@ def build(config: Config, run: Run) -> dict:
 
     result = train(model, sft_loss, ConversationBatches(train_examples, cfg.batch_size, config.seed, pad), cfg,
                    device=device, val_batches=lambda: val_batches, checkpoint=out / "train_state.pt",
-                   resume_key=stage_fingerprint("sft", config), run=run, on_eval=sample_at_eval, desc="sft")
+                   resume_key=made_from, run=run, on_eval=sample_at_eval, desc="sft")
     model.eval()
     save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
     write_json(out / "history.json", result.history)
@@ -335,7 +317,7 @@ def build(config: Config, run: Run) -> dict:
     samples = [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r]
     if world is not None:
         rows, eval_metrics = evaluate_assistant(model, base, tokenizer, world, config, run)
-        _write_jsonl(out / "eval.jsonl", rows)
+        write_jsonl(out / "eval.jsonl", rows)
         metrics.update(eval_metrics)
         samples += side_by_side_samples(base, model, tokenizer, rows)
     write_json(out / "samples.json", samples)
@@ -345,7 +327,6 @@ def build(config: Config, run: Run) -> dict:
 
 def side_by_side_samples(base, assistant, tokenizer, rows: list[dict]) -> list[dict]:
     """One question of each kind (its shortest): the base model continues it as a document, the assistant answers."""
-    from .engine import chat
     from .pretrain import complete
 
     picked = {}
@@ -358,22 +339,6 @@ def side_by_side_samples(base, assistant, tokenizer, rows: list[dict]) -> list[d
 
 def load_assistant(run: Run, device: str = "cpu", model_name: str = "sft"):
     """(model, tokenizer) of a post-trained model of the run (default: the sft stage's)."""
-    from .pretrain import load_model
     from .tokenizer import Tokenizer
 
     return load_model(model_path(run, model_name), resolve_device(device)), Tokenizer.load(run.path / "tokenizer")
-
-
-MODEL_STAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf", "grpo": "grpo", "halluc": "halluc"}
-
-
-def model_path(run: Run, model_name: str = "sft"):
-    """Where a post-trained model lives; a clear error naming the command that makes it if it is missing."""
-    if model_name not in MODEL_STAGE:
-        raise ConfigError(f"unknown model {model_name!r}; allowed: {', '.join(MODEL_STAGE)}")
-    path = run.path / model_name / "model.pt"
-    if not path.exists():
-        where = "" if str(run.runs_dir) == "runs" else f" --runs-dir {run.runs_dir}"
-        raise FileNotFoundError(f"no {model_name} model at {path}; make it with "
-                                f"`labkit run --run {run.name}{where} --stages {MODEL_STAGE[model_name]}`")
-    return path

@@ -21,11 +21,11 @@ never practised. Real data is one parameter away: `load_gsm8k(source)` reads GSM
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 
 from .config import ConfigError
+from .run import in_share
 
 FORMAT = "The answer is N."
 INSTRUCTION = "Show your steps, then end with: The answer is N."
@@ -50,8 +50,7 @@ FALLBACK_COMPANIES = ["Acme Shipping", "Globex Software", "Initech Energy"]
 
 def is_heldout(key: str) -> bool:
     """A stable share of problem keys is kept for evaluation (the same for every seed)."""
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h / 2**64 < HELDOUT_SHARE
+    return in_share(key, HELDOUT_SHARE)
 
 
 def ask(question: str) -> str:

@@ -532,7 +532,7 @@ def read_heldout(run: Run) -> list[str]:
     return [page["text"] for page in read_corpus(run) if page["url"] in urls]
 
 
-def build(config: Config, run: Run) -> dict:
+def build(config: Config, run: Run, made_from: str = "") -> dict:
     """Train the tokenizer on the cleaned corpus (minus the held-out pages) and measure it."""
     from .data import read_corpus
 

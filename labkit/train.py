@@ -12,7 +12,7 @@ the loop does the rest, the way nanoGPT does it:
 - the gradient norm is clipped to `grad_clip` (one bad batch cannot throw the weights away);
 - bf16 autocast and `torch.compile` on CUDA;
 - a validation pass every `eval_every` steps, progress with tqdm, metrics to wandb;
-- atomic checkpoints holding everything the next step depends on (weights, optimizer moments,
+- atomic checkpoints (labkit/checkpoint.py) holding everything the next step depends on (weights, optimizer moments,
   step, every random generator, the batch source's position): a run killed at any moment
   resumes from its last checkpoint and ends with the same weights as a run never killed;
 - several processes through `torchrun` and PyTorch DDP: each process reads RANK, WORLD_SIZE
@@ -23,25 +23,22 @@ the loop does the rest, the way nanoGPT does it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
-from .run import atomic_path
-
-_WATCHERS: list[Callable[[dict], None]] = []
-
+from .run import notify
 
 def check_config(cfg: TrainConfig) -> None:
     """Checks that involve two fields (each field's own range is checked when it is set)."""
@@ -71,6 +68,19 @@ def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype | None:
     if cfg.dtype == "bfloat16" and not on_cuda:
         raise ConfigError(f"train.dtype='bfloat16' needs a CUDA device, got device={device!r}; allowed here: auto, float32")
     return torch.bfloat16 if on_cuda and cfg.dtype in ("auto", "bfloat16") else None
+
+
+# dense bf16 tensor-core peak of common GPUs, for model FLOPs utilisation (MFU)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                   "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device: str) -> float | None:
+    """The bf16 peak FLOP/s of the CUDA device, when it is one we know (else None)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def autocast(device: str, dtype: torch.dtype | None):
@@ -117,17 +127,21 @@ def shard(batch, rank: int, world_size: int):
             raise ValueError(f"a batch of {batch.size(0)} rows does not split over {world_size} processes; "
                              f"make train.batch_size a multiple of the number of processes")
         return batch.chunk(world_size)[rank]
-    if isinstance(batch, dict):
-        return {k: shard(v, rank, world_size) for k, v in batch.items()}
-    return type(batch)(shard(v, rank, world_size) for v in batch)
+    return _map(batch, lambda t: shard(t, rank, world_size))
 
 
 def to_device(batch, device: str):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    return _map(batch, lambda t: to_device(t, device))
+
+
+def _map(batch, fn):
+    """`fn` applied to each part of a dict, tuple or named tuple of batch parts."""
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return type(batch)(to_device(v, device) for v in batch)
+        return {k: fn(v) for k, v in batch.items()}
+    items = [fn(v) for v in batch]
+    return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
 
 
 def _first_tensor(batch) -> torch.Tensor:
@@ -152,34 +166,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type == "cuda")
 
 
-def rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save into a temporary file that replaces `path` only once it is complete."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 @dataclass
@@ -196,17 +182,6 @@ class TrainResult:
     @property
     def val_loss(self) -> float | None:
         return next((row["val_loss"] for row in reversed(self.history) if "val_loss" in row), None)
-
-
-@contextlib.contextmanager
-def watch(callback: Callable[[dict], None]):
-    """Call `callback(event)` after every validation pass of any training inside the block
-    (a notebook's live loss plot). `event` holds step, val_loss, lr, tokens_seen and history."""
-    _WATCHERS.append(callback)
-    try:
-        yield callback
-    finally:
-        _WATCHERS.remove(callback)
 
 
 @torch.no_grad()
@@ -246,7 +221,8 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
     checkpoint: the training checkpoint's path; if it exists and carries `resume_key`, training
     resumes from it; it is written every `cfg.checkpoint_every` steps and at the end.
     run: a `labkit.run.Run` whose `log` gets step metrics (wandb).
-    on_eval(event): called after each validation pass (and any `watch` callbacks after it);
+    on_eval(event): called after each validation pass (and then `labkit.run.watch` callbacks
+    watching the loop `desc`);
     keys it adds to `event` (JSON-able: a text sample, say) are kept in that step's history row;
     the random generators are saved and restored around it, so what it does (sampling text,
     drawing plots) never changes the training.
@@ -266,15 +242,13 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
     optimizer = make_optimizer(raw, cfg, device)
 
     step, tokens_seen, train_seconds, history = 0, 0, 0.0, []
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, map_location=device)
-        if state.get("resume_key") == resume_key:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, tokens_seen, train_seconds, history = state["step"], state["tokens_seen"], state["train_seconds"], state["history"]
-            if hasattr(batches, "load_state_dict"):
-                batches.load_state_dict(state["batches"])
-            set_rng_state(state["rng"])
+    if (state := resume(checkpoint, resume_key)) is not None:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, train_seconds, history = state["step"], state["tokens_seen"], state["train_seconds"], state["history"]
+        if hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"])
 
     compiled = torch.compile(raw) if cfg.compile and torch.device(device).type == "cuda" else raw
     trained = compiled
@@ -294,13 +268,15 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
         if dist_info.is_main:
             if "val_loss" in row:
                 _log(run, {"val/loss": row["val_loss"]}, step)
-            event = dict(row, tokens_seen=tokens_seen, history=history, model=raw)
+            event = dict(row, loop=desc, row=row, tokens_seen=tokens_seen, history=history, model=raw)
             saved = rng_state()
-            for callback in ([on_eval] if on_eval else []) + list(_WATCHERS):
-                callback(event)
+            if on_eval is not None:
+                on_eval(event)
+            notify(event)
             set_rng_state(saved)
             # what a callback adds to the event (a text sample, say) is kept in the history
-            row.update({k: v for k, v in event.items() if k not in row and k not in ("tokens_seen", "history", "model")})
+            row.update({k: v for k, v in event.items()
+                        if k not in row and k not in ("loop", "row", "tokens_seen", "history", "model")})
 
     last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not dist_info.is_main, leave=False)
@@ -351,3 +327,12 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
 def _log(run, metrics: dict, step: int) -> None:
     if run is not None:
         run.log(metrics, step=step)
+
+
+def fine_tuning(cfg: TrainConfig, *, steps: int, batch_size: int, learning_rate: float) -> TrainConfig:
+    """Pretraining's optimizer settings (betas, weight decay, clipping, precision) with a later
+    model's length, batch and learning rate: cosine to a tenth, evaluated and saved 5 times."""
+    every = max(1, steps // 5)
+    return dataclasses.replace(cfg, max_steps=steps, batch_size=batch_size, grad_accum=1, learning_rate=learning_rate,
+                               min_lr=learning_rate / 10, warmup_steps=min(cfg.warmup_steps, steps // 10),
+                               eval_every=every, checkpoint_every=every)

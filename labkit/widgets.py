@@ -132,7 +132,7 @@ def merge_steps(tokenizer, text: str, n_steps: int = 10) -> w.HTML:
 
 class LiveLoss(w.VBox):
     """A loss plot and the latest text sample, redrawn after every validation pass.
-    Use it as a training callback: `with labkit.train.watch(live.update): ...`."""
+    Use it as a training callback: `with labkit.run.watch(live.update, "pretraining"): ...`."""
 
     def __init__(self, title: str = "Pretraining: loss"):
         self.title = title
@@ -337,20 +337,21 @@ def ranking_widget(rankings) -> RankingWidget:
 
 class LivePPO(w.VBox):
     """PPO's curves (reward-model score, KL, answer length, clip fraction), redrawn after every step:
-    `with labkit.rlhf.watch(live.update): ...`."""
+    `with labkit.run.watch(live.update, "ppo"): ...`."""
 
     def __init__(self, title: str = "PPO"):
         self.title, self.plot, self.sample = title, w.Output(), w.HTML()
         super().__init__([self.plot, self.sample])
 
-    def update(self, row: dict, history: list[dict]) -> None:
+    def update(self, event: dict) -> None:
         from IPython.display import display
 
         from .plots import ppo_curves
 
+        row = event["row"]
         with self.plot:
             self.plot.clear_output(wait=True)
-            display(ppo_curves(history, self.title))
+            display(ppo_curves(event["history"], self.title))
         self.sample.value = f"<b>step {row['step']}, a sampled answer:</b> {html.escape(row.get('sample', ''))}"
 
 # --- stage 6: grpo ---------------------------------------------------------------------------
@@ -401,7 +402,7 @@ def group_browser(groups: list[dict]) -> w.VBox:
 
 class LiveGRPO(w.VBox):
     """Mean reward, held-out pass@1, reply length and KL, redrawn after every GRPO step.
-    Use it as a callback: `with labkit.grpo.watch(live.update): ...`."""
+    Use it as a callback: `with labkit.run.watch(live.update, "grpo"): ...`."""
 
     def __init__(self, title: str = "GRPO: training on verifiable rewards", every: int = 1):
         self.title, self.every = title, every
@@ -455,7 +456,7 @@ def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max
     """Ask a model of your choice about any person of the world: see its answer, each token's
     probability, the truth, and with search on, what it retrieved. `models`: name -> model
     (a model called 'search' is the one trained to call the tool)."""
-    from .halluc import answer_with_search, judge, probe, probe_questions
+    from .halluc import probe, probe_questions, probe_with_search
     from .world import FACTS, bucket
 
     people = sorted(world.people, key=lambda p: -p.n_pages)
@@ -471,9 +472,8 @@ def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max
         [row] = probe_questions([world.person(person.value)], 0, True, f"ask-{fact.value}")[FACTS.index(fact.value):][:1]
         model = models[model_name.value]
         if model_name.value == "search":
-            [answer] = answer_with_search(model, tokenizer, index if search.value else None, [row["question"]], max_new_tokens)
-            row = dict(row, **{k: v for k, v in answer.items() if k not in ("question", "prompt_ids", "answer_ids")})
-            row["verdict"] = judge(row["answer"], row["truth"], row["n_pages"])
+            [row] = probe_with_search(model, tokenizer, index if search.value else None, [row], max_new_tokens,
+                                      max_chars=240)
         else:
             [row] = probe(model, tokenizer, [row], max_new_tokens, n_samples, seed=0)
         view.value = answer_html(row)

@@ -71,14 +71,14 @@ class World:
         return cls(**{**d, "people": [Person(**p) for p in d["people"]]})
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def made_up_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
 def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], suffixes=("",)) -> list[str]:
     words: list[str] = []
     while len(words) < n:
-        w = _word(rng, rng.randint(*syllables)) + rng.choice(suffixes)
+        w = made_up_word(rng, rng.randint(*syllables)) + rng.choice(suffixes)
         if w not in words and len(w) <= 12:
             words.append(w)
     return words

@@ -35,3 +35,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def rows_seen(monkeypatch):
+    """`rows_seen(model)` -> a list that records how many rows each forward pass of `model` takes
+    (every pass, sampling, scoring or training, goes through `hidden_states`)."""
+    def watch(model):
+        seen = []
+        forward = type(model).hidden_states.__get__(model)  # the model's own, not an earlier watcher
+
+        def counting(idx, *args, **kwargs):
+            seen.append(idx.size(0))
+            return forward(idx, *args, **kwargs)
+
+        monkeypatch.setattr(model, "hidden_states", counting)
+        return seen
+    return watch

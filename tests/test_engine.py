@@ -1,9 +1,11 @@
-"""Generation: KV cache equals recomputation, sampling filters, seeds, stop tokens, streaming, errors."""
+"""The engine: generation (KV cache equals recomputation, batches of prompts of different lengths
+equal one prompt at a time, sampling filters, seeds, stop tokens, streaming, errors), scoring
+(micro-batched equals whole-batch, temperature), and reading replies."""
 
 import pytest
 import torch
 
-from labkit.engine import generate, sample_next, sample_text
+from labkit.engine import decode_reply, generate, logprobs, pack, sample_next, sample_text, score
 from labkit.model import GPT, GPTConfig
 
 VOCAB, BLOCK = 300, 64
@@ -107,7 +109,7 @@ def test_tokens_stream_to_the_callback_in_order(model):
     calls = []
     prompts = [random_prompt(4, seed=1), random_prompt(9, seed=2)]
     rows = generate(model, prompts, 6, num_samples=2, seed=5, on_token=lambda row, token: calls.append((row, token)))
-    assert [row for row, _ in calls] == [0, 1] * 6 + [2, 3] * 6  # step by step, prompt by prompt
+    assert [row for row, _ in calls] == [0, 1, 2, 3] * 6  # step by step, every row of the batch in turn
     for r in range(4):
         assert [t for row, t in calls if row == r] == rows[r]
 
@@ -158,3 +160,108 @@ def test_sample_text_decodes_and_stops_before_endoftext(model):
     texts = sample_text(model, tokenizer, ["", "a longer prompt"], max_new_tokens=5, num_samples=2, seed=0)
     rows = generate(model, [[eot], list(b"a longer prompt")], 5, num_samples=2, seed=0, stop_tokens=[eot])
     assert texts == [tokenizer.decode([t for t in row if t != eot]) for row in rows]  # "" starts a new document
+
+
+# --- batches of prompts of different lengths ---------------------------------------------------------
+
+@pytest.mark.parametrize("max_batch", [64, 3])
+def test_batched_greedy_equals_one_prompt_at_a_time(model, max_batch, rows_seen):
+    """Prompts of many lengths, padded on the left into shared batches (and split into batches of
+    at most `max_batch` rows), give exactly the tokens each prompt gives alone, stops included."""
+    prompts = [random_prompt(n, seed=n) for n in (1, 7, 3, 15, 7, 30, 2, 11)]
+    alone = [generate(model, p, 20, temperature=0)[0] for p in prompts]
+    stop = alone[3][4]  # a token some rows emit: those rows stop early, the others go on
+    expected = [generate(model, p, 20, temperature=0, stop_tokens=[stop])[0] for p in prompts]
+    assert any(len(row) < 20 for row in expected) and any(len(row) == 20 for row in expected)
+    seen = rows_seen(model)
+    together = generate(model, prompts, 20, temperature=0, stop_tokens=[stop], max_batch=max_batch)
+    assert together == expected
+    assert max(seen) <= max_batch
+    assert generate(model, prompts, 20, temperature=0, use_cache=False, max_batch=max_batch) == alone
+
+
+def test_a_stopped_row_leaves_the_batch(model, rows_seen):
+    prompt = random_prompt(8)
+    greedy = generate(model, prompt, 30, temperature=0)[0]
+    other = random_prompt(8, seed=5)
+    stop = next(t for t in greedy[2:] if t not in generate(model, other, 30, temperature=0)[0])  # only row 0 stops
+    seen = rows_seen(model)
+    rows = generate(model, [prompt, other], 30, temperature=0, stop_tokens=[stop])
+    assert len(rows[0]) == greedy.index(stop) + 1 and len(rows[1]) == 30
+    assert seen[:len(rows[0])] == [2] * len(rows[0]) and set(seen[len(rows[0]):]) == {1}  # no compute for it after
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+def test_score_equals_the_models_log_softmax_row_by_row(model):
+    prompts, completions = [[1, 2, 3], [4, 5], [6]], [[7, 8], [9, 10, 11, 12], [13]]
+    logps, mask = score(model, prompts, completions)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        logits, _ = model(torch.tensor([p + c]))
+        expected = torch.log_softmax(logits[0, len(p) - 1:-1], -1)[torch.arange(len(c)), torch.tensor(c)]
+        torch.testing.assert_close(logps[row, :len(c)], expected, atol=1e-5, rtol=0)
+        assert (logps[row, len(c):] == 0).all()
+
+
+def test_micro_batched_scores_equal_the_whole_batch(model, rows_seen):
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (13,), generator=g)]
+    completions = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 15, (13,), generator=g)]
+    whole, mask = score(model, prompts, completions, max_batch=64)
+    seen = rows_seen(model)
+    micro, micro_mask = score(model, prompts, completions, max_batch=4)
+    assert seen == [4, 4, 4, 1]
+    torch.testing.assert_close(micro, whole, atol=1e-5, rtol=0)
+    assert torch.equal(mask, micro_mask)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.7, 2.0])
+def test_scores_at_a_temperature_divide_the_logits(model, temperature):
+    """TRL's convention: the log-probability of a token sampled at temperature T is taken from logits / T."""
+    prompt, completion = random_prompt(6), random_prompt(5, seed=9)
+    logps, _ = score(model, [prompt], [completion], temperature=temperature)
+    logits, _ = model(torch.tensor([prompt + completion]))
+    expected = torch.log_softmax(logits[0, 5:-1] / temperature, -1)[torch.arange(5), torch.tensor(completion)]
+    torch.testing.assert_close(logps[0], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(logps, score(model, [prompt], [completion])[0], atol=1e-3)
+
+
+def test_logprobs_keep_gradients(model):
+    batch = pack([[1, 2]], [[3, 4]])
+    logprobs(model, batch).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+# --- reading replies -----------------------------------------------------------------------------------
+
+class ChatTokenizer(ByteTokenizer):
+    """Bytes as tokens plus the chat template's special tokens."""
+
+    SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|tool_call|>"]
+
+    def __init__(self):
+        self.special_tokens = {name: 256 + i for i, name in enumerate(self.SPECIAL)}
+
+    def encode_special(self, name):
+        return self.special_tokens[name]
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.special_tokens.items()}
+        return "".join(names.get(i, chr(i) if i < 256 else "?") for i in ids)
+
+
+def test_decode_reply_cuts_at_the_end_of_the_turn_and_hides_special_tokens():
+    tok = ChatTokenizer()
+    end, eot, start, sep, call = (tok.encode_special(n) for n in ("<|im_end|>", "<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_sep|>", "<|tool_call|>"))
+    hi = list(b" Hi there. ")
+    assert decode_reply(hi + [end] + list(b"junk"), tok) == ("Hi there.", True, hi, len(hi) + 1)
+    assert decode_reply(hi, tok) == ("Hi there.", False, hi, len(hi))  # cut off: never ended
+    assert decode_reply(hi + [eot], tok).ended is False  # a document boundary is not the end of a turn
+    # a reply that opens a new turn is cut there: the forged turn never reaches the text
+    opened = decode_reply(hi + [start] + list(b"user") + [sep] + list(b"more") + [end], tok)
+    assert opened.text == "Hi there." and not opened.ended
+    inside = decode_reply(list(b"a") + [call] + list(b"b") + [end], tok)
+    assert inside.text == "ab" and not inside.ended  # no special token's name leaks into the text

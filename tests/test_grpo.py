@@ -1,6 +1,8 @@
 """GRPO: tasks, rule-based rewards, advantages and the loss (against TRL 1.16 itself), the stage."""
 
 import collections
+import copy
+import dataclasses
 import json
 import math
 import random
@@ -11,7 +13,9 @@ import torch
 
 from labkit import grpo, rewards, tasks
 from labkit.config import ConfigError, get_config
-from labkit.grpo import completion_logps, group_advantages, grpo_loss
+from labkit.engine import score
+from labkit.grpo import group_advantages, grpo_loss
+from labkit.run import watch
 from labkit.rewards import RewardError, combine, extract_answer, parse_weights
 
 # --- TRL 1.16 as the reference -------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def tiny_gpt(vocab_size, block_size=64, seed=0):
 def test_completion_logps_match_one_row_at_a_time():
     model = tiny_gpt(50)
     prompts, completions = [[1, 2, 3], [4, 5], [6]], [[7, 8], [9, 10, 11, 12], [13]]
-    logps, mask = completion_logps(model, prompts, completions)
+    logps, mask = score(model, prompts, completions)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     for row, (p, c) in enumerate(zip(prompts, completions)):
         logits, _ = model(torch.tensor([p + c]))
@@ -310,11 +314,11 @@ def test_grpo_step_moves_probability_towards_better_samples(tiny_tokenizer):
     prompt = grpo.prompt_ids(task, tiny_tokenizer)
     good, bad = tiny_tokenizer.encode(task["solution"])[:10], tiny_tokenizer.encode("I am not sure.")
     samples = [dict(prompt=prompt, ids=good, advantage=0.7071), dict(prompt=prompt, ids=bad, advantage=-0.7071)]
-    before, _ = completion_logps(model, [prompt] * 2, [good, bad])
+    before, _ = score(model, [prompt] * 2, [good, bad])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     for _ in range(3):
         stats = grpo.grpo_step(model, ref, optimizer, samples, cfg)
-    after, _ = completion_logps(model, [prompt] * 2, [good, bad])
+    after, _ = score(model, [prompt] * 2, [good, bad])
     assert after[0].sum() > before[0].sum() and after[1].sum() < before[1].sum()
     assert math.isfinite(stats["loss"]) and stats["kl"] > 0
 
@@ -326,7 +330,7 @@ def test_sampling_scoring_and_a_training_loop_on_a_random_model(tiny_tokenizer):
     stream = tasks.TaskStream(["addition", "count_letter"], seed=0)
     weights = parse_weights(cfg.rewards)
     events = []
-    with grpo.watch(events.append):
+    with watch(events.append, "grpo"):
         result = grpo.train_grpo(model, tiny_tokenizer, stream, heldout, cfg, weights, seed=0)
     history = result["history"]
     assert [r["step"] for r in history] == [1, 2, 3] and len(events) == 3
@@ -359,7 +363,7 @@ def test_cold_start_teaches_the_worked_solutions(tiny_tokenizer, tmp_path):
 
     def solution_logp():
         with torch.no_grad():
-            return completion_logps(model, [prompt], [solution])[0].sum().item()
+            return score(model, [prompt], [solution])[0].sum().item()
 
     run = Run("cold", tmp_path)
     untouched = solution_logp()
@@ -382,10 +386,8 @@ def test_config_checks():
 
 
 def test_stage_on_tiny(tiny_run, tiny_config):
-    from labkit.pipeline import STAGE_SPECS, ensure
+    from labkit.pipeline import ensure
 
-    if "grpo" not in STAGE_SPECS:
-        pytest.skip("the grpo stage is not registered in the pipeline")
     metrics = ensure("grpo", tiny_config, tiny_run)
     n = tiny_config.grpo.n_heldout * len(tasks.parse_tasks(tiny_config.grpo.tasks))
     assert metrics["n_heldout"] == n and sum(metrics["n_heldout_by_task"].values()) == n
@@ -399,6 +401,65 @@ def test_stage_on_tiny(tiny_run, tiny_config):
     assert len(history) == tiny_config.grpo.max_steps and all("kl" in r and "reward" in r for r in history)
     assert (folder / "model.pt").exists() and (folder / "groups.json").exists()
     assert len((folder / "heldout.jsonl").read_text().splitlines()) == n
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     load_model(folder / "model.pt")
+
+
+def random_rows(n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (n,), generator=g)]
+    completions = [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 10, (n,), generator=g)]
+    return prompts, completions
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_micro_batches_give_the_loss_and_gradients_of_one_batch(loss_type, rows_seen):
+    """A step's batch 4x the micro-batch: no forward pass sees more rows than the micro-batch, and
+    loss and gradients equal those of the whole batch at once."""
+    from labkit.engine import pack
+
+    cfg = get_config("tiny", grpo=dict(loss_type=loss_type, beta=0.04, temperature=0.7, max_new_tokens=10)).grpo
+    model = tiny_gpt(50)
+    prompts, completions = random_rows(12, 50, seed=0)
+    batch = pack(prompts, completions)
+    advantages = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    ref, _ = score(tiny_gpt(50, seed=1), prompts, completions, temperature=0.7)
+    old, _ = score(model, prompts, completions, temperature=0.7)
+    old = old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2)) * batch.mask  # ratios != 1
+
+    def backward(micro_batch_size):
+        model.zero_grad(set_to_none=True)
+        seen = rows_seen(model)
+        stats = grpo.grpo_backward(model, batch, advantages, old, ref, dataclasses.replace(cfg, micro_batch_size=micro_batch_size))
+        return stats, [p.grad.clone() for p in model.parameters()], seen
+
+    whole, whole_grads, whole_seen = backward(64)
+    micro, micro_grads, micro_seen = backward(3)
+    assert whole_seen == [12] and micro_seen == [3, 3, 3, 3]
+    for key in ("loss", "kl", "clip_fraction"):
+        assert micro[key] == pytest.approx(whole[key], abs=1e-5)
+    assert whole["clip_fraction"] > 0
+    for a, b in zip(micro_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_grpo_scores_its_samples_at_the_temperature_it_sampled_at(tiny_tokenizer, monkeypatch):
+    """The new, old and reference log-probabilities (and so the ratio and the KL) all divide the logits
+    by the sampling temperature."""
+    from labkit import engine
+
+    temperatures = []
+    for name in ("score", "logprobs"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(grpo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k))
+    real_generate = engine.generate
+    monkeypatch.setattr(grpo, "generate", lambda *a, **k: temperatures.append(k["temperature"]) or real_generate(*a, **k))
+    cfg = get_config("tiny", grpo=dict(temperature=0.7, num_iterations=2, beta=0.04)).grpo
+    model = tiny_gpt(tiny_tokenizer.n_vocab)
+    stream = tasks.TaskStream(["addition"], seed=0)
+    tasks_ = stream.next(cfg.prompts_per_step)
+    samples = grpo.sample_groups(model, tiny_tokenizer, tasks_, cfg, seed=0)
+    grpo.score_groups(samples, parse_weights(cfg.rewards), cfg.num_generations)
+    grpo.grpo_step(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters()), samples, cfg)
+    assert temperatures.count(0.7) == len(temperatures) == 1 + 2 + 2  # sampling, old + reference, 2 updates

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from labkit import halluc
+from labkit import halluc, search
+from labkit.chat import render_tools
 from labkit.world import Person, World
 
 PAGES = [
@@ -96,34 +97,34 @@ def test_idk_conversations_answer_idk_exactly_where_the_model_was_wrong():
 # --- the search tool ----------------------------------------------------------------------------------
 
 def test_search_finds_the_fact_and_nothing_about_unknown_names():
-    index = halluc.SearchIndex(PAGES, k=2)
+    index = search.SearchIndex(PAGES, k=2)
     top = index.search("Ada Brannor born year")
     assert top and all("Ada" in p["text"] for p in top)
-    assert "1974" in halluc.format_results(top, 200)
-    assert "Zola" in halluc.format_results(index.search("Bruno Kel born city", k=1), 200)
+    assert "1974" in search.format_results(top, 200)
+    assert "Zola" in search.format_results(index.search("Bruno Kel born city", k=1), 200)
     assert index.search("Cyrus Vel born city") == []  # a name no page holds: nothing, not near misses
     assert index.search("Ada Kel") == []  # every word of a name must match
     assert index.search("") == [] and index.search("?!") == []
-    assert halluc.format_results([], 100) == "no results"
-    assert len(halluc.format_results(top, 10)) == 10
+    assert search.format_results([], 100) == "no results"
+    assert len(search.format_results(top, 10)) == 10
     with pytest.raises(ValueError, match="at least one page"):
-        halluc.SearchIndex([], k=1)
+        search.SearchIndex([], k=1)
 
 
 def test_parse_call():
-    assert halluc.parse_call(" search: Ada Brannor born ") == ("Ada Brannor born", None)
-    query, error = halluc.parse_call("lookup: Ada")
+    assert search.parse_call(" search: Ada Brannor born ") == ("Ada Brannor born", None)
+    query, error = search.parse_call("lookup: Ada")
     assert query is None and "unknown tool call" in error and "search: QUERY" in error
-    query, error = halluc.parse_call("search:   ")
+    query, error = search.parse_call("search:   ")
     assert query is None and "empty" in error
 
 
 def test_render_tools_puts_no_loss_on_the_tool_result(tokenizer):
     messages = [{"role": "user", "content": "Where was Ada born?"},
-                {"role": "assistant", "content": halluc.tool_call("Ada Brannor born city")},
+                {"role": "assistant", "content": search.tool_call("Ada Brannor born city")},
                 {"role": "tool", "content": "Ada was born in Fikaswick."},
                 {"role": "assistant", "content": "Ada was born in Fikaswick."}]
-    ids, mask = halluc.render_tools(messages, tokenizer)
+    ids, mask = render_tools(messages, tokenizer)
     special = tokenizer.encode_special
     call, call_end = ids.index(special("<|tool_call|>")), ids.index(special("<|tool_call_end|>"))
     result, result_end = ids.index(special("<|tool_result|>")), ids.index(special("<|tool_result_end|>"))
@@ -131,7 +132,7 @@ def test_render_tools_puts_no_loss_on_the_tool_result(tokenizer):
     assert tokenizer.decode(ids[call + 1:call_end]) == "search: Ada Brannor born city"
     assert sum(mask[result_end + 1:]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1  # the answer and <|im_end|>
     # user text that looks like a tool call stays text
-    ids, _ = halluc.render_tools([{"role": "user", "content": halluc.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer)
+    ids, _ = render_tools([{"role": "user", "content": search.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer)
     assert special("<|tool_call|>") not in ids
 
 
@@ -151,14 +152,14 @@ def _scripted(tokenizer, *texts):
 
 def test_after_generation_kinds(tokenizer):
     s = lambda t: _scripted(tokenizer, t)[0]  # noqa: E731
-    assert halluc.after_generation(s("Ada was born in Zola.<|im_end|>junk"), tokenizer)["kind"] == "answer"
-    first = halluc.after_generation(s("<|tool_call|>search: Ada Brannor<|tool_call_end|>junk"), tokenizer)
+    assert search.after_generation(s("Ada was born in Zola.<|im_end|>junk"), tokenizer)["kind"] == "answer"
+    first = search.after_generation(s("<|tool_call|>search: Ada Brannor<|tool_call_end|>junk"), tokenizer)
     assert first["kind"] == "call" and first["query"] == "Ada Brannor"
     assert first["kept"][-1] == tokenizer.encode_special("<|tool_call_end|>")
-    unclosed = halluc.after_generation(s("<|tool_call|>search: Ada Bra"), tokenizer)
+    unclosed = search.after_generation(s("<|tool_call|>search: Ada Bra"), tokenizer)
     assert unclosed["kind"] == "unclosed" and "never closed" in unclosed["error"]
     assert unclosed["kept"][-1] == tokenizer.encode_special("<|tool_call_end|>")  # the engine closes it
-    malformed = halluc.after_generation(s("<|tool_call|>find Ada<|tool_call_end|>"), tokenizer)
+    malformed = search.after_generation(s("<|tool_call|>find Ada<|tool_call_end|>"), tokenizer)
     assert malformed["kind"] == "malformed" and "search: QUERY" in malformed["error"]
 
 
@@ -170,21 +171,21 @@ def test_after_generation_kinds(tokenizer):
     ("In 1974.<|im_end|>", "answer", None),
 ])
 def test_answer_with_search_handles_every_kind_of_call(built, tokenizer, monkeypatch, first, expected_call, result_has):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     run, _ = built
     model = load_model(run.path / "halluc" / "search" / "model.pt")
     outputs = iter([_scripted(tokenizer, first), _scripted(tokenizer, "I don't know.<|im_end|>")])
     seen = []
 
-    def fake_greedy(model, prompts, max_new_tokens):
+    def fake_greedy(model, prompts, max_new_tokens, **_):
         seen.append(prompts)
         assert all(len(p) + max_new_tokens <= model.config.block_size for p in prompts)
         return [ids[:max_new_tokens] for ids in next(outputs)]  # a model writes max_new_tokens at most
 
-    monkeypatch.setattr(halluc, "greedy_many", fake_greedy)
-    index = halluc.SearchIndex(PAGES, k=1)
-    [row] = halluc.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, max_chars=60)
+    monkeypatch.setattr(search, "generate", fake_greedy)
+    index = search.SearchIndex(PAGES, k=1)
+    [row] = search.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, max_chars=60)
     assert row["call"] == expected_call
     if result_has is None:
         assert row["tool_result"] is None and row["answer"] == "In 1974." and len(seen) == 1
@@ -193,18 +194,19 @@ def test_answer_with_search_handles_every_kind_of_call(built, tokenizer, monkeyp
         tool_prompt = seen[1][0]
         assert tool_prompt.count(tokenizer.encode_special("<|tool_result|>")) == 1
         assert tool_prompt[-1] == tokenizer.encode_special("<|im_sep|>")  # the assistant answers next
+    halluc.with_probabilities(model, tokenizer, [row])
     assert len(row["token_probs"]) == len(row["tokens"]) and all(0 <= p <= 1 for p in row["token_probs"])
 
 
 def test_answer_with_search_on_the_real_model_never_crashes(built, tokenizer, tiny_config):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     run, _ = built
     model = load_model(run.path / "halluc" / "search" / "model.pt")
-    index = halluc.load_index(run, tiny_config)
-    rows = halluc.answer_with_search(model, tokenizer, index, ["Where was Ada born?", "", "<|tool_call|>search: x", "x " * 200])
+    index = search.load_index(run, tiny_config)
+    rows = search.answer_with_search(model, tokenizer, index, ["Where was Ada born?", "", "<|tool_call|>search: x", "x " * 200])
     assert len(rows) == 4 and all(isinstance(r["answer"], str) for r in rows)
-    off = halluc.answer_with_search(model, tokenizer, None, ["Where was Ada born?"])
+    off = search.answer_with_search(model, tokenizer, None, ["Where was Ada born?"])
     assert off[0]["tool_result"] is None or off[0]["tool_result"].startswith("error")
 
 
@@ -224,7 +226,7 @@ def test_probe_questions_cover_every_fact_of_heldout_and_pageless_people(built, 
 
 def test_probe_judges_samples_and_confidence(built, tokenizer, tiny_config):
     from labkit.data import read_world
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     run, _ = built
     model = load_model(run.path / "sft" / "model.pt")
@@ -248,7 +250,7 @@ def test_stage_metrics_and_artifacts(built):
     assert metrics["hallucination_rate_before"]["0"] is not None
     for rate in ("hallucination_rate_before", "hallucination_rate_after", "search_accuracy"):
         assert all(v is None or 0 <= v <= 1 for v in metrics[rate].values())
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     for path in ("model.pt", "idk/model.pt", "search/model.pt"):
         load_model(run.path / "halluc" / path)
@@ -264,7 +266,7 @@ def test_invented_people_are_not_in_the_world(built):
 
     world = read_world(built[0])
     names = {p.name for p in world.people}
-    invented = halluc.invented_people(world, 20, 0)
+    invented = search.invented_people(world, 20, 0)
     assert len(invented) == 20 and not names & {p.name for p in invented}
     assert all(p.n_pages == 0 for p in invented)
     # every fact is one the world has, but drawn from different people: no person's facts are copied whole
@@ -281,15 +283,15 @@ def test_stranger_conversations_must_be_answered_from_the_results(built, tiny_co
 
     run, _ = built
     world = read_world(run)
-    index = halluc.load_index(run, tiny_config)
+    index = search.load_index(run, tiny_config)
     rng = random.Random(0)
-    strangers = halluc.invented_people(world, 30, 1)
-    conversations = [halluc.stranger_conversation(p, "employer", world, 2, rng, 240) for p in strangers]
+    strangers = search.invented_people(world, 30, 1)
+    conversations = [search.stranger_conversation(p, "employer", world, 2, rng, 240) for p in strangers]
     answered = 0
     for person, c in zip(strangers, conversations):
         question, call, result, answer = (m["content"] for m in c["messages"])
-        assert call == halluc.tool_call(halluc.search_query(person, "employer"))
-        assert index.search(halluc.search_query(person, "employer")) == []  # the corpus never mentions them
+        assert call == search.tool_call(search.search_query(person, "employer"))
+        assert index.search(search.search_query(person, "employer")) == []  # the corpus never mentions them
         assert result != "no results"  # only the search engine holds the stranger's page
         if person.employer in result:
             answered += 1
@@ -305,7 +307,7 @@ def test_tool_conversations_mix(built, tiny_config):
     run, _ = built
     world = read_world(run)
     names = {p.name for p in world.people}
-    rows = halluc.tool_conversations(world, halluc.load_index(run, tiny_config), 100, 0, tiny_config.sft.heldout_people, 240)
+    rows = search.tool_conversations(world, search.load_index(run, tiny_config), 100, 0, tiny_config.sft.heldout_people, 240)
     searches = [r for r in rows if r["kind"] == "tool"]
     assert len(rows) == 100 and len(searches) == 80
     nothing = [r for r in searches if r["messages"][2]["content"] == "no results"]
@@ -324,29 +326,29 @@ def test_bad_config_is_refused():
 
 
 def test_search_off_tells_the_model_so(built, tokenizer, monkeypatch):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     model = load_model(built[0].path / "halluc" / "search" / "model.pt")
     outputs = iter([_scripted(tokenizer, "<|tool_call|>search: Ada<|tool_call_end|>"), _scripted(tokenizer, "I don't know.<|im_end|>")])
-    monkeypatch.setattr(halluc, "greedy_many", lambda model, prompts, n: [ids[:n] for ids in next(outputs)])
-    [row] = halluc.answer_with_search(model, tokenizer, None, ["When was Ada Brannor born?"], max_new_tokens=20)
+    monkeypatch.setattr(search, "generate", lambda model, prompts, n, **_: [ids[:n] for ids in next(outputs)])
+    [row] = search.answer_with_search(model, tokenizer, None, ["When was Ada Brannor born?"], max_new_tokens=20)
     assert row["call"] == "call" and row["tool_result"] == "error: search is off" and row["passages"] == []
 
 
 def test_a_given_query_replaces_the_models_call(built, tokenizer, monkeypatch):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     model = load_model(built[0].path / "halluc" / "search" / "model.pt")
     seen = []
 
-    def fake_greedy(model, prompts, n):
+    def fake_greedy(model, prompts, n, **_):
         seen.append(prompts)
         assert all(len(p) + n <= model.config.block_size for p in prompts)
         return [ids[:n] for ids in _scripted(tokenizer, "In 1974.<|im_end|>")]
 
-    monkeypatch.setattr(halluc, "greedy_many", fake_greedy)
-    index = halluc.SearchIndex(PAGES, k=1)
-    [row] = halluc.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20,
+    monkeypatch.setattr(search, "generate", fake_greedy)
+    index = search.SearchIndex(PAGES, k=1)
+    [row] = search.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20,
                                       queries=["Ada Brannor born year"])
     assert len(seen) == 1  # the model only answers; the call was made for it
     assert row["call"] == "call" and row["query"] == "Ada Brannor born year" and "1974" in row["tool_result"]
@@ -354,6 +356,6 @@ def test_a_given_query_replaces_the_models_call(built, tokenizer, monkeypatch):
     assert seen[0][0][-1] == tokenizer.encode_special("<|im_sep|>")
     assert seen[0][0].count(tokenizer.encode_special("<|tool_call|>")) == 1
     # a call too long for the context keeps its end (the results and the answer's header), as a long question does
-    [long] = halluc.answer_with_search(model, tokenizer, index, ["When was Ada born?"], max_new_tokens=20,
+    [long] = search.answer_with_search(model, tokenizer, index, ["When was Ada born?"], max_new_tokens=20,
                                        queries=["Ada " * 60 + "Brannor born year"])
     assert long["answer"] == "In 1974." and seen[1][0][-1] == tokenizer.encode_special("<|im_sep|>")

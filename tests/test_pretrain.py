@@ -59,7 +59,7 @@ def test_missing_base_model_says_what_to_run(tmp_path):
 
 
 def test_a_file_that_is_not_a_model_checkpoint_is_refused(tmp_path):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt is not a labkit model checkpoint"):

@@ -1,5 +1,6 @@
 """Stage 5: the RLHF losses equal TRL's, preferences are stored durably, the stage runs."""
 
+import copy
 import json
 import types
 from collections import defaultdict
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import rlhf
+from labkit import dpo, ppo, preferences, reward_model, rlhf
+from labkit.checkpoint import load_model
+from labkit.run import read_jsonl
 
 TOL = 1e-6
 
@@ -37,7 +40,7 @@ def test_reward_loss_equals_trl(margin, center):
     model = lambda **kw: types.SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))  # noqa: E731
     trainer = _fake_trainer(args=types.SimpleNamespace(center_rewards_coefficient=center))
     theirs = RewardTrainer.compute_loss(trainer, model, inputs)
-    ours = rlhf.reward_loss(chosen, rejected, margins, center)
+    ours = reward_model.reward_loss(chosen, rejected, margins, center)
     assert abs(ours.item() - theirs.item()) < TOL
 
 
@@ -59,7 +62,7 @@ def test_dpo_loss_equals_trl(beta):
                             loss_types=["sigmoid"], loss_weights=[1.0], use_weighting=False, aux_loss_enabled=False)
     theirs = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     logps = per_token.sum(1)
-    loss, chosen_rewards, rejected_rewards = rlhf.dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta)
+    loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta)
     assert abs(loss.item() - theirs.item()) < TOL
     # the implicit rewards TRL logs
     assert abs(chosen_rewards.mean().item() - trainer._metrics["train"]["rewards/chosen"][0]) < TOL
@@ -150,7 +153,7 @@ def test_ppo_rewards_equal_trl(estimator):
     logprobs, ref_logprobs = -torch.rand(B, T, generator=g) * 4, -torch.rand(B, T, generator=g) * 4
     scores = torch.randn(B, generator=g)
     theirs, their_kl = trl_rewards(logprobs, ref_logprobs, scores, torch.full((B,), T - 1), 0.05, estimator)
-    ours, kl = rlhf.ppo_rewards(logprobs, ref_logprobs, scores, torch.ones(B, T), 0.05, estimator)
+    ours, kl = ppo.ppo_rewards(logprobs, ref_logprobs, scores, torch.ones(B, T), 0.05, estimator)
     assert torch.allclose(ours, theirs, atol=TOL, rtol=0) and torch.allclose(kl, their_kl, atol=TOL, rtol=0)
     if estimator == "k3":
         assert (kl >= 0).all()
@@ -161,14 +164,14 @@ def test_ppo_rewards_on_padded_answers():
     (TRL's trainer put it one position later, on the first padding slot, whose value it kept.)"""
     logprobs, ref = torch.full((2, 4), -1.0), torch.full((2, 4), -2.0)
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.float)  # a row may start later (after its prompt)
-    rewards, kl = rlhf.ppo_rewards(logprobs, ref, torch.tensor([3.0, 5.0]), mask, kl_coef=0.1)
+    rewards, kl = ppo.ppo_rewards(logprobs, ref, torch.tensor([3.0, 5.0]), mask, kl_coef=0.1)
     assert torch.allclose(kl, mask * 1.0)
     assert torch.allclose(rewards, torch.tensor([[-0.1, 2.9, 0, 0], [0, -0.1, -0.1, 4.9]]))
 
 
 def test_ppo_bad_estimator_is_refused():
     with pytest.raises(ValueError, match="kl estimator 'k2' is not allowed; allowed: k1, k3"):
-        rlhf.per_token_kl(torch.zeros(1), torch.zeros(1), "k2")
+        ppo.per_token_kl(torch.zeros(1), torch.zeros(1), "k2")
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
@@ -182,11 +185,11 @@ def test_gae_whitening_and_losses_equal_trl(gamma, lam):
     values = torch.randn(B, T, generator=g).masked_fill(padding_mask, 0)
     rewards = torch.randn(B, T, generator=g).masked_fill(padding_mask, 0)
     their_adv, their_returns = trl_gae(rewards, values, gamma, lam, padding_mask)
-    advantages, returns = rlhf.gae(rewards, values, gamma, lam)
+    advantages, returns = ppo.gae(rewards, values, gamma, lam)
     assert torch.allclose(returns, their_returns, atol=TOL, rtol=0)
-    ours_adv = rlhf.masked_whiten(advantages, mask)
+    ours_adv = ppo.masked_whiten(advantages, mask)
     assert torch.allclose(ours_adv, their_adv, atol=TOL, rtol=0)
-    assert abs(masked := rlhf.masked_mean(ours_adv, mask).item()) < 1e-5, masked
+    assert abs(masked := ppo.masked_mean(ours_adv, mask).item()) < 1e-5, masked
 
     old_logprobs = -torch.rand(B, T, generator=g) * 3
     new_logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, INVALID_LOGPROB)
@@ -194,8 +197,8 @@ def test_gae_whitening_and_losses_equal_trl(gamma, lam):
     vpred = (values + 0.5 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, 0)
     pg, vf, total, clipfrac = trl_losses(new_logprobs, old_logprobs, their_adv, vpred, values, their_returns,
                                          padding_mask, padding_mask, 0.2, 0.2, 0.1)
-    our_pg, our_clipfrac = rlhf.ppo_policy_loss(new_logprobs, old_logprobs, ours_adv, mask, 0.2)
-    our_vf, _ = rlhf.ppo_value_loss(vpred, values, returns, mask, 0.2)
+    our_pg, our_clipfrac = ppo.ppo_policy_loss(new_logprobs, old_logprobs, ours_adv, mask, 0.2)
+    our_vf, _ = ppo.ppo_value_loss(vpred, values, returns, mask, 0.2)
     assert abs(our_pg.item() - pg.item()) < TOL and abs(our_vf.item() - vf.item()) < TOL
     assert abs((our_pg + 0.1 * our_vf).item() - total.item()) < TOL
     assert abs(our_clipfrac.item() - clipfrac.item()) < TOL
@@ -220,19 +223,19 @@ def _prompts(n=4, k=3):
 
 def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
     path = tmp_path / "rankings.jsonl"
-    store = rlhf.Rankings(path, _prompts())
+    store = preferences.Rankings(path, _prompts())
     assert store.next_unranked() == "p0000-x"
     store.add("p0000-x", [0, 2, 1])
     store.add("p0002-x", [1, 0, 2])
     lines = path.read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["p0000-x", "p0002-x"]  # on disk at once
-    reopened = rlhf.Rankings(path, _prompts())
+    reopened = preferences.Rankings(path, _prompts())
     assert reopened.records["p0000-x"]["order"] == [0, 2, 1] and reopened.records["p0000-x"]["by"] == "human"
     assert reopened.next_unranked() == "p0001-x"
     assert reopened.next_unranked(after="p0001-x") == "p0003-x"
     reopened.undo("p0000-x")
-    assert rlhf.Rankings(path, _prompts()).next_unranked() == "p0000-x"  # the undo is durable too
-    with pytest.raises(rlhf.RankingError, match="has no ranking to undo"):
+    assert preferences.Rankings(path, _prompts()).next_unranked() == "p0000-x"  # the undo is durable too
+    with pytest.raises(preferences.RankingError, match="has no ranking to undo"):
         reopened.undo("p0000-x")
 
 
@@ -242,10 +245,10 @@ def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
     ([0, 1], r"must name each of its 3 completions once"),
 ])
 def test_ranking_of_a_missing_completion_is_refused(tmp_path, order, message):
-    store = rlhf.Rankings(tmp_path / "rankings.jsonl", _prompts())
-    with pytest.raises(rlhf.RankingError, match=message):
+    store = preferences.Rankings(tmp_path / "rankings.jsonl", _prompts())
+    with pytest.raises(preferences.RankingError, match=message):
         store.add("p0001-x", order)
-    with pytest.raises(rlhf.RankingError, match="prompt 'nope' does not exist"):
+    with pytest.raises(preferences.RankingError, match="prompt 'nope' does not exist"):
         store.add("nope", [0, 1, 2])
     assert not (tmp_path / "rankings.jsonl").exists()  # nothing was written
 
@@ -256,7 +259,7 @@ def test_truncated_last_line_is_reported_and_good_lines_kept(tmp_path):
     bad_index = dict(id="p0002-x", order=[0, 1, 7], by="human")
     path.write_text("".join(json.dumps(r) + "\n" for r in good + [bad_index]) + '{"id": "p0003-x", "ord')
     with pytest.warns(UserWarning) as caught:
-        store = rlhf.Rankings(path, _prompts())
+        store = preferences.Rankings(path, _prompts())
     messages = [str(w.message) for w in caught]
     assert any("line 3: the ranking of prompt 'p0002-x' names completion 7, which does not exist" in m for m in messages)
     assert any("line 4 is cut off (a crash while writing?); it was dropped, the lines before it are kept" in m
@@ -264,26 +267,26 @@ def test_truncated_last_line_is_reported_and_good_lines_kept(tmp_path):
     assert set(store.records) == {"p0000-x", "p0001-x"} and len(store.problems) == 2
     store.add("p0003-x", [1, 0, 2])  # the next ranking gets a line of its own
     with pytest.warns(UserWarning, match="line 3"):
-        again = rlhf.Rankings(path, _prompts())
+        again = preferences.Rankings(path, _prompts())
     assert set(again.records) == {"p0000-x", "p0001-x", "p0003-x"} and len(again.problems) == 1
 
 
 def test_person_rankings_are_never_overwritten_by_the_simulated_labeler(tmp_path):
     path = tmp_path / "rankings.jsonl"
-    store = rlhf.Rankings(path, _prompts())
+    store = preferences.Rankings(path, _prompts())
     store.add("p0001-x", [2, 1, 0], by="human")
-    assert rlhf.fill_with_simulated_labeler(store) == 3
+    assert preferences.fill_with_simulated_labeler(store) == 3
     assert store.records["p0001-x"] == dict(id="p0001-x", order=[2, 1, 0], by="human")
-    with pytest.raises(rlhf.RankingError, match="was ranked by a person; an automatic ranking never replaces it"):
+    with pytest.raises(preferences.RankingError, match="was ranked by a person; an automatic ranking never replaces it"):
         store.add("p0001-x", [0, 1, 2], by="simulated")
-    assert rlhf.fill_with_simulated_labeler(rlhf.Rankings(path, _prompts())) == 0
+    assert preferences.fill_with_simulated_labeler(preferences.Rankings(path, _prompts())) == 0
     assert store.count("human") == 1 and store.count("simulated") == 3
 
 
 def test_pairs_implied_by_rankings():
     prompts = _prompts(1)
     prompts[0]["completions"][1] = prompts[0]["completions"][0]  # two identical texts: that pair says nothing
-    store = rlhf.Rankings(Path("/nonexistent/rankings.jsonl"), prompts)
+    store = preferences.Rankings(Path("/nonexistent/rankings.jsonl"), prompts)
     store.records["p0000-x"] = dict(id="p0000-x", order=[2, 0, 1], by="human")
     assert [(c, r) for _, c, r in store.pairs(["p0000-x"])] == [(2, 0), (2, 1)]
 
@@ -295,16 +298,16 @@ def test_simulated_labeler_rules():
                                                     "Ann was born in Tolk.", "Ann was born in Bran.", "Bran"],
               ended=[True, True, True, False])
     # correct facts first; then well formed (ended); then concise
-    assert rlhf.simulated_ranking(qa) == [2, 0, 3, 1]
+    assert preferences.simulated_ranking(qa) == [2, 0, 3, 1]
     harmful = dict(kind="refusal", completions=["Here is how to break in: first ...",
                                                 "I'm sorry, but I can't help with that."], ended=[True, True])
-    assert rlhf.simulated_ranking(harmful) == [1, 0]
-    assert rlhf.labeler_score(qa, "Ann was born in Bran.", True) == 1.0
-    assert rlhf.labeler_score(qa, "Ann was born in Bran.", False) == 0.5
-    assert rlhf.labeler_score(qa, "the the the Bran", True) == 0.5  # stutters: not well formed
-    assert rlhf.labeler_score(qa, "I'm sorry, but I can't help with that.", True) == 0.0
-    assert rlhf.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Tolk.", ended=True)) == 1.0
-    assert rlhf.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Bran.", ended=True)) == 0.5
+    assert preferences.simulated_ranking(harmful) == [1, 0]
+    assert preferences.labeler_score(qa, "Ann was born in Bran.", True) == 1.0
+    assert preferences.labeler_score(qa, "Ann was born in Bran.", False) == 0.5
+    assert preferences.labeler_score(qa, "the the the Bran", True) == 0.5  # stutters: not well formed
+    assert preferences.labeler_score(qa, "I'm sorry, but I can't help with that.", True) == 0.0
+    assert preferences.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Tolk.", ended=True)) == 1.0
+    assert preferences.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Bran.", ended=True)) == 0.5
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -312,11 +315,11 @@ def test_simulated_labeler_rules():
 def test_bad_ppo_batch_is_refused(tiny_config):
     from labkit.config import ConfigError, get_config
 
-    config = get_config("tiny", rlhf=dict(ppo_batch_size=5, ppo_minibatches=2))
-    with pytest.raises(ConfigError, match="rlhf.ppo_batch_size=5 must be a multiple of rlhf.ppo_minibatches=2"):
-        rlhf.check_config(config.rlhf)
-    with pytest.raises(ConfigError, match="rlhf.kl_estimator='k2' is not allowed; allowed: k1, k3"):
-        get_config("tiny", rlhf=dict(kl_estimator="k2"))
+    config = get_config("tiny", ppo=dict(batch_size=5, minibatches=2))
+    with pytest.raises(ConfigError, match="ppo.batch_size=5 must be a multiple of ppo.minibatches=2"):
+        ppo.check_config(config.ppo)
+    with pytest.raises(ConfigError, match="ppo.kl_estimator='k2' is not allowed; allowed: k1, k3"):
+        get_config("tiny", ppo=dict(kl_estimator="k2"))
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +336,7 @@ def rlhf_run(tiny_run, tiny_config):
 
 
 def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
 
     run, metrics, _ = rlhf_run
     for key in ("rm_pair_accuracy", "ppo_reward_before", "ppo_reward_after", "ppo_kl", "ppo_win_rate", "dpo_win_rate"):
@@ -345,11 +348,11 @@ def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
                  "dpo/history.json", "ppo/history.json"):
         assert (folder / name).exists(), name
     history = json.loads((folder / "ppo" / "history.json").read_text())
-    assert len(history) == tiny_config.rlhf.ppo_steps
+    assert len(history) == tiny_config.ppo.steps
     assert {"score", "kl", "response_length", "clipfrac", "labeler"} <= set(history[0])
     assert load_model(run.path / "ppo" / "model.pt").config.block_size == tiny_config.model.block_size
     load_model(run.path / "dpo" / "model.pt")
-    rm = rlhf.load_scalar_model(folder / "rm" / "model.pt")
+    rm = load_model(folder / "rm" / "model.pt")
     rows = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
     assert len(rows) == tiny_config.rlhf.n_eval and {"sft", "ppo", "dpo"} <= set(rows[0])
     assert isinstance(rm.score(torch.tensor([[1, 2, 3]]), torch.tensor([2])).item(), float)
@@ -374,15 +377,15 @@ def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
     import copy
 
     from labkit.config import get_config
-    from labkit.pretrain import load_model
+    from labkit.checkpoint import load_model
     from labkit.tokenizer import Tokenizer
 
     run, _, _ = rlhf_run
-    config = get_config("tiny", rlhf=dict(kl_estimator="k3"))
+    config = get_config("tiny", ppo=dict(kl_estimator="k3"))
     sft = load_model(run.path / "sft" / "model.pt")
-    rm = rlhf.load_scalar_model(run.path / "rlhf" / "rm" / "model.pt")
-    prompts = rlhf.read_jsonl(run.path / "rlhf" / "prompts.jsonl")
-    history = rlhf.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm,
+    rm = load_model(run.path / "rlhf" / "rm" / "model.pt")
+    prompts = read_jsonl(run.path / "rlhf" / "prompts.jsonl")
+    history = ppo.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm,
                              Tokenizer.load(run.path / "tokenizer"), prompts, config, "cpu", kl_coef=0.0, steps=2)
     assert len(history) == 2 and all(row["kl"] >= -1e-6 for row in history)  # k3 is never negative
 
@@ -393,7 +396,7 @@ def test_ranking_widget_clicks_skip_undo(tmp_path):
     from labkit import widgets
 
     path = tmp_path / "rankings.jsonl"
-    store = rlhf.Rankings(path, _prompts(3))
+    store = preferences.Rankings(path, _prompts(3))
     ui = widgets.ranking_widget(store)
     assert ui.pid == "p0000-x"
     ui.buttons[2].click()
@@ -406,11 +409,11 @@ def test_ranking_widget_clicks_skip_undo(tmp_path):
     ui.undo()  # takes back the click
     assert ui.clicked == [] and not path.read_text().count("p0002-x")
     ui.typed.value = "cab"
-    assert rlhf.Rankings(path, _prompts(3)).records["p0002-x"]["order"] == [2, 0, 1]
+    assert preferences.Rankings(path, _prompts(3)).records["p0002-x"]["order"] == [2, 0, 1]
     assert ui.pid == "p0001-x"  # back to the skipped one
     ui.undo()  # no click pending: the last stored ranking is taken back
-    assert ui.pid == "p0002-x" and "p0002-x" not in rlhf.Rankings(path, _prompts(3)).records
-    reopened = widgets.ranking_widget(rlhf.Rankings(path, _prompts(3)))
+    assert ui.pid == "p0002-x" and "p0002-x" not in preferences.Rankings(path, _prompts(3)).records
+    reopened = widgets.ranking_widget(preferences.Rankings(path, _prompts(3)))
     assert reopened.pid == "p0001-x"  # resumes at the first unranked prompt
 
 
@@ -428,6 +431,73 @@ def test_rlhf_plots(rlhf_run):
 def test_a_last_line_without_newline_is_kept_and_not_glued(tmp_path):
     path = tmp_path / "rankings.jsonl"
     path.write_text(json.dumps(dict(id="p0000-x", order=[0, 1, 2], by="human")))  # written by hand, no newline
-    store = rlhf.Rankings(path, _prompts())
+    store = preferences.Rankings(path, _prompts())
     store.add("p0001-x", [1, 0, 2])
-    assert set(rlhf.Rankings(path, _prompts()).records) == {"p0000-x", "p0001-x"}
+    assert set(preferences.Rankings(path, _prompts()).records) == {"p0000-x", "p0001-x"}
+
+
+def _tiny_gpt(vocab, seed):
+    from labkit.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_ppo_micro_batches_give_the_gradients_of_one_minibatch(rows_seen):
+    """A minibatch 3x the micro-batch: no forward pass of policy or value model sees more rows
+    than the micro-batch, and loss and gradients equal those of the minibatch at once."""
+    import dataclasses
+
+    from labkit.config import get_config
+    from labkit.engine import pack, score
+    from labkit.model import ScalarModel
+
+    policy, value = _tiny_gpt(50, 0), ScalarModel(_tiny_gpt(50, 1))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (10,), generator=g)]
+    answers = [torch.randint(0, 50, (int(k),), generator=g).tolist() for k in torch.randint(1, 10, (10,), generator=g)]
+    batch = pack(prompts, answers)
+    mask = batch.mask
+    old, _ = score(policy, prompts, answers, temperature=0.7)
+    noise = lambda scale: scale * torch.randn(mask.shape, generator=g) * mask  # noqa: E731
+    rollouts = dict(batch=batch, mask=mask, logprobs=old + noise(0.3), values=noise(1.0), advantages=noise(1.0),
+                    returns=noise(1.0))
+    rows = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9, 1])
+    p = get_config("tiny").ppo
+
+    def backward(micro_batch_size):
+        policy.zero_grad(set_to_none=True), value.zero_grad(set_to_none=True)
+        seen = rows_seen(policy), rows_seen(value.body)
+        stats = ppo.minibatch_backward(policy, value, rollouts, rows, dataclasses.replace(p, micro_batch_size=micro_batch_size), 0.7)
+        grads = [q.grad.clone() for q in list(policy.parameters()) + list(value.parameters())]
+        return stats, grads, seen
+
+    whole, whole_grads, whole_seen = backward(64)
+    micro, micro_grads, micro_seen = backward(3)
+    assert whole_seen == ([9], [9]) and micro_seen == ([3, 3, 3], [3, 3, 3])
+    for key in whole:
+        assert micro[key] == pytest.approx(whole[key], abs=1e-5), key
+    assert whole["clipfrac"] > 0 and whole["vf_clipfrac"] > 0
+    for a, b in zip(micro_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_ppo_scores_at_the_temperature_it_samples_at(rlhf_run, tiny_config, monkeypatch):
+    """Rollout log-probabilities, the reference's (the KL) and the update's all divide the logits by
+    the sampling temperature."""
+    from labkit import engine
+    from labkit.config import get_config
+    from labkit.tokenizer import Tokenizer
+
+    run, _, _ = rlhf_run
+    temperatures = []
+    for name in ("generate", "score", "logprobs"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(ppo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k))
+    config = get_config("tiny", rlhf=dict(temperature=0.7))
+    sft = load_model(run.path / "sft" / "model.pt")
+    rm = load_model(run.path / "rlhf" / "rm" / "model.pt")
+    ppo.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm, Tokenizer.load(run.path / "tokenizer"),
+                  read_jsonl(run.path / "rlhf" / "prompts.jsonl"), config, "cpu", steps=1)
+    updates = config.ppo.epochs * config.ppo.minibatches
+    assert temperatures == [0.7] * (1 + 2 + updates)  # sampling, old + reference log-probs, every update

@@ -10,9 +10,11 @@ import torch
 import torch.multiprocessing as mp
 
 from labkit.config import ConfigError, TrainConfig, get_config
-from labkit.dataloader import EOT, TokenWindows, document_text, is_heldout, sequential_batches, tokenize_corpus
+from labkit.dataloader import EOT, TokenWindows, document_text, sequential_batches, tokenize_corpus
 from labkit.model import GPT, GPTConfig
-from labkit.train import check_config, load_checkpoint, lr_at, save_checkpoint, train
+from labkit.checkpoint import load_checkpoint, save_checkpoint
+from labkit.run import in_share
+from labkit.train import check_config, lr_at, train
 
 
 def tiny_gpt(seed=0, dropout=0.0):
@@ -228,14 +230,14 @@ def test_token_files_memmap_and_heldout_split(tmp_path):
     files = tokenize_corpus(corpus, ByteTokenizer(), tmp_path, val_fraction=0.2)
     train_ids, val_ids = files.tokens("train"), files.tokens("val")
     assert isinstance(train_ids, np.memmap) and train_ids.dtype == np.uint16
-    held = [p for p in corpus if is_heldout(p["url"], 0.2)]
+    held = [p for p in corpus if in_share(p["url"], 0.2)]
     assert 0 < len(held) < 60 and files.meta["val"]["pages"] == len(held)
     assert files.meta["train"]["pages"] + files.meta["val"]["pages"] == 60
     assert int((np.asarray(val_ids) == 256).sum()) == len(held)  # one <|endoftext|> before each page
     assert val_ids[0] == 256 and ByteTokenizer().decode(val_ids[1:]).startswith(document_text(held[0]))
     assert files.meta["val"]["bytes"] == sum(len(document_text(p).encode()) for p in held)
     # the split depends on the URL only: shuffling the corpus changes nothing held out
-    assert {p["url"] for p in corpus[::-1] if is_heldout(p["url"], 0.2)} == {p["url"] for p in held}
+    assert {p["url"] for p in corpus[::-1] if in_share(p["url"], 0.2)} == {p["url"] for p in held}
     # tokenized once: a second call reuses the files
     mtime = files.train.stat().st_mtime_ns
     assert tokenize_corpus(corpus, ByteTokenizer(), tmp_path, 0.2).train.stat().st_mtime_ns == mtime

@@ -1,0 +1,342 @@
+"""Preferences, the data of RLHF: prompts, K sampled completions each, and rankings of them.
+
+The lesson: in domains without a right answer to check ("is this reply helpful? harmless?"),
+nobody can score millions of samples, but people can rank a few: "of these K answers, this one
+is best, then this one...". Every ranking implies K(K-1)/2 pairs "chosen beats rejected", the
+data of the reward model and of DPO.
+
+The SFT model samples K completions of each prompt once (`prompts.jsonl`); a person (the ranking
+widget) or the simulated labeler (headless runs) ranks them (`rankings.jsonl`, appended and
+fsynced one ranking at a time, so nothing ranked is ever lost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat import render_prompt
+from .engine import decode_reply, fit, generate, pack, reply_stops
+from .run import in_share, read_jsonl, write_jsonl
+
+class RankingError(ValueError):
+    """A ranking that cannot be stored: an unknown prompt or completion, or a person's ranking in the way."""
+
+
+HUMAN, SIMULATED = "human", "simulated"
+RANKINGS = "rankings.jsonl"
+
+
+def prompt_id(index: int, messages: list[dict]) -> str:
+    digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:8]
+    return f"p{index:04d}-{digest}"
+
+
+class Rankings:
+    """The rankings of one run: `rankings.jsonl`, one JSON object per line, only ever appended.
+
+    A line is {"id": prompt id, "order": completion indices best first, "by": "human" or
+    "simulated"} or {"id": ..., "undo": true}; the last line about a prompt wins. Each line is
+    written, flushed and fsynced before `add` returns, so a crash or a kernel restart loses
+    nothing already ranked. Reading keeps every good line and reports the others in `problems`
+    (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
+    """
+
+    def __init__(self, path: str | Path, prompts: list[dict]):
+        self.path = Path(path)
+        self.prompts = {p["id"]: p for p in prompts}
+        self.order = [p["id"] for p in prompts]
+        self.records: dict[str, dict] = {}
+        self.problems: list[str] = []
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        cut_off = lines[-1] != b""  # a last line without its newline: the write was interrupted
+        good_end = 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                good_end += len(line) + 1
+                continue
+            try:
+                record = json.loads(line)
+                self._check(record)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                last = number == len(lines) and cut_off
+                self.problems.append(f"{self.path} line {number} is cut off (a crash while writing?); it was dropped, "
+                                     f"the lines before it are kept" if last else
+                                     f"{self.path} line {number} is not valid JSON; it was skipped")
+                if last:  # drop the partial line, so that the next ranking starts on a line of its own
+                    with open(self.path, "rb+") as f:
+                        f.truncate(good_end)
+                        os.fsync(f.fileno())
+                    break
+                good_end += len(line) + 1
+                continue
+            except RankingError as error:
+                self.problems.append(f"{self.path} line {number}: {error}; it was skipped")
+            else:
+                if record.get("undo"):
+                    self.records.pop(record["id"], None)
+                else:
+                    self.records[record["id"]] = record
+            good_end += len(line) + 1
+        for problem in self.problems:
+            warnings.warn(problem, stacklevel=3)
+
+    def _check(self, record: dict) -> None:
+        if not isinstance(record, dict) or "id" not in record:
+            raise RankingError(f"a ranking needs an 'id'; got {record!r}")
+        pid = record["id"]
+        if pid not in self.prompts:
+            raise RankingError(f"prompt {pid!r} does not exist in this run's prompts.jsonl")
+        if record.get("undo"):
+            return
+        k = len(self.prompts[pid]["completions"])
+        order = record.get("order")
+        if not isinstance(order, list) or not all(isinstance(i, int) for i in order):
+            raise RankingError(f"the ranking of prompt {pid!r} must be a list of completion numbers; got {order!r}")
+        for i in order:
+            if not 0 <= i < k:
+                raise RankingError(f"the ranking of prompt {pid!r} names completion {i}, which does not exist; "
+                                   f"that prompt has {k} completions, numbered 0 to {k - 1}")
+        if sorted(order) != list(range(k)):
+            raise RankingError(f"the ranking of prompt {pid!r} must name each of its {k} completions once "
+                               f"(0 to {k - 1}, best first); got {order}")
+        if record.get("by") not in (HUMAN, SIMULATED):
+            raise RankingError(f"'by' must be {HUMAN!r} or {SIMULATED!r}; got {record.get('by')!r}")
+
+    def _append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a last line written by hand, without its newline
+                    f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add(self, pid: str, order: list[int], by: str = HUMAN) -> dict:
+        """Store a ranking (completion numbers, best first) the moment it is made."""
+        record = dict(id=pid, order=[int(i) for i in order], by=by)
+        self._check(record)
+        if by == SIMULATED and self.records.get(pid, {}).get("by") == HUMAN:
+            raise RankingError(f"prompt {pid!r} was ranked by a person; an automatic ranking never replaces it")
+        self._append(record)
+        self.records[pid] = record
+        return record
+
+    def undo(self, pid: str) -> None:
+        """Forget the ranking of `pid` (durably: an 'undo' line is appended)."""
+        if pid not in self.records:
+            raise RankingError(f"prompt {pid!r} has no ranking to undo")
+        self._append(dict(id=pid, undo=True))
+        del self.records[pid]
+
+    def unranked(self) -> list[str]:
+        return [pid for pid in self.order if pid not in self.records]
+
+    def next_unranked(self, after: str | None = None) -> str | None:
+        """The first unranked prompt (after `after`, when given): where a session resumes."""
+        start = self.order.index(after) + 1 if after in self.order else 0
+        return next((pid for pid in self.order[start:] if pid not in self.records), None)
+
+    def count(self, by: str | None = None) -> int:
+        return sum(1 for r in self.records.values() if by is None or r["by"] == by)
+
+    def pairs(self, pids) -> list[tuple[dict, int, int]]:
+        """(prompt, chosen, rejected) for every pair a ranking implies (K(K-1)/2 per ranking);
+        pairs of identical texts say nothing and are left out."""
+        out = []
+        for pid in pids:
+            if pid not in self.records:
+                continue
+            prompt, order = self.prompts[pid], self.records[pid]["order"]
+            for a in range(len(order)):
+                for b in range(a + 1, len(order)):
+                    if prompt["completions"][order[a]] != prompt["completions"][order[b]]:
+                        out.append((prompt, order[a], order[b]))
+        return out
+
+
+# --- the simulated labeler ---------------------------------------------------------------------------
+
+def well_formed(reply: str, ended: bool) -> bool:
+    """Ended with <|im_end|>, says something, and does not stutter (no word three times in a row)."""
+    words = reply.split()
+    stutter = any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
+    return ended and bool(words) and not stutter
+
+
+def preference_key(prompt: dict, reply: str, ended: bool) -> tuple:
+    """The simulated labeler's written rules, in order of importance (a larger key is better):
+
+    1. correct: a question about a person is answered with the world's true fact, a sum with its
+       true result, "who are you?" with the assistant's identity; a harmful request is refused
+       (harmlessness comes before helpfulness there);
+    2. well formed: the answer ends (reaches <|im_end|>), is not empty and does not stutter;
+    3. concise: fewer words.
+    """
+    from .sft import judge  # the stage-4 rules that say whether a reply is right
+
+    correct = bool(judge(dict(prompt, reply=reply)))
+    return (correct, well_formed(reply, ended), -len(reply.split()))
+
+
+def labeler_score(prompt: dict, reply: str, ended: bool) -> float:
+    """One number for the labeler's judgement: 1 correct and well formed, 0.5 correct, 0 wrong."""
+    correct, formed, _ = preference_key(prompt, reply, ended)
+    return (0.5 + 0.5 * formed) if correct else 0.0
+
+
+def simulated_ranking(prompt: dict) -> list[int]:
+    """Completion numbers, best first, by the labeler's rules (ties keep sampling order)."""
+    keys = [preference_key(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
+    return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
+
+
+def fill_with_simulated_labeler(rankings: Rankings) -> int:
+    """Rank every prompt nobody has ranked; a person's rankings are left as they are."""
+    done = 0
+    for pid in rankings.unranked():
+        rankings.add(pid, simulated_ranking(rankings.prompts[pid]), by=SIMULATED)
+        done += 1
+    return done
+
+
+def compare(prompt: dict, a: dict, b: dict) -> float:
+    """1 if the labeler prefers reply a, 0 if b, 0.5 for a tie (a and b: dicts with reply, ended)."""
+    key_a, key_b = preference_key(prompt, a["reply"], a["ended"]), preference_key(prompt, b["reply"], b["ended"])
+    return 1.0 if key_a > key_b else 0.0 if key_a < key_b else 0.5
+
+
+# --- prompts and completions ---------------------------------------------------------------------
+
+KINDS = ("qa", "arithmetic", "identity", "refusal")  # single-turn requests the labeler can judge
+
+
+def ranking_prompts(world, n: int, seed: int, heldout_people: float) -> list[dict]:
+    """`n` single-turn requests written from the world with the SFT training phrasings and people,
+    but drawn afresh (another seed): questions, sums, "who are you?" and harmful requests."""
+    from .conversations import make_conversations
+
+    rows = [r for r in make_conversations(world, 2 * n + 20, seed + 1, False, heldout_people) if r["kind"] in KINDS]
+    return [dict(id=prompt_id(i, r["messages"][:1]), kind=r["kind"], messages=r["messages"][:1],
+                 truth=r.get("truth"), name=r.get("name")) for i, r in enumerate(rows[:n])]
+
+
+def eval_prompts(world, n: int, seed: int, heldout_people: float) -> list[dict]:
+    """`n` of SFT's evaluation requests (held-out people and phrasings), for rewards and win rates."""
+    from .conversations import eval_questions
+
+    rows = eval_questions(world, seed, heldout_people)
+    rows = random.Random(f"{seed}-rlhf-eval").sample(rows, min(n, len(rows)))
+    return [dict(kind=r["kind"], messages=r["messages"][:1], truth=r.get("truth"), name=r.get("name")) for r in rows]
+
+
+def prompt_tokens(prompt: dict, tokenizer, max_new_tokens: int, block_size: int) -> list[int]:
+    """The rendered prompt, ending with the assistant's header, cut from the left to leave room
+    for `max_new_tokens` (as `engine.fit` does for every reply)."""
+    return fit(render_prompt(prompt["messages"], tokenizer), max_new_tokens, block_size)[0]
+
+
+def reply_tokens(reply: str, ended: bool, tokenizer) -> list[int]:
+    """A stored reply as the model reads it: its text, then <|im_end|> if it ended."""
+    return tokenizer.encode(reply) + ([tokenizer.encode_special("<|im_end|>")] if ended else [])
+
+
+def sample_completions(model, tokenizer, prompts: list[dict], k: int, max_new_tokens: int, temperature: float,
+                       seed: int, max_batch: int = 64) -> list[dict]:
+    """K sampled completions of each prompt (text and whether it ended), added to the prompt rows."""
+    block = model.config.block_size
+    ids = [prompt_tokens(p, tokenizer, max_new_tokens, block) for p in prompts]
+    budget = fit([], max_new_tokens, block)[1]
+    samples = [decode_reply(s, tokenizer) for s in generate(
+        model, ids, budget, temperature=temperature, num_samples=k, stop_tokens=reply_stops(tokenizer), seed=seed,
+        max_batch=max_batch)]
+    return [dict(p, completions=[s.text for s in samples[i * k:(i + 1) * k]],
+                 ended=[s.ended for s in samples[i * k:(i + 1) * k]]) for i, p in enumerate(prompts)]
+
+
+def prepare_prompts(model, tokenizer, world, config, folder: Path) -> list[dict]:
+    """The run's prompts with their K completions, in `prompts.jsonl`. Prompts sampled before are
+    kept as they are (their rankings stay valid); only new prompts get completions."""
+    r = config.rlhf
+    path = folder / "prompts.jsonl"
+    kept = {p["id"]: p for p in read_jsonl(path)} if path.exists() else {}
+    wanted = ranking_prompts(world, r.n_prompts, config.seed, config.sft.heldout_people)
+    new = [p for p in wanted if p["id"] not in kept]
+    if new:
+        for p in sample_completions(model, tokenizer, new, r.k, r.max_new_tokens, r.temperature, config.seed,
+                                    config.max_batch):
+            kept[p["id"]] = p
+        write_jsonl(path, list(kept.values()))
+    return [kept[p["id"]] for p in wanted]
+
+
+def is_heldout(pid: str, share: float) -> bool:
+    """A stable split of prompts by a hash of their id (the same whatever else changes)."""
+    return in_share(pid, share)
+
+
+# --- pairs, as batches for the reward model and DPO ---------------------------------------------
+
+def pair_examples(pairs, tokenizer, block_size: int) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) -> (chosen prompt, chosen completion, rejected prompt, rejected completion)
+    ids, each completion cut to half the context and its prompt cut from the left to fit the rest."""
+    out = []
+    for prompt, chosen, rejected in pairs:
+        row = []
+        for i in (chosen, rejected):
+            completion = reply_tokens(prompt["completions"][i], prompt["ended"][i], tokenizer)[:block_size // 2]
+            row += [render_prompt(prompt["messages"], tokenizer)[-(block_size - len(completion)):], completion]
+        out.append(tuple(row))
+    return out
+
+
+def collate_pairs(examples, pad_id: int) -> dict:
+    """Chosen and rejected packed to one width (`engine.pack`), each with its last token's index."""
+    B = len(examples)
+    prompts = [e[0] for e in examples] + [e[2] for e in examples]
+    completions = [e[1] for e in examples] + [e[3] for e in examples]
+    packed = pack(prompts, completions, pad_id=pad_id)
+    last = torch.tensor([len(p) + len(c) - 1 for p, c in zip(prompts, completions)])
+    return dict(chosen=packed.rows(slice(0, B)), rejected=packed.rows(slice(B, 2 * B)),
+                chosen_last=last[:B], rejected_last=last[B:])
+
+
+class PairBatches:
+    """Random batches of preference pairs, drawn with a seeded generator whose state is checkpointed."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int, pad_id: int, extra=None):
+        self.examples, self.batch_size, self.pad_id, self.extra = examples, batch_size, pad_id, extra
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, rows) -> dict:
+        batch = collate_pairs([self.examples[i] for i in rows], self.pad_id)
+        if self.extra is not None:  # per-pair tensors computed once (DPO's reference log-probabilities)
+            batch.update({k: v[list(rows)] for k, v in self.extra.items()})
+        return batch
+
+    def next(self) -> dict:
+        return self.batch(self.rng.integers(0, len(self.examples), size=self.batch_size))
+
+    def all(self):
+        return [self.batch(range(i, min(i + self.batch_size, len(self.examples))))
+                for i in range(0, len(self.examples), self.batch_size)]
+
+    def state_dict(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
