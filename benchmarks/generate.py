@@ -23,7 +23,6 @@ from labkit.model import GPT, GPTConfig
 from labkit.train import peak_flops
 
 
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()

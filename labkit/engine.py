@@ -254,7 +254,7 @@ class Completions(NamedTuple):
     targets: torch.Tensor  # [B, T]
     mask: torch.Tensor  # [B, T] float
 
-    def rows(self, index) -> "Completions":
+    def rows(self, index) -> Completions:
         """The same batch for some rows only (a slice or an index tensor): a micro-batch."""
         return Completions(*(t[index] for t in self))
 

@@ -47,14 +47,14 @@ import json
 import random
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .chat import render, render_prompt
+from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
 from .config import Config, ConfigError, GRPOConfig, resolve_device
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
-from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
 from .rewards import combine, parse_weights
 from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks

@@ -224,7 +224,7 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_second / peak_flops
 
     @classmethod
-    def from_hf(cls, model_or_path, dropout: float = 0.0) -> "GPT":
+    def from_hf(cls, model_or_path, dropout: float = 0.0) -> GPT:
         """A GPT holding the weights of a Hugging Face `GPT2LMHeadModel`, given as an instance
         or as a local folder saved with `save_pretrained`.
 

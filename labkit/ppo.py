@@ -38,7 +38,6 @@ from .engine import chunks, decode_reply, fit, generate, logprobs, pack, reply_s
 from .run import notify
 from .train import autocast, autocast_dtype, make_optimizer
 
-
 # --- losses ---------------------------------------------------------------------------------------
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -230,8 +229,8 @@ def ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts: list[d
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         set_rng_state(state["rng"])
-    save_every = max(1, steps // 5)
-    for step in tqdm(range(step, steps), initial=step, total=steps, desc=desc, leave=False):
+    save_every, first = max(1, steps // 5), step
+    for step in tqdm(range(first, steps), initial=first, total=steps, desc=desc, leave=False):
         rng = np.random.default_rng([config.seed, step])
         batch_prompts = [prompts[i] for i in rng.choice(len(prompts), p.batch_size, replace=len(prompts) < p.batch_size)]
         rollouts = rollout(policy, ref, value_model, reward_model, tokenizer, batch_prompts, config, kl_coef,

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .checkpoint import load_model, save_model
 from .config import Config, resolve_device
 from .dataloader import EOT, TokenWindows, sequential_batches, tokenize_run
-from .checkpoint import load_model, save_model
 from .engine import fit, generate
 from .model import GPT, GPTConfig
 from .run import Run, write_json

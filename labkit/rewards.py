@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError
 

@@ -44,8 +44,18 @@ from .config import ConfigError, resolve_device
 from .dpo import train_dpo
 from .engine import replies
 from .ppo import check_config, ppo_train
-from .preferences import (HUMAN, RANKINGS, RankingError, Rankings, compare, eval_prompts, fill_with_simulated_labeler,
-                          is_heldout, labeler_score, prepare_prompts)
+from .preferences import (
+    HUMAN,
+    RANKINGS,
+    RankingError,
+    Rankings,
+    compare,
+    eval_prompts,
+    fill_with_simulated_labeler,
+    is_heldout,
+    labeler_score,
+    prepare_prompts,
+)
 from .reward_model import reward_scores, train_reward_model
 from .run import fingerprint, read_jsonl, write_json, write_jsonl
 

@@ -195,7 +195,7 @@ def after_generation(ids: list[int], tokenizer) -> dict:
         return dict(kind="unclosed", kept=ids[:start + 1] + [call_end], query=None,
                     error="error: the search call was never closed with <|tool_call_end|>")
     stop = ids.index(call_end)
-    query, error = parse_call(tokenizer.decode([t for t in ids[start + 1:stop]]))
+    query, error = parse_call(tokenizer.decode(ids[start + 1:stop]))
     return dict(kind="call" if query else "malformed", kept=ids[:stop + 1], query=query, error=error)
 
 

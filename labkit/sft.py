@@ -36,10 +36,18 @@ import numpy as np
 import torch
 
 from .chat import ChatError, render
-from .config import Config, ConfigError, TrainConfig, resolve_device
-from .conversations import (ANSWERS, eval_questions, identity_ok, load_messages, make_conversations, mentions, refuses,
-                            split_people)
 from .checkpoint import load_model, model_path, save_model
+from .config import Config, ConfigError, TrainConfig, resolve_device
+from .conversations import (
+    ANSWERS,
+    eval_questions,
+    identity_ok,
+    load_messages,
+    make_conversations,
+    mentions,
+    refuses,
+    split_people,
+)
 from .engine import chat, fit, generate, replies
 from .pretrain import BUCKET_NAMES, few_shot_prompt, load_base
 from .rewards import extract_answer
@@ -170,7 +178,7 @@ def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_
         return []
     answers = []
     for ids in generate(base, prompts, max_new_tokens, temperature=0, stop_tokens=(eot,), max_batch=max_batch):
-        text = tokenizer.decode([t for t in (ids[:ids.index(eot)] if eot in ids else ids)])
+        text = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
         answers.append(text.split("\n")[0].strip())
     return answers
 

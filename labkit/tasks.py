@@ -173,7 +173,7 @@ class TaskStream:
         self.names, self.seed, self.world, self.pool = names, seed, world, pool
         self.rng = random.Random(f"{seed}-grpo-{purpose}")
 
-    def fork(self, purpose: str) -> "TaskStream":
+    def fork(self, purpose: str) -> TaskStream:
         """Another stream over the same training problems, in its own random order."""
         return TaskStream(self.names, self.seed, self.world, self.pool, purpose)
 

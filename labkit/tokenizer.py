@@ -41,9 +41,9 @@ import re
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import regex
 import tiktoken
@@ -279,7 +279,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              pattern: str = "gpt4") -> "Tokenizer":
+              pattern: str = "gpt4") -> Tokenizer:
         """Learn merges on `texts` so that the vocabulary holds `vocab_size` tokens: 256 bytes,
         the merges, then `special_tokens` (default `SPECIAL_TOKENS`). `pattern` is "gpt4",
         "gpt2" or a regex of your own."""
@@ -296,7 +296,7 @@ class Tokenizer:
         vocab, merges = train_bpe(count_chunks(texts, pattern), vocab_size - len(special_tokens))
         if len(vocab) + len(special_tokens) < vocab_size:
             warnings.warn(f"the training text ran out of pairs after {len(merges)} merges: the vocabulary holds "
-                          f"{len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give more text")
+                          f"{len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give more text", stacklevel=2)
         ranks = {token: i for i, token in enumerate(vocab)}
         return cls(ranks, pattern, {name: len(vocab) + i for i, name in enumerate(special_tokens)}, merges)
 
@@ -368,7 +368,7 @@ class Tokenizer:
 
     # a smaller vocabulary is the start of a larger one
 
-    def truncate(self, vocab_size: int) -> "Tokenizer":
+    def truncate(self, vocab_size: int) -> Tokenizer:
         """This tokenizer as if training had stopped at `vocab_size` tokens (specials included).
         Training is greedy, so that is exactly the start of this one's merges."""
         n_special = len(self.special_tokens)
@@ -395,7 +395,7 @@ class Tokenizer:
             merges=[[*m.pair, m.token, m.count] for m in self.merges]))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Tokenizer":
+    def load(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
         meta_path, ranks_path = folder / "tokenizer.json", folder / "tokenizer.tiktoken"
         for path in (meta_path, ranks_path):
@@ -433,7 +433,7 @@ class Tokenizer:
         to_char = _bytes_to_unicode()
         as_text = lambda token: "".join(to_char[b] for b in token)  # noqa: E731
         merges = []
-        for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+        for token in sorted(self.ranks, key=self.ranks.get):
             splits = [(token[:k], token[k:]) for k in range(1, len(token))]
             splits = sorted((pair for pair in splits if pair[0] in self.ranks and pair[1] in self.ranks),
                             key=lambda pair: (self.ranks[pair[0]], self.ranks[pair[1]]))

@@ -27,9 +27,9 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .run import notify
+
 
 def check_config(cfg: TrainConfig) -> None:
     """Checks that involve two fields (each field's own range is checked when it is set)."""
@@ -185,9 +186,10 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches, device: str, dtype=None, dist_info: Distributed = Distributed()) -> float:
+def evaluate(model, loss_fn, batches, device: str, dtype=None, dist_info: Distributed | None = None) -> float:
     """Mean loss over `batches`: each process evaluates every world_size-th batch, and the sums
     are added up across processes, so the result is the same as one process gets alone."""
+    dist_info = dist_info or Distributed()
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)

@@ -67,7 +67,7 @@ class World:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "World":
+    def from_dict(cls, d: dict) -> World:
         return cls(**{**d, "people": [Person(**p) for p in d["people"]]})
 
 

@@ -7,7 +7,7 @@ from labkit.cleaning import ExactDedup, MinHashDedup, PIIRedactor, QualityFilter
 from labkit.config import ConfigError, get_config
 from labkit.data import load_documents, read_corpus, read_pages, read_world
 from labkit.pipeline import ensure
-from labkit.run import Run
+from labkit.run import Run, read_jsonl
 from labkit.web import Page, crawl
 from labkit.world import bucket, make_world
 
@@ -36,7 +36,7 @@ def test_same_seed_gives_the_same_corpus_byte_for_byte(tmp_path):
                         for f in ("corpus.jsonl", "pages.jsonl", "world.json")])
     assert digests[0] == digests[1]
     other = crawl(make_world(config.seed + 1, 30), config.seed + 1)
-    assert [p.text for p in other] != [json.loads(line)["text"] for line in open(tmp_path / "a" / "data" / "pages.jsonl")]
+    assert [p.text for p in other] != [row["text"] for row in read_jsonl(tmp_path / "a" / "data" / "pages.jsonl")]
 
 
 def test_world_has_a_heavy_tail_and_unseen_people():

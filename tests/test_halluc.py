@@ -1,11 +1,11 @@
 """Stage 7: judging rules, the probe, "I don't know" data, the search tool and its engine, the stage."""
 
-import json
 
 import pytest
 
 from labkit import halluc, search
 from labkit.chat import render_tools
+from labkit.run import read_jsonl
 from labkit.world import Person, World
 
 PAGES = [
@@ -225,8 +225,8 @@ def test_probe_questions_cover_every_fact_of_heldout_and_pageless_people(built, 
 
 
 def test_probe_judges_samples_and_confidence(built, tokenizer, tiny_config):
-    from labkit.data import read_world
     from labkit.checkpoint import load_model
+    from labkit.data import read_world
 
     run, _ = built
     model = load_model(run.path / "sft" / "model.pt")
@@ -254,9 +254,9 @@ def test_stage_metrics_and_artifacts(built):
 
     for path in ("model.pt", "idk/model.pt", "search/model.pt"):
         load_model(run.path / "halluc" / path)
-    rows = [json.loads(line) for line in open(run.path / "halluc" / "probe_before.jsonl")]
+    rows = read_jsonl(run.path / "halluc" / "probe_before.jsonl")
     assert len(rows) == n["all"]
-    tool = [json.loads(line) for line in open(run.path / "halluc" / "tool_train.jsonl")]
+    tool = read_jsonl(run.path / "halluc" / "tool_train.jsonl")
     assert any(r["kind"] == "tool" and r["messages"][2]["content"] == "no results" for r in tool)
 
 

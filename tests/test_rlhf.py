@@ -376,8 +376,8 @@ def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
     """kl_coef=0 (the reward-hacking setting) and the k3 estimator go through the same loop."""
     import copy
 
-    from labkit.config import get_config
     from labkit.checkpoint import load_model
+    from labkit.config import get_config
     from labkit.tokenizer import Tokenizer
 
     run, _, _ = rlhf_run

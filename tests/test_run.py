@@ -17,11 +17,10 @@ def test_atomic_write_replaces_the_file(tmp_path):
 def test_an_interrupted_write_leaves_the_old_file_intact(tmp_path):
     path = tmp_path / "model.bin"
     atomic_write(path, b"old contents")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(b"half of the new")
-            raise KeyboardInterrupt  # killed mid-way
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"half of the new")
+        raise KeyboardInterrupt  # killed mid-way
     assert path.read_bytes() == b"old contents"
     assert os.listdir(tmp_path) == ["model.bin"]
 

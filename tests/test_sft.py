@@ -11,8 +11,16 @@ from labkit import conversations as conv
 from labkit.chat import ChatError, render
 from labkit.config import ConfigError, get_config
 from labkit.model import GPT, GPTConfig
-from labkit.sft import (IGNORE, arithmetic_ok, collate, encode_conversations, knowledge_metrics, load_conversations,
-                        sft_loss, to_example)
+from labkit.sft import (
+    IGNORE,
+    arithmetic_ok,
+    collate,
+    encode_conversations,
+    knowledge_metrics,
+    load_conversations,
+    sft_loss,
+    to_example,
+)
 from labkit.tokenizer import Tokenizer
 from labkit.world import FACTS, make_world
 

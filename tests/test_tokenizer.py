@@ -8,8 +8,18 @@ import tiktoken.load
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labkit.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError, bytes_per_token,
-                              count_chunks, read_heldout, train_bpe, vocab_growth)
+from labkit.tokenizer import (
+    GPT2_PATTERN,
+    GPT4_PATTERN,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    TokenizerError,
+    bytes_per_token,
+    count_chunks,
+    read_heldout,
+    train_bpe,
+    vocab_growth,
+)
 
 VOCAB = 450
 SAMPLE = (

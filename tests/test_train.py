@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from labkit.checkpoint import load_checkpoint, save_checkpoint
 from labkit.config import ConfigError, TrainConfig, get_config
 from labkit.dataloader import EOT, TokenWindows, document_text, sequential_batches, tokenize_corpus
 from labkit.model import GPT, GPTConfig
-from labkit.checkpoint import load_checkpoint, save_checkpoint
 from labkit.run import in_share
 from labkit.train import check_config, lr_at, train
 
@@ -266,7 +266,7 @@ def test_local_jsonl_source_goes_through_the_same_path(tmp_path):
 
     source = tmp_path / "docs.jsonl"
     rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog and then it runs to that river with some friends".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "it", "runs", "to", "that", "river", "with", "some", "friends"]
     rows = [{"text": f"Document {i}: the quick brown fox. " + " ".join(
         " ".join(rng.choice(words, 12)).capitalize() + "." for _ in range(8))} for i in range(30)]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
