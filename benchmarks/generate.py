@@ -51,16 +51,23 @@ def bench_generation(device, repeats, new_tokens=256, prompt_tokens=16, num_samp
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,)).tolist()
     print(f"\n## generation: {new_tokens} new tokens after a {prompt_tokens}-token prompt, {num_samples} sample(s)")
-    print(f"model: cpu preset size ({config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
-          f"block_size raised to {config.block_size}), {model.num_params() / 1e6:.2f}M parameters, {device}")
-    cached, recomputed = best_times([
-        lambda: generate(model, prompt, new_tokens, temperature=0, num_samples=num_samples, use_cache=True),
-        lambda: generate(model, prompt, new_tokens, temperature=0, num_samples=num_samples, use_cache=False),
-    ], device, repeats)
+    print(
+        f"model: cpu preset size ({config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
+        f"block_size raised to {config.block_size}), {model.num_params() / 1e6:.2f}M parameters, {device}"
+    )
+    cached, recomputed = best_times(
+        [
+            lambda: generate(model, prompt, new_tokens, temperature=0, num_samples=num_samples, use_cache=True),
+            lambda: generate(model, prompt, new_tokens, temperature=0, num_samples=num_samples, use_cache=False),
+        ],
+        device,
+        repeats,
+    )
     print(f"with KV cache   : {new_tokens * num_samples / cached:9.0f} tokens/s")
     print(f"without KV cache: {new_tokens * num_samples / recomputed:9.0f} tokens/s")
-    same = generate(model, prompt, new_tokens, temperature=0) == generate(model, prompt, new_tokens, temperature=0,
-                                                                           use_cache=False)
+    same = generate(model, prompt, new_tokens, temperature=0) == generate(
+        model, prompt, new_tokens, temperature=0, use_cache=False
+    )
     print(f"speed-up from the cache: {recomputed / cached:.1f}x (target >= 5x); greedy outputs identical: {same}")
 
 
@@ -71,15 +78,22 @@ def bench_many_prompts(device, repeats, n_prompts=64, new_tokens=32):
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, config.vocab_size, (int(n),), generator=g).tolist()
-               for n in torch.randint(10, 60, (n_prompts,), generator=g)]
+    prompts = [
+        torch.randint(0, config.vocab_size, (int(n),), generator=g).tolist()
+        for n in torch.randint(10, 60, (n_prompts,), generator=g)
+    ]
     print(f"\n## {n_prompts} prompts of 10-59 tokens, {new_tokens} greedy tokens each (cpu preset model)")
-    batched, one_by_one = best_times([
-        lambda: generate(model, prompts, new_tokens, temperature=0),
-        lambda: [generate(model, p, new_tokens, temperature=0) for p in prompts],
-    ], device, repeats)
-    same = generate(model, prompts, new_tokens, temperature=0) == [generate(model, p, new_tokens, temperature=0)[0]
-                                                                   for p in prompts]
+    batched, one_by_one = best_times(
+        [
+            lambda: generate(model, prompts, new_tokens, temperature=0),
+            lambda: [generate(model, p, new_tokens, temperature=0) for p in prompts],
+        ],
+        device,
+        repeats,
+    )
+    same = generate(model, prompts, new_tokens, temperature=0) == [
+        generate(model, p, new_tokens, temperature=0)[0] for p in prompts
+    ]
     print(f"one batched call : {n_prompts * new_tokens / batched:9.0f} tokens/s")
     print(f"one call a prompt: {n_prompts * new_tokens / one_by_one:9.0f} tokens/s")
     print(f"speed-up from batching: {one_by_one / batched:.1f}x; greedy outputs identical: {same}")
@@ -89,15 +103,27 @@ def bench_training(config, device, batch_size, repeats, steps=3, bf16=False):
     """Tokens/s of forward + backward (no optimizer step), labkit against transformers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf_config = GPT2Config(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                           n_head=config.n_head, vocab_size=config.vocab_size, activation_function="gelu_new",
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf_config = GPT2Config(
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        vocab_size=config.vocab_size,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     theirs = GPT2LMHeadModel(hf_config).to(device).train()
     ours = GPT.from_hf(theirs).to(device).train()  # same weights
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=g).to(device)
-               for _ in range(steps)]
+    batches = [
+        torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=g).to(device)
+        for _ in range(steps)
+    ]
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
 
     def labkit_steps():

@@ -52,11 +52,20 @@ def hf_train(texts, vocab_size, pattern):
     from tokenizers.trainers import BpeTrainer
 
     hf = HFTokenizer(BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False, special_tokens=SPECIAL_TOKENS,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=0,
+        show_progress=False,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train_from_iterator(texts, trainer)
     return hf
 
@@ -90,8 +99,10 @@ def main() -> None:
     train_pages, heldout_pages = split_heldout(read_corpus(run), cfg.heldout_fraction, config.seed)
     texts, heldout = [p["text"] for p in train_pages], [p["text"] for p in heldout_pages]
     pattern, n_bytes = PATTERNS[cfg.pattern], sum(len(t.encode()) for t in texts)
-    print(f"preset {config.preset}: {len(texts)} training pages ({n_bytes / 1e6:.2f} MB), {len(heldout)} held-out pages, "
-          f"vocab_size {cfg.vocab_size}, pattern {cfg.pattern}")
+    print(
+        f"preset {config.preset}: {len(texts)} training pages ({n_bytes / 1e6:.2f} MB), {len(heldout)} held-out pages, "
+        f"vocab_size {cfg.vocab_size}, pattern {cfg.pattern}"
+    )
 
     tok, t_labkit = timed(lambda: Tokenizer.train(texts, cfg.vocab_size, pattern=cfg.pattern), repeat=3)
     hf, t_hf = timed(lambda: hf_train(texts, cfg.vocab_size, pattern), repeat=3)
@@ -101,14 +112,18 @@ def main() -> None:
         reference = reference_train()
         (_, merges), t_ref = timed(lambda: reference(texts, cfg.vocab_size - len(SPECIAL_TOKENS), pattern))
         same = [(m.pair, m.token, m.count) for m in tok.merges] == merges
-        print(f"training reference       {t_ref:8.3f} s   reference / labkit = {t_ref / t_labkit:.1f}x (target >= 20x); "
-              f"same merges: {same}")
+        print(
+            f"training reference       {t_ref:8.3f} s   reference / labkit = {t_ref / t_labkit:.1f}x (target >= 20x); "
+            f"same merges: {same}"
+        )
 
     bpt_labkit = bytes_per_token(tok, heldout)
     n_hf_tokens = sum(len(e.ids) for e in hf.encode_batch(heldout))
     bpt_hf = sum(len(t.encode()) for t in heldout) / n_hf_tokens
-    print(f"bytes per token (held-out) labkit {bpt_labkit:.4f}, huggingface {bpt_hf:.4f}: "
-          f"{100 * (bpt_labkit / bpt_hf - 1):+.2f}% (target within 3%); vocab sizes {tok.n_vocab} and {hf.get_vocab_size()}")
+    print(
+        f"bytes per token (held-out) labkit {bpt_labkit:.4f}, huggingface {bpt_hf:.4f}: "
+        f"{100 * (bpt_labkit / bpt_hf - 1):+.2f}% (target within 3%); vocab sizes {tok.n_vocab} and {hf.get_vocab_size()}"
+    )
 
     raw = tiktoken.Encoding("raw", pat_str=tok.pattern, mergeable_ranks=tok.ranks, special_tokens=tok.special_tokens)
     assert all(tok.encode(t) == raw.encode_ordinary(t) for t in texts)
@@ -116,9 +131,11 @@ def main() -> None:
     corpus = [texts, ["\n\n".join(texts)], [t + " Café, 你好, привет, 😀." for t in texts]]
     for label, batch in zip(("page by page", "one string", "non-ASCII"), corpus):
         ours, theirs = throughput([tok.encode, raw.encode_ordinary], batch)
-        print(f"encoding {label:12s}   Tokenizer.encode {ours:6.2f} MB/s, tiktoken {theirs:6.2f} MB/s: "
-              f"tiktoken / labkit = {theirs / ours:.3f}x (target <= 1.2x)")
-    python_speed, = throughput([tok.encode_python], texts[:100], rounds=3)
+        print(
+            f"encoding {label:12s}   Tokenizer.encode {ours:6.2f} MB/s, tiktoken {theirs:6.2f} MB/s: "
+            f"tiktoken / labkit = {theirs / ours:.3f}x (target <= 1.2x)"
+        )
+    (python_speed,) = throughput([tok.encode_python], texts[:100], rounds=3)
     print(f"encoding pure Python     Tokenizer.encode_python {python_speed:6.2f} MB/s (the readable lesson)")
 
 

@@ -37,14 +37,24 @@ def hf_loss(model, batch):
 def hf_model(c: GPTConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        activation_function="gelu_new", attn_implementation="sdpa")
+    config = GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_new",
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(config)
 
 
 def tokens_per_second(make_model, loss_fn, batches, train_cfg, device, repeats):
     """Best of `repeats` runs of `train_cfg.max_steps` steps, after a warm-up run (compilation)."""
+
     class Batches:
         def __init__(self):
             self.i = 0
@@ -64,7 +74,9 @@ def tokens_per_second(make_model, loss_fn, batches, train_cfg, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, choices=["cpu", "gpu", "tiny"], help="model size (default: gpu on CUDA, else cpu)")
+    parser.add_argument(
+        "--preset", default=None, choices=["cpu", "gpu", "tiny"], help="model size (default: gpu on CUDA, else cpu)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -77,8 +89,9 @@ def main():
     config = get_config(preset)
     vocab = config.tokenizer.vocab_size
     model_config = GPTConfig(**dataclasses.asdict(config.model), vocab_size=vocab)
-    train_cfg = dataclasses.replace(config.train, max_steps=args.steps, warmup_steps=2, eval_every=10**9,
-                                    checkpoint_every=0, grad_accum=1)
+    train_cfg = dataclasses.replace(
+        config.train, max_steps=args.steps, warmup_steps=2, eval_every=10**9, checkpoint_every=0, grad_accum=1
+    )
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
@@ -86,9 +99,11 @@ def main():
         batches.append((chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()))
 
     print(f"## training throughput, preset {preset} on {device} ({torch.get_num_threads()} CPU threads)")
-    print(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, n_embd {model_config.n_embd}, "
-          f"block_size {model_config.block_size}, vocab {vocab}; batch {train_cfg.batch_size} x {model_config.block_size} tokens; "
-          f"compile={train_cfg.compile and device == 'cuda'}, dtype={'bf16 autocast' if device == 'cuda' else 'float32'}")
+    print(
+        f"model: {model_config.n_layer} layers, {model_config.n_head} heads, n_embd {model_config.n_embd}, "
+        f"block_size {model_config.block_size}, vocab {vocab}; batch {train_cfg.batch_size} x {model_config.block_size} tokens; "
+        f"compile={train_cfg.compile and device == 'cuda'}, dtype={'bf16 autocast' if device == 'cuda' else 'float32'}"
+    )
     ours = tokens_per_second(lambda: GPT(model_config), labkit_loss, batches, train_cfg, device, args.repeats)
     theirs = tokens_per_second(lambda: hf_model(model_config), hf_loss, batches, train_cfg, device, args.repeats)
     print(f"labkit GPT          : {ours:12.0f} tokens/s")

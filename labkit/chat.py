@@ -28,8 +28,11 @@ class ChatError(ValueError):
 
 def check(messages: list[dict], for_training: bool = False) -> None:
     if not isinstance(messages, list) or not messages:
-        raise ChatError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages; got an empty one"
-                        if isinstance(messages, list) else f"a conversation is a list of messages; got {type(messages).__name__}")
+        raise ChatError(
+            "a conversation is a non-empty list of {'role': ..., 'content': ...} messages; got an empty one"
+            if isinstance(messages, list)
+            else f"a conversation is a list of messages; got {type(messages).__name__}"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
             raise ChatError(f"message {i} must be a dict with 'role' and 'content'; got {message!r}")
@@ -40,7 +43,9 @@ def check(messages: list[dict], for_training: bool = False) -> None:
         if message["role"] == "system" and i > 0:
             raise ChatError(f"message {i} is a system message; only the first message may be one")
     if for_training and messages[-1]["role"] != "assistant":
-        raise ChatError(f"a training conversation must end with an assistant turn; it ends with {messages[-1]['role']!r}")
+        raise ChatError(
+            f"a training conversation must end with an assistant turn; it ends with {messages[-1]['role']!r}"
+        )
 
 
 def render_turn(role: str, content: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -68,7 +73,11 @@ def render_prompt(messages: list[dict], tokenizer) -> list[int]:
     ids = [tokenizer.encode_special("<|endoftext|>")]
     for message in messages:
         ids += render_turn(message["role"], message["content"], tokenizer)[0]
-    return ids + [tokenizer.encode_special("<|im_start|>"), *tokenizer.encode("assistant"), tokenizer.encode_special("<|im_sep|>")]
+    return ids + [
+        tokenizer.encode_special("<|im_start|>"),
+        *tokenizer.encode("assistant"),
+        tokenizer.encode_special("<|im_sep|>"),
+    ]
 
 
 def parse(ids: list[int], tokenizer) -> list[dict]:
@@ -81,7 +90,12 @@ def parse(ids: list[int], tokenizer) -> list[dict]:
             continue
         role_end = ids.index(sep, i) if sep in ids[i:] else len(ids)
         content_end = ids.index(end, role_end) if end in ids[role_end:] else len(ids)
-        messages.append({"role": tokenizer.decode(ids[i + 1:role_end]), "content": tokenizer.decode(ids[role_end + 1:content_end])})
+        messages.append(
+            {
+                "role": tokenizer.decode(ids[i + 1 : role_end]),
+                "content": tokenizer.decode(ids[role_end + 1 : content_end]),
+            }
+        )
         i = content_end + 1
     return messages
 
@@ -108,7 +122,12 @@ def render_tools(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]
             ids += head + body + [special("<|im_end|>")]
             mask += [0] * len(head) + [1] * len(body) + [0]  # the engine closes the turn after the call
         elif role == "tool":
-            body = [special("<|tool_result|>"), *tokenizer.encode(content), special("<|tool_result_end|>"), special("<|im_end|>")]
+            body = [
+                special("<|tool_result|>"),
+                *tokenizer.encode(content),
+                special("<|tool_result_end|>"),
+                special("<|im_end|>"),
+            ]
             ids += head + body
             mask += [0] * (len(head) + len(body))
         else:
@@ -128,7 +147,19 @@ def tool_turn(result: str, tokenizer, room: int) -> list[int]:
     """`<|im_end|>` closing the call, the tool turn with `result` (cut to `room` tokens in all), and
     the header of the assistant's next turn."""
     special = tokenizer.encode_special
-    head = [special("<|im_end|>"), special("<|im_start|>"), *tokenizer.encode("tool"), special("<|im_sep|>"), special("<|tool_result|>")]
-    tail = [special("<|tool_result_end|>"), special("<|im_end|>"), special("<|im_start|>"), *tokenizer.encode("assistant"), special("<|im_sep|>")]
-    body = tokenizer.encode(result)[:max(0, room - len(head) - len(tail))]
+    head = [
+        special("<|im_end|>"),
+        special("<|im_start|>"),
+        *tokenizer.encode("tool"),
+        special("<|im_sep|>"),
+        special("<|tool_result|>"),
+    ]
+    tail = [
+        special("<|tool_result_end|>"),
+        special("<|im_end|>"),
+        special("<|im_start|>"),
+        *tokenizer.encode("assistant"),
+        special("<|im_sep|>"),
+    ]
+    body = tokenizer.encode(result)[: max(0, room - len(head) - len(tail))]
     return head + body + tail

@@ -46,8 +46,10 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT | ScalarModel:
         raise FileNotFoundError(f"no model checkpoint at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a labkit model checkpoint (it needs 'config' and 'model'; "
-                         f"`labkit.checkpoint.save_model` writes one)")
+        raise ValueError(
+            f"{path} is not a labkit model checkpoint (it needs 'config' and 'model'; "
+            f"`labkit.checkpoint.save_model` writes one)"
+        )
     body = GPT(GPTConfig(**checkpoint["config"]))
     model = ScalarModel(body) if checkpoint.get("kind") == "scalar" else body
     model.load_state_dict(checkpoint["model"])
@@ -60,9 +62,9 @@ def model_path(run: Run, model_name: str = "sft") -> Path:
         raise ConfigError(f"unknown model {model_name!r}; allowed: {', '.join(MODEL_STAGE)}")
     path = run.path / model_name / "model.pt"
     if not path.exists():
-        where = "" if str(run.runs_dir) == "runs" else f" --runs-dir {run.runs_dir}"
-        raise FileNotFoundError(f"no {model_name} model at {path}; make it with "
-                                f"`labkit run --run {run.name}{where} --stages {MODEL_STAGE[model_name]}`")
+        raise FileNotFoundError(
+            f"no {model_name} model at {path}; make it with `labkit run{run.where} --stages {MODEL_STAGE[model_name]}`"
+        )
     return path
 
 

@@ -82,7 +82,12 @@ class QualityFilter:
         n_chars = max(1, len(text))
         for unit, parts, frac, char_frac in (
             ("para", re.split(r"\n{2,}", text.strip()), self.dup_para_frac, self.dup_para_char_frac),
-            ("line", [line for line in text.splitlines() if line.strip()] or [""], self.dup_line_frac, self.dup_line_char_frac),
+            (
+                "line",
+                [line for line in text.splitlines() if line.strip()] or [""],
+                self.dup_line_frac,
+                self.dup_line_char_frac,
+            ),
         ):
             dups, dup_chars = _duplicates(parts)
             if dups / len(parts) > frac:
@@ -140,14 +145,14 @@ def _duplicates(parts: list[str]) -> tuple[int, int]:
 
 
 def _ngrams(tokens: list[str], n: int) -> list[str]:
-    return [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def _duplicated_ngram_chars(tokens: list[str], n: int) -> int:
     """Characters in n-grams seen before, skipping past each repeat (as datatrove counts them)."""
     seen, chars, i = set(), 0, 0
     while i <= len(tokens) - n:
-        gram = " ".join(tokens[i:i + n])
+        gram = " ".join(tokens[i : i + n])
         if gram in seen:
             chars += len(gram)
             i += n
@@ -214,7 +219,9 @@ class MinHashDedup:
     def signature(self, text: str) -> np.ndarray:
         tokens = normalise(text).split()
         grams = _ngrams(tokens, self.ngram) or [" ".join(tokens)]
-        hashes = np.array(sorted({int.from_bytes(hashlib.sha1(g.encode()).digest()[:4], "little") for g in grams}), dtype=np.uint64)
+        hashes = np.array(
+            sorted({int.from_bytes(hashlib.sha1(g.encode()).digest()[:4], "little") for g in grams}), dtype=np.uint64
+        )
         # (a*x + b) mod p, keeping the low 32 bits, as datasketch and datatrove do (the product
         # wraps modulo 2^64, which mixes the bits further)
         with np.errstate(over="ignore"):
@@ -239,7 +246,9 @@ class MinHashDedup:
 PII_PATTERNS = {
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
     "phone": re.compile(r"(?:\+1[ .-]?)?(?:\(\d{3}\)[ .-]?|\b\d{3}[ .-])\d{3}[ .-]\d{4}\b"),
-    "address": re.compile(r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,2}(?:Street|Avenue|Road|Lane|Boulevard|Drive|St|Ave|Rd|Blvd)\b\.?"),
+    "address": re.compile(
+        r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,2}(?:Street|Avenue|Road|Lane|Boulevard|Drive|St|Ave|Rd|Blvd)\b\.?"
+    ),
     "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
 }
 PLACEHOLDERS = {kind: f"<{kind.upper()}>" for kind in PII_PATTERNS}
@@ -307,4 +316,10 @@ def _split(pages, reason_of):
 
 
 def default_steps(min_words: int = 50, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 0) -> list:
-    return [UrlFilter(), QualityFilter(min_words=min_words), ExactDedup(), MinHashDedup(ngram, bands, rows, seed), PIIRedactor()]
+    return [
+        UrlFilter(),
+        QualityFilter(min_words=min_words),
+        ExactDedup(),
+        MinHashDedup(ngram, bands, rows, seed),
+        PIIRedactor(),
+    ]

@@ -9,35 +9,55 @@ import textwrap
 from . import config as cfg
 from .config import ConfigError
 
+RUNS_DIR_HELP = "folder holding run folders (default: $LABKIT_RUNS_DIR, else runs/ at the labkit checkout's root)"
 EPILOG = "fields for --set (FIELD=VALUE, any number of times):\n" + "\n".join(
-    textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="      ") for line in cfg.describe())
+    textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="      ") for line in cfg.describe()
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Build a large language model stage by stage.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the pipeline's stages into a run folder",
-                              description="Run the stages in order into DIR/NAME/, reusing a stage whose artifacts "
-                                          "are complete and were made from the same settings, then write the report card.",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--preset", choices=list(cfg.PRESETS), default=None,
-                     help="named bundle of sizes: tiny (seconds, for tests), cpu (default, minutes on a laptop), gpu")
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline's stages into a run folder",
+        description="Run the stages in order into DIR/NAME/, reusing a stage whose artifacts "
+        "are complete and were made from the same settings, then write the report card.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--preset",
+        choices=list(cfg.PRESETS),
+        default=None,
+        help="named bundle of sizes: tiny (seconds, for tests), cpu (default, minutes on a laptop), gpu",
+    )
     run.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
-    run.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
-    run.add_argument("--stages", default=None, metavar="LIST",
-                     help=f"comma-separated stages to run, with their missing inputs (default: all): {','.join(cfg.STAGES)}")
-    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
-                     help="override one preset field, e.g. --set data.n_people=50 --set seed=3")
+    run.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)
+    run.add_argument(
+        "--stages",
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated stages to run, with their missing inputs (default: all): {','.join(cfg.STAGES)}",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="assignments",
+        help="override one preset field, e.g. --set data.n_people=50 --set seed=3",
+    )
     run.add_argument("--force", action="store_true", help="rebuild the named stages even if complete")
 
     report = commands.add_parser("report", help="print the Markdown report card of a run and write it to report.md")
     report.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
-    report.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
+    report.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)
 
     chat = commands.add_parser("chat", help="chat with a post-trained model of a run in the terminal")
     chat.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
-    chat.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder holding run folders (default: runs)")
+    chat.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)
     chat.add_argument("--model", default="sft", choices=["sft", "ppo", "dpo", "grpo", "halluc"], help="which model")
     return parser
 
@@ -50,11 +70,13 @@ def _run(args) -> None:
     config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
     stages = cfg.parse_stages(args.stages)
     run = Run(args.run, args.runs_dir)
-    print(f"labkit: preset {config.preset}, run folder {run.path}, stages {', '.join(stages)}", file=sys.stderr)
+    print(
+        f"labkit: preset {config.preset}, run folder {run.path.resolve()}, stages {', '.join(stages)}", file=sys.stderr
+    )
     for stage in stages:
         ensure(stage, config, run, force=args.force)
     print(write_report(load_run(args.run, args.runs_dir)))
-    print(f"labkit: report card written to {run.path / 'report.md'}", file=sys.stderr)
+    print(f"labkit: report card written to {run.path.resolve() / 'report.md'}", file=sys.stderr)
 
 
 def _report(args) -> None:
@@ -70,8 +92,16 @@ def _chat(args) -> None:
     chat_loop(Run(args.run, args.runs_dir), args.model)
 
 
-def chat_loop(run, model_name: str = "sft", *, device: str = "auto", max_new_tokens: int = 128,
-              temperature: float = 0.0, input_stream=None, output_stream=None) -> None:
+def chat_loop(
+    run,
+    model_name: str = "sft",
+    *,
+    device: str = "auto",
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    input_stream=None,
+    output_stream=None,
+) -> None:
     """Chat in the terminal: read a line, print the reply, until end of input or 'exit'."""
     from .engine import chat
     from .sft import load_assistant
@@ -80,7 +110,9 @@ def chat_loop(run, model_name: str = "sft", *, device: str = "auto", max_new_tok
     model, tokenizer = load_assistant(run, device, model_name)
     interactive = input_stream.isatty()
     if interactive:
-        print(f"chatting with the {model_name} model of run {run.name!r} (empty line or 'exit' to stop)", file=sys.stderr)
+        print(
+            f"chatting with the {model_name} model of run {run.name!r} (empty line or 'exit' to stop)", file=sys.stderr
+        )
     messages: list[dict] = []
     while True:
         if interactive:

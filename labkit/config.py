@@ -1,6 +1,6 @@
-"""Presets and parameters: one dataclass per stage, bundled in `Config`.
+"""Parameters: one dataclass per stage, bundled in `Config`.
 
-A preset is a named `Config`. Any field can be overridden, by keyword in Python
+A preset (labkit/presets.py) is a named bundle of values for these fields. Any field can be overridden, by keyword in Python
 (`get_config("cpu", seed=1, data={"n_people": 50})`), by `--set data.n_people=50` on the
 command line, or by a notebook's papermill parameters. Every override is checked at once:
 an unknown preset, field or stage, a value of the wrong type or out of range raises
@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .presets import PRESETS
+
 STAGES = ("data", "tokenizer", "base", "sft", "rlhf", "grpo", "halluc")
 
 
@@ -30,7 +32,9 @@ def param(default, *, low=None, high=None, choices=None, help=""):
 
 @dataclass
 class DataConfig:
-    source: str = param("mini-web", help="'mini-web', a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'text' column")
+    source: str = param(
+        "mini-web", help="'mini-web', a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'text' column"
+    )
     text_column: str = param("text", help="column holding the text when source is a dataset")
     max_docs: int = param(0, low=0, help="read at most this many documents from a dataset (0: all)")
     n_people: int = param(100, low=5, high=1_000_000, help="people in the mini-web's world")
@@ -38,7 +42,9 @@ class DataConfig:
     spread: float = param(1.2, low=0.0, high=5.0, help="log-normal spread of pages per person (heavy tail)")
     unseen_fraction: float = param(0.1, low=0.0, high=0.9, help="share of people with no page at all")
     max_pages_per_person: int = param(40, low=1, help="cap on pages about one person")
-    filler_ratio: float = param(1.0, low=0.0, high=10.0, help="pages not about people (worksheets, stories, news) per person page")
+    filler_ratio: float = param(
+        1.0, low=0.0, high=10.0, help="pages not about people (worksheets, stories, news) per person page"
+    )
     noise: float = param(0.3, low=0.0, high=2.0, help="noisy pages (blocked, spam, duplicates) per clean page")
     pii_rate: float = param(0.15, low=0.0, high=1.0, help="share of clean pages that get personal data inserted")
     minhash_ngram: int = param(5, low=1, high=20, help="word n-gram size of MinHash shingles")
@@ -49,7 +55,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = param(2048, low=264, high=1_000_000, help="vocabulary size: 256 bytes + merges + 8 special tokens")
+    vocab_size: int = param(
+        2048, low=264, high=1_000_000, help="vocabulary size: 256 bytes + merges + 8 special tokens"
+    )
     pattern: str = param("gpt4", choices=("gpt4", "gpt2"), help="regex that pre-splits text before BPE")
     heldout_fraction: float = param(0.05, low=0.0, high=0.5, help="share of pages held out to measure bytes per token")
 
@@ -81,36 +89,80 @@ class TrainConfig:
     checkpoint_every: int = param(250, low=0, help="steps between training checkpoints (0: only at the end)")
     val_fraction: float = param(0.05, low=0.0, high=0.5, help="share of pages held out for validation")
     compile: bool = param(False, help="torch.compile the model (CUDA only)")
-    dtype: str = param("auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype; 'auto' is bfloat16 on CUDA, float32 elsewhere")
+    dtype: str = param(
+        "auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="autocast dtype; 'auto' is bfloat16 on CUDA, float32 elsewhere",
+    )
 
 
 @dataclass
 class SFTConfig:
-    source: str = param("mini-web", help="'mini-web' (conversations written from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'messages' column")
-    messages_column: str = param("messages", help="column holding the list of {role, content} messages when source is a dataset")
+    source: str = param(
+        "mini-web",
+        help="'mini-web' (conversations written from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'messages' column",
+    )
+    messages_column: str = param(
+        "messages", help="column holding the list of {role, content} messages when source is a dataset"
+    )
     max_conversations: int = param(0, low=0, help="read at most this many conversations from a dataset (0: all)")
     n_conversations: int = param(3000, low=10, high=10_000_000, help="training conversations written from the mini-web")
     val_conversations: int = param(200, low=10, high=1_000_000, help="held-out conversations for the validation loss")
-    heldout_people: float = param(0.25, low=0.05, high=0.9, help="share of people with pages kept out of training, asked about in evaluation")
+    heldout_people: float = param(
+        0.25, low=0.05, high=0.9, help="share of people with pages kept out of training, asked about in evaluation"
+    )
     max_steps: int = param(150, low=1, high=10_000_000, help="optimizer steps of fine-tuning")
     batch_size: int = param(32, low=1, high=65536, help="conversations per batch (padded to the longest)")
     learning_rate: float = param(5e-4, low=0.0, high=1.0, help="peak learning rate (lower than pretraining's)")
     min_lr: float = param(5e-5, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
     warmup_steps: int = param(15, low=0, help="steps of linear warmup")
     eval_every: int = param(50, low=1, help="steps between validation passes")
-    max_new_tokens: int = param(48, low=1, high=4096, help="longest reply in evaluation; a reply that has not ended by then fails the format check")
+    max_new_tokens: int = param(
+        48,
+        low=1,
+        high=4096,
+        help="longest reply in evaluation; a reply that has not ended by then fails the format check",
+    )
 
 
 @dataclass
 class RLHFConfig:
-    n_prompts: int = param(120, low=4, high=1_000_000, help="prompts whose completions are ranked (a share is held out for the reward model's pair accuracy)")
-    k: int = param(4, low=2, high=16, help="completions sampled per prompt and ranked together (a ranking of K gives K(K-1)/2 pairs)")
-    temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of the completions to rank and of PPO's rollouts (PPO scores its tokens at it too)")
-    max_new_tokens: int = param(32, low=1, high=4096, help="longest completion; one that has not reached <|im_end|> by then is cut")
-    simulated_labeler: bool = param(True, help="the simulated labeler ranks every prompt a person has not ranked (headless runs need it)")
-    heldout_prompts: float = param(0.15, low=0.05, high=0.9, help="share of ranked prompts held out to measure the reward model's pair accuracy")
-    n_eval: int = param(60, low=2, high=100_000, help="held-out questions (held-out people and phrasings) for rewards and win rates")
-    hacking_steps: int = param(0, low=0, high=10_000_000, help="extra PPO run with kl_coef=0 for this many batches, to show reward hacking (0: skip)")
+    n_prompts: int = param(
+        120,
+        low=4,
+        high=1_000_000,
+        help="prompts whose completions are ranked (a share is held out for the reward model's pair accuracy)",
+    )
+    k: int = param(
+        4,
+        low=2,
+        high=16,
+        help="completions sampled per prompt and ranked together (a ranking of K gives K(K-1)/2 pairs)",
+    )
+    temperature: float = param(
+        1.0,
+        low=0.01,
+        high=10.0,
+        help="sampling temperature of the completions to rank and of PPO's rollouts (PPO scores its tokens at it too)",
+    )
+    max_new_tokens: int = param(
+        32, low=1, high=4096, help="longest completion; one that has not reached <|im_end|> by then is cut"
+    )
+    simulated_labeler: bool = param(
+        True, help="the simulated labeler ranks every prompt a person has not ranked (headless runs need it)"
+    )
+    heldout_prompts: float = param(
+        0.15, low=0.05, high=0.9, help="share of ranked prompts held out to measure the reward model's pair accuracy"
+    )
+    n_eval: int = param(
+        60, low=2, high=100_000, help="held-out questions (held-out people and phrasings) for rewards and win rates"
+    )
+    hacking_steps: int = param(
+        0,
+        low=0,
+        high=10_000_000,
+        help="extra PPO run with kl_coef=0 for this many batches, to show reward hacking (0: skip)",
+    )
 
 
 @dataclass
@@ -118,8 +170,12 @@ class RewardModelConfig:
     steps: int = param(150, low=1, high=10_000_000, help="optimizer steps")
     batch_size: int = param(32, low=1, high=65536, help="pairs per batch")
     learning_rate: float = param(3e-4, low=0.0, high=1.0, help="peak learning rate")
-    margin: float = param(0.0, low=0.0, high=100.0, help="the chosen must beat the rejected by this much (0: plain Bradley-Terry)")
-    center_rewards_coefficient: float = param(0.01, low=0.0, high=10.0, help="weight of mean((r_c + r_r)^2), keeps rewards near 0 (0: off)")
+    margin: float = param(
+        0.0, low=0.0, high=100.0, help="the chosen must beat the rejected by this much (0: plain Bradley-Terry)"
+    )
+    center_rewards_coefficient: float = param(
+        0.01, low=0.0, high=10.0, help="weight of mean((r_c + r_r)^2), keeps rewards near 0 (0: off)"
+    )
 
 
 @dataclass
@@ -127,7 +183,9 @@ class DPOConfig:
     steps: int = param(100, low=1, high=10_000_000, help="optimizer steps")
     batch_size: int = param(16, low=1, high=65536, help="pairs per batch")
     learning_rate: float = param(1e-4, low=0.0, high=1.0, help="peak learning rate")
-    beta: float = param(0.1, low=0.0, high=100.0, help="how far from the reference the policy may move (higher: closer)")
+    beta: float = param(
+        0.1, low=0.0, high=100.0, help="how far from the reference the policy may move (higher: closer)"
+    )
 
 
 @dataclass
@@ -135,67 +193,152 @@ class PPOConfig:
     steps: int = param(40, low=1, high=10_000_000, help="batches of rollouts")
     batch_size: int = param(16, low=2, high=65536, help="rollouts (prompts) per batch")
     epochs: int = param(4, low=1, high=100, help="passes over each batch of rollouts")
-    minibatches: int = param(2, low=1, high=1024, help="minibatches (optimizer steps) per pass (batch_size must be a multiple)")
-    micro_batch_size: int = param(64, low=1, high=65536, help="rollouts per forward/backward pass; a minibatch's gradients accumulate over them (bounds memory, not results)")
+    minibatches: int = param(
+        2, low=1, high=1024, help="minibatches (optimizer steps) per pass (batch_size must be a multiple)"
+    )
+    micro_batch_size: int = param(
+        64,
+        low=1,
+        high=65536,
+        help="rollouts per forward/backward pass; a minibatch's gradients accumulate over them (bounds memory, not results)",
+    )
     learning_rate: float = param(3e-5, low=0.0, high=1.0, help="learning rate of the policy and the value head")
-    kl_coef: float = param(0.05, low=0.0, high=100.0, help="weight of the per-token KL penalty against the reference (0: none, reward hacking)")
-    kl_estimator: str = param("k1", choices=("k1", "k3"), help="per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r")
+    kl_coef: float = param(
+        0.05,
+        low=0.0,
+        high=100.0,
+        help="weight of the per-token KL penalty against the reference (0: none, reward hacking)",
+    )
+    kl_estimator: str = param(
+        "k1", choices=("k1", "k3"), help="per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r"
+    )
     gamma: float = param(1.0, low=0.0, high=1.0, help="discount")
     lam: float = param(0.95, low=0.0, high=1.0, help="GAE lambda")
     cliprange: float = param(0.2, low=0.0, high=10.0, help="clip of the probability ratio")
     cliprange_value: float = param(0.2, low=0.0, high=100.0, help="clip of the value head's move")
     vf_coef: float = param(0.1, low=0.0, high=100.0, help="weight of the value loss")
-    missing_eos_penalty: float = param(1.0, low=0.0, high=100.0, help="subtracted from the score of an answer that never reaches <|im_end|> (0: off)")
+    missing_eos_penalty: float = param(
+        1.0, low=0.0, high=100.0, help="subtracted from the score of an answer that never reaches <|im_end|> (0: off)"
+    )
 
 
 @dataclass
 class GRPOConfig:
-    source: str = param("mini-web", help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')")
-    tasks: str = param("larger", help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter")
+    source: str = param(
+        "mini-web",
+        help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')",
+    )
+    tasks: str = param(
+        "larger",
+        help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter",
+    )
     n_heldout: int = param(200, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
-    cold_start_steps: int = param(30, low=0, high=10_000_000, help="steps of SFT on worked solutions of training problems before GRPO, DeepSeek-R1's 'cold start' (0: GRPO straight from the SFT model)")
-    cold_start_learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of the cold start (it decays to a tenth; batch size and warmup are sft's)")
-    rewards: str = param("correct=1.0,format=0.2", help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS")
+    cold_start_steps: int = param(
+        30,
+        low=0,
+        high=10_000_000,
+        help="steps of SFT on worked solutions of training problems before GRPO, DeepSeek-R1's 'cold start' (0: GRPO straight from the SFT model)",
+    )
+    cold_start_learning_rate: float = param(
+        1e-3,
+        low=0.0,
+        high=1.0,
+        help="peak learning rate of the cold start (it decays to a tenth; batch size and warmup are sft's)",
+    )
+    rewards: str = param(
+        "correct=1.0,format=0.2",
+        help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS",
+    )
     num_generations: int = param(8, low=2, high=1024, help="G: samples per prompt, compared with each other")
-    prompts_per_step: int = param(8, low=1, high=4096, help="prompts per optimizer step (a step trains on prompts_per_step * G samples)")
+    prompts_per_step: int = param(
+        8, low=1, high=4096, help="prompts per optimizer step (a step trains on prompts_per_step * G samples)"
+    )
     max_steps: int = param(120, low=1, high=10_000_000, help="optimizer steps")
-    num_iterations: int = param(1, low=1, high=64, help="mu: optimizer steps on each batch of samples (more than 1 makes the ratio and its clipping matter)")
+    num_iterations: int = param(
+        1,
+        low=1,
+        high=64,
+        help="mu: optimizer steps on each batch of samples (more than 1 makes the ratio and its clipping matter)",
+    )
     learning_rate: float = param(2e-4, low=0.0, high=1.0, help="constant learning rate (after warmup)")
     warmup_steps: int = param(5, low=0, help="steps of linear warmup")
     epsilon: float = param(0.2, low=0.0, high=10.0, help="lower clip: the ratio may not go below 1 - epsilon")
-    epsilon_high: float = param(0.2, low=0.0, high=10.0, help="upper clip: the ratio may not go above 1 + epsilon_high (DAPO raises it to 0.28)")
-    beta: float = param(0.04, low=0.0, high=10.0, help="KL coefficient to the frozen reference (k3 estimator); 0 drops the reference")
-    scale_rewards: bool = param(True, help="divide advantages by the group's std (GRPO); False gives Dr. GRPO's plain r - mean")
-    loss_type: str = param("grpo", choices=("grpo", "bnpo", "dr_grpo"), help="normalisation: per sequence then mean (grpo), over all tokens (bnpo), sum / (batch * max_new_tokens) (dr_grpo)")
-    max_new_tokens: int = param(48, low=1, high=4096, help="longest completion; one that has not ended by then is cut and fails the format reward")
-    temperature: float = param(0.7, low=0.01, high=10.0, help="sampling temperature of the G samples (below 1 for a small model: at 1 its numbers come out garbled and a right answer is luck)")
-    eval_every: int = param(20, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems")
-    micro_batch_size: int = param(64, low=1, high=65536, help="samples per forward/backward pass; a step's gradients accumulate over them (bounds memory, not results)")
+    epsilon_high: float = param(
+        0.2, low=0.0, high=10.0, help="upper clip: the ratio may not go above 1 + epsilon_high (DAPO raises it to 0.28)"
+    )
+    beta: float = param(
+        0.04, low=0.0, high=10.0, help="KL coefficient to the frozen reference (k3 estimator); 0 drops the reference"
+    )
+    scale_rewards: bool = param(
+        True, help="divide advantages by the group's std (GRPO); False gives Dr. GRPO's plain r - mean"
+    )
+    loss_type: str = param(
+        "grpo",
+        choices=("grpo", "bnpo", "dr_grpo"),
+        help="normalisation: per sequence then mean (grpo), over all tokens (bnpo), sum / (batch * max_new_tokens) (dr_grpo)",
+    )
+    max_new_tokens: int = param(
+        48,
+        low=1,
+        high=4096,
+        help="longest completion; one that has not ended by then is cut and fails the format reward",
+    )
+    temperature: float = param(
+        0.7,
+        low=0.01,
+        high=10.0,
+        help="sampling temperature of the G samples (below 1 for a small model: at 1 its numbers come out garbled and a right answer is luck)",
+    )
+    eval_every: int = param(
+        20, low=1, high=1_000_000, help="steps between pass@1 measurements on the held-out problems"
+    )
+    micro_batch_size: int = param(
+        64,
+        low=1,
+        high=65536,
+        help="samples per forward/backward pass; a step's gradients accumulate over them (bounds memory, not results)",
+    )
 
 
 @dataclass
 class HallucConfig:
-    n_samples: int = param(4, low=0, high=64, help="sampled answers per probe question, to measure consistency (0: greedy only)")
+    n_samples: int = param(
+        4, low=0, high=64, help="sampled answers per probe question, to measure consistency (0: greedy only)"
+    )
     temperature: float = param(1.0, low=0.01, high=10.0, help="sampling temperature of those answers")
     max_new_tokens: int = param(24, low=4, high=4096, help="longest answer (and longest search call)")
-    idk_conversations: int = param(1200, low=10, high=10_000_000, help="mitigation 1: conversations of the refusal fine-tuning (\"I don't know\" for what the model got wrong, the rest as they were)")
+    idk_conversations: int = param(
+        1200,
+        low=10,
+        high=10_000_000,
+        help='mitigation 1: conversations of the refusal fine-tuning ("I don\'t know" for what the model got wrong, the rest as they were)',
+    )
     idk_steps: int = param(100, low=1, high=10_000_000, help="mitigation 1: optimizer steps")
-    tool_conversations: int = param(3000, low=10, high=10_000_000, help="mitigation 2: search-tool conversations made from the world")
+    tool_conversations: int = param(
+        3000, low=10, high=10_000_000, help="mitigation 2: search-tool conversations made from the world"
+    )
     tool_steps: int = param(300, low=1, high=10_000_000, help="mitigation 2: optimizer steps")
     batch_size: int = param(32, low=1, high=65536, help="conversations per batch in both fine-tunings")
     learning_rate: float = param(1e-3, low=0.0, high=1.0, help="peak learning rate of both fine-tunings")
     min_lr: float = param(1e-4, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
     warmup_steps: int = param(10, low=0, help="steps of linear warmup")
     search_results: int = param(2, low=1, high=20, help="passages the search tool returns")
-    result_chars: int = param(240, low=20, high=100_000, help="the tool's answer is cut to this many characters (it must fit the context)")
+    result_chars: int = param(
+        240, low=20, high=100_000, help="the tool's answer is cut to this many characters (it must fit the context)"
+    )
 
 
 @dataclass
 class Config:
-    preset: str = param("cpu", choices=("tiny", "cpu", "gpu", "gpu-check"), help="the preset these values started from")
+    preset: str = param("cpu", choices=tuple(PRESETS), help="the preset these values started from")
     seed: int = param(1337, low=0, help="drives data, initialisation and sampling")
     device: str = param("auto", choices=("auto", "cpu", "cuda", "mps"), help="'auto' picks cuda, then mps, then cpu")
-    max_batch: int = param(64, low=1, high=65536, help="rows through the model at once when sampling, scoring and evaluating (bounds memory; greedy results do not depend on it)")
+    max_batch: int = param(
+        64,
+        low=1,
+        high=65536,
+        help="rows through the model at once when sampling, scoring and evaluating (bounds memory; greedy results do not depend on it)",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -210,72 +353,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        data=dict(n_people=30, median_pages=2.0, max_pages_per_person=12, filler_ratio=0.5),
-        tokenizer=dict(vocab_size=300),
-        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
-        train=dict(max_steps=30, batch_size=8, learning_rate=1e-2, min_lr=1e-3, warmup_steps=5, eval_every=10,
-                   eval_batches=2, checkpoint_every=10, val_fraction=0.1),
-        sft=dict(n_conversations=200, val_conversations=20, heldout_people=0.3, max_steps=10, batch_size=8,
-                 learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=5, max_new_tokens=16),
-        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, hacking_steps=3),
-        reward_model=dict(steps=6, batch_size=8),
-        dpo=dict(steps=4, batch_size=4),
-        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2),
-        grpo=dict(cold_start_steps=3, n_heldout=3, num_generations=4, prompts_per_step=2, max_steps=3, warmup_steps=1, max_new_tokens=16,
-                  eval_every=2),
-        halluc=dict(n_samples=2, max_new_tokens=12, idk_conversations=60, idk_steps=4, tool_conversations=60, tool_steps=4,
-                    batch_size=8, learning_rate=3e-3, min_lr=3e-4, warmup_steps=1, search_results=1, result_chars=60),
-    ),
-    "cpu": dict(
-        train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
-        rlhf=dict(hacking_steps=60),
-        reward_model=dict(steps=100, batch_size=16),
-        dpo=dict(steps=60),
-        ppo=dict(steps=30),
-    ),
-    "gpu": dict(
-        max_batch=128,
-        data=dict(n_people=5000, median_pages=4.0, max_pages_per_person=200),
-        tokenizer=dict(vocab_size=32768),
-        model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
-        train=dict(max_steps=2000, batch_size=32, grad_accum=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=200,
-                   beta2=0.95, eval_every=250, eval_batches=20, checkpoint_every=500, val_fraction=0.01, compile=True),
-        sft=dict(n_conversations=50000, val_conversations=1000, heldout_people=0.1, max_steps=1500, batch_size=64,
-                 learning_rate=1e-4, min_lr=1e-5, warmup_steps=100, eval_every=250, max_new_tokens=128),
-        rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, hacking_steps=500),
-        reward_model=dict(steps=1000, batch_size=64, learning_rate=1e-5),
-        dpo=dict(steps=1000, batch_size=32, learning_rate=5e-7),
-        ppo=dict(steps=500, batch_size=64, minibatches=4, micro_batch_size=16, learning_rate=1e-6),
-        grpo=dict(tasks="one_digit,addition,multiplication,word_problem,larger,count_letter", n_heldout=200,
-                  cold_start_steps=300, cold_start_learning_rate=1e-4,
-                  num_generations=16, prompts_per_step=32, max_steps=500, learning_rate=1e-5, temperature=1.0,
-                  rewards="correct=1.0,format=0.2,close=0.5", warmup_steps=20,
-                  max_new_tokens=256, eval_every=50, micro_batch_size=32),
-        halluc=dict(n_samples=8, max_new_tokens=48, idk_conversations=20000, idk_steps=600, tool_conversations=30000,
-                    tool_steps=1000, batch_size=64, learning_rate=1e-4, min_lr=1e-5, warmup_steps=50, search_results=3,
-                    result_chars=600),
-    ),
-}
-
-
-# `gpu` cut to a few steps per stage, with its model, batch shapes, micro-batches and precision:
-# a GPU lent for a few minutes proves bf16, torch.compile, the memory plan and MFU on every path.
-PRESETS["gpu-check"] = {
-    **PRESETS["gpu"],
-    "train": dict(PRESETS["gpu"]["train"], max_steps=20, warmup_steps=5, eval_every=10, eval_batches=2, checkpoint_every=20),
-    "sft": dict(PRESETS["gpu"]["sft"], n_conversations=2000, val_conversations=100, max_steps=10, warmup_steps=2, eval_every=5),
-    "rlhf": dict(PRESETS["gpu"]["rlhf"], n_prompts=64, n_eval=32, hacking_steps=2),
-    "reward_model": dict(PRESETS["gpu"]["reward_model"], steps=10),
-    "dpo": dict(PRESETS["gpu"]["dpo"], steps=10),
-    "ppo": dict(PRESETS["gpu"]["ppo"], steps=2),
-    "grpo": dict(PRESETS["gpu"]["grpo"], n_heldout=16, cold_start_steps=5, max_steps=2, eval_every=1, warmup_steps=1),
-    "halluc": dict(PRESETS["gpu"]["halluc"], idk_conversations=500, idk_steps=10, tool_conversations=500, tool_steps=10,
-                   warmup_steps=2),
-}
 
 
 def get_config(preset: str | None = None, **overrides) -> Config:

@@ -40,7 +40,9 @@ def open_dataset(source: str, setting: str, split: str = "train", name: str | No
             raise ConfigError(f"{setting}={source!r}: a local file must be .jsonl, .json or .parquet")
         if not path.exists():
             raise FileNotFoundError(f"{setting}={source!r}: no such file")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming)
+        return datasets.load_dataset(
+            LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming
+        )
     return datasets.load_dataset(source, name, split=split, streaming=streaming)
 
 
@@ -52,7 +54,9 @@ def load_documents(cfg: DataConfig) -> list[Page]:
         if cfg.max_docs and i >= cfg.max_docs:
             break
         if cfg.text_column not in row:
-            raise ConfigError(f"data.source={cfg.source!r} has no column {cfg.text_column!r}; columns: {', '.join(row)}")
+            raise ConfigError(
+                f"data.source={cfg.source!r} has no column {cfg.text_column!r}; columns: {', '.join(row)}"
+            )
         pages.append(Page(row.get("url") or f"{cfg.source}#{i}", row[cfg.text_column], "web", label=None))
     if not pages:
         raise ConfigError(f"data.source={cfg.source!r} holds no documents")
@@ -103,15 +107,22 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
     recall["pii"] = len(planted & found) / len(planted) if planted else 1.0
     # a planted string lives only in its page and that page's copies, which carry the same `pii` list
     leaked = Counter(kind for p in cleaned.kept for kind, value in p.pii if value in p.text)
-    return dict(precision=precision, recall=recall, pii_leaked=sum(leaked.values()), pii_leaked_by_kind=dict(leaked),
-                pii_planted=dict(Counter(kind for p in pages for kind, _ in p.pii)))
+    return dict(
+        precision=precision,
+        recall=recall,
+        pii_leaked=sum(leaked.values()),
+        pii_leaked_by_kind=dict(leaked),
+        pii_planted=dict(Counter(kind for p in pages for kind, _ in p.pii)),
+    )
 
 
 def build(config: Config, run: Run, made_from: str = "") -> dict:
     """Run stage 1 into `run`, returning its metrics."""
     cfg, out, start = config.data, run.stage_dir("data"), time.time()
     if cfg.source == "mini-web":
-        world = make_world(config.seed, cfg.n_people, cfg.median_pages, cfg.spread, cfg.unseen_fraction, cfg.max_pages_per_person)
+        world = make_world(
+            config.seed, cfg.n_people, cfg.median_pages, cfg.spread, cfg.unseen_fraction, cfg.max_pages_per_person
+        )
         pages = crawl(world, config.seed, cfg.filler_ratio, cfg.noise, cfg.pii_rate)
         write_json(out / "world.json", world.to_dict())
     else:
@@ -120,11 +131,21 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
     steps = default_steps(cfg.min_words, cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, config.seed)
     cleaned = clean(pages, steps)
 
-    write_jsonl(out / "pages.jsonl", (
-        {**p.to_dict(), "removed_by": cleaned.decisions.get(p.url, (None, None))[0],
-         "reason": cleaned.decisions.get(p.url, (None, None))[1], "redactions": cleaned.redactions.get(p.url, [])}
-        for p in pages))
-    write_jsonl(out / "corpus.jsonl", ({"url": p.url, "text": p.text, "genre": p.genre, "about": p.about} for p in cleaned.kept))
+    write_jsonl(
+        out / "pages.jsonl",
+        (
+            {
+                **p.to_dict(),
+                "removed_by": cleaned.decisions.get(p.url, (None, None))[0],
+                "reason": cleaned.decisions.get(p.url, (None, None))[1],
+                "redactions": cleaned.redactions.get(p.url, []),
+            }
+            for p in pages
+        ),
+    )
+    write_jsonl(
+        out / "corpus.jsonl", ({"url": p.url, "text": p.text, "genre": p.genre, "about": p.about} for p in cleaned.kept)
+    )
 
     metrics = dict(
         source=cfg.source,
@@ -133,11 +154,17 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
         chars_in=sum(len(p.text) for p in pages),
         chars_out=sum(len(p.text) for p in cleaned.kept),
         removed={row["step"]: row["pages_in"] - row["pages_out"] for row in cleaned.funnel},
-        removed_by_reason=dict(Counter(f"{step}:{reason.split(' of ')[0]}" for step, reason in cleaned.decisions.values())),
+        removed_by_reason=dict(
+            Counter(f"{step}:{reason.split(' of ')[0]}" for step, reason in cleaned.decisions.values())
+        ),
         funnel=cleaned.funnel,
         redactions=dict(Counter(k for spans in cleaned.redactions.values() for _, _, k, _ in spans)),
-        minhash=dict(ngram=cfg.minhash_ngram, bands=cfg.minhash_bands, rows=cfg.minhash_rows,
-                     threshold=round(steps[3].threshold, 3)),
+        minhash=dict(
+            ngram=cfg.minhash_ngram,
+            bands=cfg.minhash_bands,
+            rows=cfg.minhash_rows,
+            threshold=round(steps[3].threshold, 3),
+        ),
     )
     if world is not None:
         metrics.update(score(pages, cleaned))
@@ -151,18 +178,33 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
 
 def cleaning_table(metrics: dict) -> list[dict]:
     """One row per cleaning step: pages in and out, removed, precision and recall (None without labels)."""
-    return [{"step": r["step"], "pages in": r["pages_in"], "pages out": r["pages_out"],
-             "removed": r["pages_in"] - r["pages_out"], "precision": metrics["precision"].get(r["step"]),
-             "recall": metrics["recall"].get(r["step"])} for r in metrics["funnel"]]
+    return [
+        {
+            "step": r["step"],
+            "pages in": r["pages_in"],
+            "pages out": r["pages_out"],
+            "removed": r["pages_in"] - r["pages_out"],
+            "precision": metrics["precision"].get(r["step"]),
+            "recall": metrics["recall"].get(r["step"]),
+        }
+        for r in metrics["funnel"]
+    ]
 
 
 def world_summary(world: World) -> dict:
     """The world in numbers."""
-    return {"people": len(world.people), "countries": len(world.countries), "cities": len(world.cities),
-            "companies": len(world.companies), "universities": len(world.universities),
-            "pages about people": sum(p.n_pages for p in world.people),
-            "people with no page": sum(p.n_pages == 0 for p in world.people),
-            "people by page bucket": {label: sum(bucket(p.n_pages) == label for p in world.people) for *_, label in BUCKETS}}
+    return {
+        "people": len(world.people),
+        "countries": len(world.countries),
+        "cities": len(world.cities),
+        "companies": len(world.companies),
+        "universities": len(world.universities),
+        "pages about people": sum(p.n_pages for p in world.people),
+        "people with no page": sum(p.n_pages == 0 for p in world.people),
+        "people by page bucket": {
+            label: sum(bucket(p.n_pages) == label for p in world.people) for *_, label in BUCKETS
+        },
+    }
 
 
 def one_per_genre(pages: list[dict]) -> dict[str, dict]:

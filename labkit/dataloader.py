@@ -62,8 +62,16 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
     """
     out_dir = Path(out_dir)
     eot = tokenizer.special_tokens[EOT]
-    made_from = fingerprint([len(pages), pages[0]["url"] if pages else None, sum(len(p["text"]) for p in pages),
-                             tokenizer.n_vocab, sorted(tokenizer.special_tokens.items()), val_fraction])
+    made_from = fingerprint(
+        [
+            len(pages),
+            pages[0]["url"] if pages else None,
+            sum(len(p["text"]) for p in pages),
+            tokenizer.n_vocab,
+            sorted(tokenizer.special_tokens.items()),
+            val_fraction,
+        ]
+    )
     meta_path = out_dir / "tokens.json"
     if meta_path.exists() and (meta := read_json(meta_path)).get("made_from") == made_from:
         return TokenFiles(out_dir / "train.bin", out_dir / "val.bin", meta)
@@ -77,7 +85,9 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
         raise ValueError(f"no pages left for training: {len(pages)} pages, val_fraction={val_fraction}")
 
     dtype = token_dtype(tokenizer.n_vocab)
-    meta = dict(made_from=made_from, dtype=np.dtype(dtype).name, n_vocab=tokenizer.n_vocab, eot=eot, val_fraction=val_fraction)
+    meta = dict(
+        made_from=made_from, dtype=np.dtype(dtype).name, n_vocab=tokenizer.n_vocab, eot=eot, val_fraction=val_fraction
+    )
     for split, docs in splits.items():
         ids: list[int] = []
         for page in docs:
@@ -86,8 +96,9 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
         array = np.array(ids, dtype=dtype)
         with atomic_path(out_dir / f"{split}.bin") as tmp:
             array.tofile(tmp)
-        meta[split] = dict(pages=len(docs), tokens=len(array),
-                           bytes=sum(len(document_text(p).encode("utf-8")) for p in docs))
+        meta[split] = dict(
+            pages=len(docs), tokens=len(array), bytes=sum(len(document_text(p).encode("utf-8")) for p in docs)
+        )
     write_json(meta_path, meta)
     return TokenFiles(out_dir / "train.bin", out_dir / "val.bin", meta)
 
@@ -108,8 +119,10 @@ class TokenWindows:
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(tokens) < block_size + 2:
-            raise ValueError(f"the token stream holds {len(tokens)} tokens, fewer than block_size + 2 = {block_size + 2}; "
-                             f"use more data or a smaller model.block_size")
+            raise ValueError(
+                f"the token stream holds {len(tokens)} tokens, fewer than block_size + 2 = {block_size + 2}; "
+                f"use more data or a smaller model.block_size"
+            )
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.rng = np.random.default_rng(seed)
 
@@ -125,7 +138,7 @@ class TokenWindows:
 
 
 def windows(tokens: np.ndarray, starts, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    chunk = torch.from_numpy(np.stack([tokens[s:s + block_size + 1].astype(np.int64) for s in starts]))
+    chunk = torch.from_numpy(np.stack([tokens[s : s + block_size + 1].astype(np.int64) for s in starts]))
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
@@ -135,13 +148,13 @@ def sequential_batches(tokens: np.ndarray, block_size: int, batch_size: int, max
     n = len(tokens) - 1
     starts = list(range(0, n, block_size))
     if max_batches is not None:
-        starts = starts[:max_batches * batch_size]
+        starts = starts[: max_batches * batch_size]
     for i in range(0, len(starts), batch_size):
-        group = starts[i:i + batch_size]
+        group = starts[i : i + batch_size]
         full = [s for s in group if s + block_size <= n]
         if full:
             yield windows(tokens, full, block_size)
         for s in group:
             if s + block_size > n:  # the short tail, alone
-                chunk = torch.from_numpy(tokens[s:n + 1].astype(np.int64))[None]
+                chunk = torch.from_numpy(tokens[s : n + 1].astype(np.int64))[None]
                 yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()

@@ -25,8 +25,13 @@ from .run import write_json
 from .train import fine_tuning, train
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO's sigmoid loss on summed completion log-probabilities. Returns (loss, chosen rewards,
     rejected rewards); the implicit reward of an answer is beta * (log pi - log pi_ref)."""
     chosen_logratios = policy_chosen - ref_chosen
@@ -41,9 +46,13 @@ def make_dpo_loss(beta: float):
         both = Completions(*(torch.cat(parts) for parts in zip(batch["chosen"], batch["rejected"])))
         logps = logprobs(model, both).sum(1)
         loss, chosen, rejected = dpo_loss(logps[:B], logps[B:], batch["ref_chosen"], batch["ref_rejected"], beta)
-        return loss, {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-                      "rewards/accuracy": (chosen > rejected).float().mean().item(),
-                      "rewards/margin": (chosen - rejected).mean().item()}
+        return loss, {
+            "rewards/chosen": chosen.mean().item(),
+            "rewards/rejected": rejected.mean().item(),
+            "rewards/accuracy": (chosen > rejected).float().mean().item(),
+            "rewards/margin": (chosen - rejected).mean().item(),
+        }
+
     return loss_fn
 
 
@@ -62,9 +71,17 @@ def train_dpo(sft, tokenizer, train_pairs, config, run, folder: Path, device: st
     policy, ref = copy.deepcopy(sft), copy.deepcopy(sft).to(device)
     examples = pair_examples(train_pairs, tokenizer, sft.config.block_size)
     batches = PairBatches(examples, d.batch_size, config.seed, pad, reference_logps(ref, examples, config.max_batch))
-    result = train(policy, make_dpo_loss(d.beta), batches,
-                   fine_tuning(config.train, steps=d.steps, batch_size=d.batch_size, learning_rate=d.learning_rate),
-                   device=device, checkpoint=folder / "train_state.pt", resume_key=resume_key, run=run, desc="dpo")
+    result = train(
+        policy,
+        make_dpo_loss(d.beta),
+        batches,
+        fine_tuning(config.train, steps=d.steps, batch_size=d.batch_size, learning_rate=d.learning_rate),
+        device=device,
+        checkpoint=folder / "train_state.pt",
+        resume_key=resume_key,
+        run=run,
+        desc="dpo",
+    )
     policy.eval()
     write_json(folder / "history.json", result.history)
     return policy, result.history

@@ -81,8 +81,8 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.max_length:
             raise ValueError(f"KV cache is full: {end} positions needed, room for {self.max_length}")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
@@ -168,9 +168,23 @@ def check_prompt(prompt: list[int], max_new_tokens: int, config) -> None:
 
 # --- 1. sampling ---------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None, num_samples=1,
-             stop_tokens=(), seed=None, on_token=None, use_cache=True, max_batch: int = MAX_BATCH) -> list[list[int]]:
+def generate(
+    model,
+    prompt,
+    max_new_tokens: int,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    num_samples=1,
+    stop_tokens=(),
+    seed=None,
+    on_token=None,
+    use_cache=True,
+    max_batch: int = MAX_BATCH,
+) -> list[list[int]]:
     """Sample `num_samples` continuations of `prompt` (a list of token ids, or a list of such
     lists) and return the new tokens of each sample (see the module docstring for the rules)."""
     if isinstance(prompt, torch.Tensor):
@@ -191,10 +205,19 @@ def generate(model, prompt, max_new_tokens: int, *, temperature=1.0, top_k=None,
     model.eval()  # no dropout while sampling
     try:
         for start in range(0, len(order), max_batch):
-            chunk = order[start:start + max_batch]
-            new = generate_batch(model, [rows[r] for r in chunk], max_new_tokens, temperature, top_k, top_p,
-                                 stop_tokens, generator, use_cache,
-                                 None if on_token is None else (lambda i, t, chunk=chunk: on_token(chunk[i], t)))
+            chunk = order[start : start + max_batch]
+            new = generate_batch(
+                model,
+                [rows[r] for r in chunk],
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                stop_tokens,
+                generator,
+                use_cache,
+                None if on_token is None else (lambda i, t, chunk=chunk: on_token(chunk[i], t)),
+            )
             for r, tokens in zip(chunk, new):
                 out[r] = tokens
         return out
@@ -202,8 +225,9 @@ def generate(model, prompt, max_new_tokens: int, *, temperature=1.0, top_k=None,
         model.train(was_training)
 
 
-def generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, use_cache,
-                   on_token) -> list[list[int]]:
+def generate_batch(
+    model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, use_cache, on_token
+) -> list[list[int]]:
     """One batch of rows, left-padded to the longest prompt; stopped rows leave the batch."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -215,7 +239,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, st
     stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         if use_cache:  # feed what the cache has not seen: the whole prompt first (prefill), then one token
-            hidden = model.hidden_states(sequence[:, cache.length:], kv_cache=cache)
+            hidden = model.hidden_states(sequence[:, cache.length :], kv_cache=cache)
         else:  # the slow way: the whole sequence again, through a cache that is thrown away
             hidden = model.hidden_states(sequence, kv_cache=KVCache(model.config.n_layer, sequence.size(1), cache.pad))
         logits = model.lm_head(hidden[:, -1, :])  # only the last position predicts the next token
@@ -239,10 +263,11 @@ def fit(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[i
     """(prompt, new tokens) that fit in the context: the reply gets at most half of it, and a
     prompt too long for the rest keeps its last tokens (the question's end and the template)."""
     budget = max(1, min(max_new_tokens, block_size // 2))
-    return prompt[-(block_size - budget):], budget
+    return prompt[-(block_size - budget) :], budget
 
 
 # --- 2. scoring ----------------------------------------------------------------------------------
+
 
 class Completions(NamedTuple):
     """Prompts and their completions as one right-padded batch (the model is causal: padding
@@ -289,12 +314,20 @@ def logprobs(model, batch: Completions, temperature: float = 1.0) -> torch.Tenso
 
 
 @torch.no_grad()
-def score(model, prompts: list[list[int]], completions: list[list[int]], *, temperature: float = 1.0,
-          max_batch: int = MAX_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def score(
+    model,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    *,
+    temperature: float = 1.0,
+    max_batch: int = MAX_BATCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of many completions, `max_batch` rows per forward pass.
     Returns (logps [N, T], mask [N, T]) with T the longest completion, on the model's device."""
     batch = pack(prompts, completions, next(model.parameters()).device)
-    logps = torch.cat([logprobs(model, batch.rows(part), temperature).float() for part in chunks(len(prompts), max_batch)])
+    logps = torch.cat(
+        [logprobs(model, batch.rows(part), temperature).float() for part in chunks(len(prompts), max_batch)]
+    )
     return logps, batch.mask
 
 
@@ -304,6 +337,7 @@ def chunks(n: int, size: int) -> list[slice]:
 
 
 # --- 3. replies ----------------------------------------------------------------------------------
+
 
 class Reply(NamedTuple):
     text: str  # what the assistant said, without any special token
@@ -329,8 +363,9 @@ def decode_reply(ids: list[int], tokenizer) -> Reply:
     return Reply(text, ended, body, len(ids) if cut is None else cut + 1)
 
 
-def replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *, max_batch: int = MAX_BATCH,
-            **sampling) -> list[Reply]:
+def replies(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *, max_batch: int = MAX_BATCH, **sampling
+) -> list[Reply]:
     """The assistant's replies to many conversations at once (greedy unless `sampling` says
     otherwise); a conversation too long for the context keeps its end."""
     from .chat import render_prompt
@@ -340,8 +375,9 @@ def replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: i
     if not fitted:
         return []
     sampling.setdefault("temperature", 0.0)
-    outputs = generate(model, [p for p, _ in fitted], fitted[0][1], stop_tokens=reply_stops(tokenizer),
-                       max_batch=max_batch, **sampling)
+    outputs = generate(
+        model, [p for p, _ in fitted], fitted[0][1], stop_tokens=reply_stops(tokenizer), max_batch=max_batch, **sampling
+    )
     return [decode_reply(ids, tokenizer) for ids in outputs]
 
 
@@ -381,8 +417,10 @@ def chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, **sa
         messages = messages[:1] + messages[2:] if keep_system else messages[1:]
         prompt = render_prompt(messages, tokenizer)
     if len(prompt) >= block:
-        raise ValueError(f"the message is {len(prompt)} tokens with the template, more than the model's "
-                         f"block_size={block} leaves room for; write a shorter message")
+        raise ValueError(
+            f"the message is {len(prompt)} tokens with the template, more than the model's "
+            f"block_size={block} leaves room for; write a shorter message"
+        )
     max_new_tokens = min(max_new_tokens, block - len(prompt))  # a long last message leaves a shorter reply
     sampling.setdefault("temperature", 0.0)
     ids = generate(model, prompt, max_new_tokens, stop_tokens=reply_stops(tokenizer), **sampling)[0]

@@ -65,6 +65,7 @@ STD_EPS = 1e-4  # TRL's constant: advantages / (std + 1e-4)
 
 # --- the algorithm -----------------------------------------------------------------------------------
 
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True):
     """Rewards [B] (B = prompts * G, grouped prompt by prompt) -> (advantages [B], zero-variance
     flag per group [B // G]). The std is the unbiased one (Bessel's correction), as TRL's `nanstd`."""
@@ -77,8 +78,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool
     return advantages.view(-1), zero_variance
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon=0.2, epsilon_high=None, beta=0.0,
-              loss_type="grpo", max_completion_length=None, n_rows=None, n_tokens=None):
+def grpo_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    *,
+    epsilon=0.2,
+    epsilon_high=None,
+    beta=0.0,
+    loss_type="grpo",
+    max_completion_length=None,
+    n_rows=None,
+    n_tokens=None,
+):
     """The clipped policy loss with a k3 KL penalty, per token, normalised by `loss_type`.
 
     logps, old_logps, ref_logps, mask: [B, T] (completion tokens; mask 1 on real tokens);
@@ -110,12 +124,15 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon=0.2, eps
         raise ValueError(f"loss_type={loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
     with torch.no_grad():  # token means over the whole batch, as the loss's normaliser
         is_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
-        stats = dict(clip_fraction=((is_clipped * mask).sum() / n_tokens).item(),
-                     kl=((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0)
+        stats = dict(
+            clip_fraction=((is_clipped * mask).sum() / n_tokens).item(),
+            kl=((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0,
+        )
     return loss, stats
 
 
 # --- sampling and scoring ----------------------------------------------------------------------------
+
 
 def prompt_ids(task: dict, tokenizer, prefill: str = "") -> list[int]:
     """The task as a one-message conversation, ready for the assistant's reply (and, for the
@@ -123,14 +140,23 @@ def prompt_ids(task: dict, tokenizer, prefill: str = "") -> list[int]:
     return render_prompt([{"role": "user", "content": task["prompt"]}], tokenizer) + tokenizer.encode(prefill)
 
 
-def sample_groups(model, tokenizer, tasks: list[dict], cfg: GRPOConfig, seed: int | None = None,
-                  max_batch: int = 64) -> list[dict]:
+def sample_groups(
+    model, tokenizer, tasks: list[dict], cfg: GRPOConfig, seed: int | None = None, max_batch: int = 64
+) -> list[dict]:
     """G sampled replies to each task, all in one batched generation: one dict per sample with the
     task, prompt and reply ids, text, and whether it ended. Samples come task by task (the group
     layout of the advantages)."""
     fitted = [fit(prompt_ids(task, tokenizer), cfg.max_new_tokens, model.config.block_size) for task in tasks]
-    rows = generate(model, [p for p, _ in fitted], fitted[0][1], temperature=cfg.temperature,
-                    num_samples=cfg.num_generations, stop_tokens=reply_stops(tokenizer), seed=seed, max_batch=max_batch)
+    rows = generate(
+        model,
+        [p for p, _ in fitted],
+        fitted[0][1],
+        temperature=cfg.temperature,
+        num_samples=cfg.num_generations,
+        stop_tokens=reply_stops(tokenizer),
+        seed=seed,
+        max_batch=max_batch,
+    )
     samples = []
     for i, ids in enumerate(rows):
         task, prompt = tasks[i // cfg.num_generations], fitted[i // cfg.num_generations][0]
@@ -150,33 +176,45 @@ def score_groups(samples: list[dict], weights: dict[str, float], group_size: int
     return zero_variance
 
 
-def greedy_replies(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "",
-                   max_batch: int = 64) -> list[dict]:
+def greedy_replies(
+    model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "", max_batch: int = 64
+) -> list[dict]:
     """Greedy replies to many tasks, in batches: text, ended, tokens."""
     if not tasks:
         return []
     fitted = [fit(prompt_ids(t, tokenizer, prefill), max_new_tokens, model.config.block_size) for t in tasks]
-    outputs = generate(model, [p for p, _ in fitted], fitted[0][1], temperature=0, stop_tokens=reply_stops(tokenizer),
-                       max_batch=max_batch)
+    outputs = generate(
+        model,
+        [p for p, _ in fitted],
+        fitted[0][1],
+        temperature=0,
+        stop_tokens=reply_stops(tokenizer),
+        max_batch=max_batch,
+    )
     replies = [decode_reply(ids, tokenizer) for ids in outputs]
     return [dict(reply=f"{prefill} {r.text}" if prefill else r.text, ended=r.ended, tokens=r.tokens) for r in replies]
 
 
-def pass_at_1(model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "",
-              max_batch: int = 64) -> tuple[list[dict], dict]:
+def pass_at_1(
+    model, tokenizer, tasks: list[dict], max_new_tokens: int, prefill: str = "", max_batch: int = 64
+) -> tuple[list[dict], dict]:
     """Greedy replies to the held-out problems, judged by the `correct` rule: (rows, summary)
     where summary has pass_at_1 overall and per task, n per task and the mean reply length."""
     replies = greedy_replies(model, tokenizer, tasks, max_new_tokens, prefill, max_batch)
     _, per_reward = combine([r["reply"] for r in replies], tasks, {"correct": 1.0})
-    rows = [dict(r, task=t["task"], key=t["key"], answer=t["answer"], correct=bool(c))
-            for t, r, c in zip(tasks, replies, per_reward["correct"])]
+    rows = [
+        dict(r, task=t["task"], key=t["key"], answer=t["answer"], correct=bool(c))
+        for t, r, c in zip(tasks, replies, per_reward["correct"])
+    ]
     by_task = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r["correct"])
-    summary = dict(pass_at_1=_share(r["correct"] for r in rows),
-                   pass_at_1_by_task={k: _share(v) for k, v in by_task.items()},
-                   n_by_task={k: len(v) for k, v in by_task.items()},
-                   mean_response_tokens=round(sum(r["tokens"] for r in rows) / max(1, len(rows)), 2))
+    summary = dict(
+        pass_at_1=_share(r["correct"] for r in rows),
+        pass_at_1_by_task={k: _share(v) for k, v in by_task.items()},
+        n_by_task={k: len(v) for k, v in by_task.items()},
+        mean_response_tokens=round(sum(r["tokens"] for r in rows) / max(1, len(rows)), 2),
+    )
     return rows, summary
 
 
@@ -186,6 +224,7 @@ def _share(flags) -> float:
 
 
 # --- training ----------------------------------------------------------------------------------------
+
 
 def grpo_backward(model, batch: Completions, advantages, old_logps, ref_logps, cfg: GRPOConfig, dtype=None) -> dict:
     """GRPO's loss on one batch of samples and its gradients, accumulated over micro-batches of
@@ -198,17 +237,35 @@ def grpo_backward(model, batch: Completions, advantages, old_logps, ref_logps, c
         with autocast(str(micro.ids.device), dtype):
             logps = logprobs(model, micro, temperature=cfg.temperature)
         loss, micro_stats = grpo_loss(
-            logps, logps.detach() if old_logps is None else old_logps[part], None if ref_logps is None else ref_logps[part],
-            advantages[part], micro.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-            loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens, n_rows=n_rows, n_tokens=n_tokens)
+            logps,
+            logps.detach() if old_logps is None else old_logps[part],
+            None if ref_logps is None else ref_logps[part],
+            advantages[part],
+            micro.mask,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_new_tokens,
+            n_rows=n_rows,
+            n_tokens=n_tokens,
+        )
         loss.backward()
         for k, v in dict(micro_stats, loss=loss.item()).items():
             stats[k] += v
     return dict(stats)
 
 
-def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig, grad_clip: float = 1.0,
-              dtype=None, max_batch: int = 64) -> dict:
+def grpo_step(
+    model,
+    ref_model,
+    optimizer,
+    samples: list[dict],
+    cfg: GRPOConfig,
+    grad_clip: float = 1.0,
+    dtype=None,
+    max_batch: int = 64,
+) -> dict:
     """Optimizer steps (`num_iterations` of them) on one batch of scored groups; returns stats.
     Every log-probability is taken at the sampling temperature (the KL to the reference too)."""
     prompts, completions = [s["prompt"] for s in samples], [s["ids"] for s in samples]
@@ -234,10 +291,27 @@ def grpo_step(model, ref_model, optimizer, samples: list[dict], cfg: GRPOConfig,
     return dict(stats)
 
 
-def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: GRPOConfig, weights: dict[str, float], *,
-               seed: int = 0, device: str = "cpu", grad_clip: float = 1.0, betas=(0.9, 0.99), run: Run | None = None,
-               checkpoint=None, resume_key: str | None = None, on_step: Callable[[dict], None] | None = None,
-               keep_groups: int = 3, stop_at_step: int | None = None, dtype=None, max_batch: int = 64) -> dict:
+def train_grpo(
+    model,
+    tokenizer,
+    stream: TaskStream,
+    heldout: list[dict],
+    cfg: GRPOConfig,
+    weights: dict[str, float],
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    grad_clip: float = 1.0,
+    betas=(0.9, 0.99),
+    run: Run | None = None,
+    checkpoint=None,
+    resume_key: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    keep_groups: int = 3,
+    stop_at_step: int | None = None,
+    dtype=None,
+    max_batch: int = 64,
+) -> dict:
     """GRPO from `model` (the reference is a frozen copy of it as given). Returns history and groups.
     `dtype`: the autocast dtype (bf16 on CUDA); `max_batch`: rows per pass when sampling and scoring."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None
@@ -252,9 +326,20 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
 
     def save():
         if checkpoint is not None:
-            save_checkpoint(checkpoint, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                             history=history, groups=groups, seconds=seconds, rng=rng_state(),
-                                             stream=stream.state_dict(), resume_key=resume_key))
+            save_checkpoint(
+                checkpoint,
+                dict(
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    history=history,
+                    groups=groups,
+                    seconds=seconds,
+                    rng=rng_state(),
+                    stream=stream.state_dict(),
+                    resume_key=resume_key,
+                ),
+            )
 
     last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
     from tqdm.auto import tqdm
@@ -271,16 +356,24 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
         stats = grpo_step(model, ref_model, optimizer, samples, cfg, grad_clip, dtype, max_batch)
         step += 1
         seconds += time.perf_counter() - start
-        row = dict(step=step, lr=lr, reward=_mean(s["reward"] for s in samples),
-                   **{f"reward_{name}": _mean(s["rewards"][name] for s in samples) for name in weights},
-                   response_tokens=_mean(len(s["ids"]) for s in samples),
-                   zero_variance_fraction=round(zero_variance.float().mean().item(), 4),
-                   zero_variance_groups=int(zero_variance.sum().item()), groups=len(tasks), **stats)
+        row = dict(
+            step=step,
+            lr=lr,
+            reward=_mean(s["reward"] for s in samples),
+            **{f"reward_{name}": _mean(s["rewards"][name] for s in samples) for name in weights},
+            response_tokens=_mean(len(s["ids"]) for s in samples),
+            zero_variance_fraction=round(zero_variance.float().mean().item(), 4),
+            zero_variance_groups=int(zero_variance.sum().item()),
+            groups=len(tasks),
+            **stats,
+        )
         if step == 1 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             _, summary = pass_at_1(model, tokenizer, heldout, cfg.max_new_tokens, max_batch=max_batch)
             row.update(pass_at_1=summary["pass_at_1"], heldout_response_tokens=summary["mean_response_tokens"])
-            groups += [dict(step=step, **group_view(samples, g, cfg.num_generations))
-                       for g in range(min(keep_groups, len(tasks)))]
+            groups += [
+                dict(step=step, **group_view(samples, g, cfg.num_generations))
+                for g in range(min(keep_groups, len(tasks)))
+            ]
         history.append(row)
         if run is not None:
             run.log({f"grpo/{k}": v for k, v in row.items() if k != "step"}, step=step)
@@ -300,11 +393,24 @@ def train_grpo(model, tokenizer, stream: TaskStream, heldout: list[dict], cfg: G
 
 def group_view(samples: list[dict], g: int, group_size: int) -> dict:
     """One prompt's group, JSON-able: the prompt, the answer, and each sample's text, rewards, advantage."""
-    rows = samples[g * group_size:(g + 1) * group_size]
+    rows = samples[g * group_size : (g + 1) * group_size]
     task = rows[0]["task"]
-    return dict(task=task["task"], prompt=task["prompt"], answer=task["answer"],
-                samples=[dict(text=s["text"], reward=s["reward"], rewards=s["rewards"], advantage=round(s["advantage"], 4),
-                              tokens=len(s["ids"]), ended=s["ended"]) for s in rows])
+    return dict(
+        task=task["task"],
+        prompt=task["prompt"],
+        answer=task["answer"],
+        samples=[
+            dict(
+                text=s["text"],
+                reward=s["reward"],
+                rewards=s["rewards"],
+                advantage=round(s["advantage"], 4),
+                tokens=len(s["ids"]),
+                ended=s["ended"],
+            )
+            for s in rows
+        ],
+    )
 
 
 def _mean(values) -> float:
@@ -314,6 +420,7 @@ def _mean(values) -> float:
 
 # --- the stage ---------------------------------------------------------------------------------------
 
+
 def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
     """(training stream, held-out problems): generated from the world, or split from a GSM8K-format source."""
     g = config.grpo
@@ -322,14 +429,17 @@ def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
         return TaskStream(names, config.seed, world), heldout_problems(names, g.n_heldout, config.seed, world)
     rows = load_gsm8k(g.source)
     if len(rows) < 2:
-        raise ValueError(f"grpo.source={g.source!r} holds {len(rows)} problem; at least 2 are needed (train and held-out)")
+        raise ValueError(
+            f"grpo.source={g.source!r} holds {len(rows)} problem; at least 2 are needed (train and held-out)"
+        )
     random.Random(config.seed).shuffle(rows)
     n = min(g.n_heldout, len(rows) // 2)
     return TaskStream(["gsm8k"], config.seed, pool=rows[n:]), rows[:n]
 
 
-def cold_start(model, tokenizer, stream: TaskStream, config: Config, device: str, run: Run, checkpoint,
-               resume_key: str) -> dict:
+def cold_start(
+    model, tokenizer, stream: TaskStream, config: Config, device: str, run: Run, checkpoint, resume_key: str
+) -> dict:
     """DeepSeek-R1's cold start: before RL, a short SFT on worked solutions of training problems, so
     that the policy writes the steps in the checked format often enough for some samples to be right.
     (RL can only reinforce what the policy already does now and then.)"""
@@ -339,18 +449,33 @@ def cold_start(model, tokenizer, stream: TaskStream, config: Config, device: str
     from .sft import finetune
 
     problems = stream.fork("cold-start").next(g.cold_start_steps * s.batch_size)
-    conversations = [dict(messages=[dict(role="user", content=t["prompt"]), dict(role="assistant", content=t["solution"])])
-                     for t in problems]
+    conversations = [
+        dict(messages=[dict(role="user", content=t["prompt"]), dict(role="assistant", content=t["solution"])])
+        for t in problems
+    ]
     keep = model.config.block_size + 1
 
     def render_end(messages, tokenizer):  # too long for the context: keep the end, as `fit` does when sampling
         ids, mask = render(messages, tokenizer)
         return ids[-keep:], mask[-keep:]
 
-    result, _ = finetune(model, conversations, tokenizer, config, steps=g.cold_start_steps, batch_size=s.batch_size,
-                         learning_rate=g.cold_start_learning_rate, min_lr=g.cold_start_learning_rate / 10,
-                         warmup_steps=s.warmup_steps, device=device, run=run, checkpoint=checkpoint,
-                         resume_key=resume_key, desc="grpo: cold start", renderer=render_end)
+    result, _ = finetune(
+        model,
+        conversations,
+        tokenizer,
+        config,
+        steps=g.cold_start_steps,
+        batch_size=s.batch_size,
+        learning_rate=g.cold_start_learning_rate,
+        min_lr=g.cold_start_learning_rate / 10,
+        warmup_steps=s.warmup_steps,
+        device=device,
+        run=run,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
+        desc="grpo: cold start",
+        renderer=render_end,
+    )
     return dict(steps=result.step, problems=len({t["key"] for t in problems}), seconds=round(result.train_seconds, 2))
 
 
@@ -381,15 +506,31 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     weights = parse_weights(g.rewards)
 
     sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch)
-    warm = cold_start(model, tokenizer, stream, config, device, run, out / "cold_start_state.pt", made_from + "-cold-start")
+    warm = cold_start(
+        model, tokenizer, stream, config, device, run, out / "cold_start_state.pt", made_from + "-cold-start"
+    )
     # without a cold start GRPO starts from the SFT model: no need to measure it twice
-    before_rows, before = (pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"]
-                           else (sft_rows, sft))
+    before_rows, before = (
+        pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"] else (sft_rows, sft)
+    )
     _, immediate_before = pass_at_1(model, tokenizer, heldout, 8, prefill="The answer is", max_batch=batch)
-    result = train_grpo(model, tokenizer, stream, heldout, g, weights, seed=config.seed, device=device,
-                        grad_clip=config.train.grad_clip, betas=(config.train.beta1, config.train.beta2), run=run,
-                        checkpoint=out / "train_state.pt", resume_key=made_from,
-                        dtype=autocast_dtype(config.train, device), max_batch=batch)
+    result = train_grpo(
+        model,
+        tokenizer,
+        stream,
+        heldout,
+        g,
+        weights,
+        seed=config.seed,
+        device=device,
+        grad_clip=config.train.grad_clip,
+        betas=(config.train.beta1, config.train.beta2),
+        run=run,
+        checkpoint=out / "train_state.pt",
+        resume_key=made_from,
+        dtype=autocast_dtype(config.train, device),
+        max_batch=batch,
+    )
     model.eval()
     save_model(out / "model.pt", model, dict(step=result["step"]))
     after_rows, after = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch)
@@ -397,27 +538,54 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     history = result["history"]
     write_json(out / "history.json", history)
     write_json(out / "groups.json", result["groups"])
-    atomic_write(out / "heldout.jsonl", "".join(
-        json.dumps(dict(task=t["task"], prompt=t["prompt"], answer=t["answer"], before=b["reply"], before_correct=b["correct"],
-                        after=a["reply"], after_correct=a["correct"])) + "\n"
-        for t, b, a in zip(heldout, before_rows, after_rows)))
+    atomic_write(
+        out / "heldout.jsonl",
+        "".join(
+            json.dumps(
+                dict(
+                    task=t["task"],
+                    prompt=t["prompt"],
+                    answer=t["answer"],
+                    before=b["reply"],
+                    before_correct=b["correct"],
+                    after=a["reply"],
+                    after_correct=a["correct"],
+                )
+            )
+            + "\n"
+            for t, b, a in zip(heldout, before_rows, after_rows)
+        ),
+    )
     n_groups = sum(r["groups"] for r in history)
     return dict(
-        pass_at_1_sft=sft["pass_at_1"], pass_at_1_sft_by_task=sft["pass_at_1_by_task"],
-        cold_start_steps=warm["steps"], cold_start_problems=warm["problems"], cold_start_seconds=warm["seconds"],
-        pass_at_1_before=before["pass_at_1"], pass_at_1_after=after["pass_at_1"],
-        pass_at_1_before_by_task=before["pass_at_1_by_task"], pass_at_1_after_by_task=after["pass_at_1_by_task"],
-        n_heldout=len(heldout), n_heldout_by_task=before["n_by_task"],
+        pass_at_1_sft=sft["pass_at_1"],
+        pass_at_1_sft_by_task=sft["pass_at_1_by_task"],
+        cold_start_steps=warm["steps"],
+        cold_start_problems=warm["problems"],
+        cold_start_seconds=warm["seconds"],
+        pass_at_1_before=before["pass_at_1"],
+        pass_at_1_after=after["pass_at_1"],
+        pass_at_1_before_by_task=before["pass_at_1_by_task"],
+        pass_at_1_after_by_task=after["pass_at_1_by_task"],
+        n_heldout=len(heldout),
+        n_heldout_by_task=before["n_by_task"],
         mean_response_tokens=after["mean_response_tokens"],
-        mean_response_tokens_before=before["mean_response_tokens"], mean_response_tokens_after=after["mean_response_tokens"],
-        immediate_pass_at_1_before=immediate_before["pass_at_1"], immediate_pass_at_1_after=immediate_after["pass_at_1"],
+        mean_response_tokens_before=before["mean_response_tokens"],
+        mean_response_tokens_after=after["mean_response_tokens"],
+        immediate_pass_at_1_before=immediate_before["pass_at_1"],
+        immediate_pass_at_1_after=immediate_after["pass_at_1"],
         immediate_pass_at_1_before_by_task=immediate_before["pass_at_1_by_task"],
         immediate_pass_at_1_after_by_task=immediate_after["pass_at_1_by_task"],
         zero_variance_group_fraction=round(sum(r["zero_variance_groups"] for r in history) / max(1, n_groups), 4),
-        reward_first=history[0]["reward"] if history else None, reward_last=history[-1]["reward"] if history else None,
+        reward_first=history[0]["reward"] if history else None,
+        reward_last=history[-1]["reward"] if history else None,
         kl_last=history[-1]["kl"] if history else None,
-        steps=result["step"], samples=n_groups * g.num_generations, train_seconds=round(result["seconds"], 2),
-        source=g.source, tasks=g.tasks if g.source == "mini-web" else "gsm8k", device=device,
+        steps=result["step"],
+        samples=n_groups * g.num_generations,
+        train_seconds=round(result["seconds"], 2),
+        source=g.source,
+        tasks=g.tasks if g.source == "mini-web" else "gsm8k",
+        device=device,
         seconds=round(time.time() - start, 2),
     )
 

@@ -59,6 +59,7 @@ VERDICTS = ("correct", "idk", "wrong")
 
 # --- judging ------------------------------------------------------------------------------------
 
+
 def says_idk(reply: str) -> bool:
     """The reply declines: it says it does not know (or refuses, as a harmful request would be)."""
     return IDK_PATTERN.search(reply) is not None or refuses(reply)
@@ -77,7 +78,9 @@ def is_right(verdict: str, n_pages: int) -> bool:
     return verdict == ("idk" if n_pages == 0 else "correct")
 
 
-_TEMPLATE_WORDS = {w.lower() for a in ANSWERS.values() for t in a for w in re.findall(r"\w+", re.sub(r"\{\w+\}", "", t))}
+_TEMPLATE_WORDS = {
+    w.lower() for a in ANSWERS.values() for t in a for w in re.findall(r"\w+", re.sub(r"\{\w+\}", "", t))
+}
 
 
 def claim(reply: str, name: str) -> str:
@@ -91,6 +94,7 @@ def claim(reply: str, name: str) -> str:
 
 # --- the questions --------------------------------------------------------------------------------
 
+
 def probe_questions(people: list[Person], seed: int, heldout_phrasing: bool = True, tag: str = "probe") -> list[dict]:
     """Every fact of every person, one phrasing each (the SFT stage's held-out phrasings by default)."""
     rng = random.Random(f"{seed}-{tag}")
@@ -99,8 +103,16 @@ def probe_questions(people: list[Person], seed: int, heldout_phrasing: bool = Tr
         first = person.name.split()[0]
         for fact in FACTS:
             question = rng.choice(QUESTIONS[fact][heldout_phrasing]).format(name=person.name, first=first)
-            rows.append(dict(name=person.name, fact=fact, truth=person.fact(fact), n_pages=person.n_pages,
-                             bucket=bucket(person.n_pages), question=question))
+            rows.append(
+                dict(
+                    name=person.name,
+                    fact=fact,
+                    truth=person.fact(fact),
+                    n_pages=person.n_pages,
+                    bucket=bucket(person.n_pages),
+                    question=question,
+                )
+            )
     return rows
 
 
@@ -112,6 +124,7 @@ def heldout_people(world: World, config: Config) -> list[Person]:
 
 # --- answering: greedy, sampled, and how sure -------------------------------------------------------
 
+
 def with_probabilities(model, tokenizer, rows: list[dict], max_batch: int = 64) -> list[dict]:
     """Add to each row (holding `prompt_ids` and `answer_ids`) its answer's tokens, the probability
     the model gave each, and their geometric mean (`confidence`). An empty answer is judged by the
@@ -120,10 +133,10 @@ def with_probabilities(model, tokenizer, rows: list[dict], max_batch: int = 64) 
     answers = [r["answer_ids"] or [end] for r in rows]
     logps, _ = score(model, [r["prompt_ids"] for r in rows], answers, max_batch=max_batch) if rows else (None, None)
     for i, (row, answer) in enumerate(zip(rows, answers)):
-        probs = logps[i, :len(answer)].exp().tolist()
+        probs = logps[i, : len(answer)].exp().tolist()
         row["tokens"] = [tokenizer.decode([t]) for t in row["answer_ids"]]
-        row["token_probs"] = [round(q, 4) for q in probs[:len(row["answer_ids"])]]
-        row["confidence"] = confidence(probs[:len(row["answer_ids"])] or probs)
+        row["token_probs"] = [round(q, 4) for q in probs[: len(row["answer_ids"])]]
+        row["confidence"] = confidence(probs[: len(row["answer_ids"])] or probs)
     return rows
 
 
@@ -132,26 +145,55 @@ def confidence(probs: list[float]) -> float | None:
     return round(float(torch.tensor(probs).log().mean().exp()), 4) if probs else None
 
 
-def probe(model, tokenizer, rows: list[dict], max_new_tokens: int, n_samples: int = 0, temperature: float = 1.0,
-          seed: int = 0, max_batch: int = 64) -> list[dict]:
+def probe(
+    model,
+    tokenizer,
+    rows: list[dict],
+    max_new_tokens: int,
+    n_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_batch: int = 64,
+) -> list[dict]:
     """Ask every question (greedy), judge the answer; with `n_samples`, also sample that many answers
     and measure how often they make the same claim (consistency)."""
     if not rows:
         return []
     block = model.config.block_size
-    fitted = [fit(render_prompt([{"role": "user", "content": r["question"]}], tokenizer), max_new_tokens, block)
-              for r in rows]
+    fitted = [
+        fit(render_prompt([{"role": "user", "content": r["question"]}], tokenizer), max_new_tokens, block) for r in rows
+    ]
     prompts, budget = [p for p, _ in fitted], fitted[0][1]
-    replies = [decode_reply(ids, tokenizer) for ids in generate(
-        model, prompts, budget, temperature=0, stop_tokens=reply_stops(tokenizer), max_batch=max_batch)]
-    out = [dict(r, answer=reply.text, verdict=judge(reply.text, r["truth"], r["n_pages"]), prompt_ids=prompt,
-                answer_ids=reply.ids) for r, reply, prompt in zip(rows, replies, prompts)]
+    replies = [
+        decode_reply(ids, tokenizer)
+        for ids in generate(
+            model, prompts, budget, temperature=0, stop_tokens=reply_stops(tokenizer), max_batch=max_batch
+        )
+    ]
+    out = [
+        dict(
+            r,
+            answer=reply.text,
+            verdict=judge(reply.text, r["truth"], r["n_pages"]),
+            prompt_ids=prompt,
+            answer_ids=reply.ids,
+        )
+        for r, reply, prompt in zip(rows, replies, prompts)
+    ]
     with_probabilities(model, tokenizer, out, max_batch)
     if n_samples:
-        drawn = generate(model, prompts, budget, temperature=temperature, num_samples=n_samples,
-                         stop_tokens=reply_stops(tokenizer), seed=seed, max_batch=max_batch)
+        drawn = generate(
+            model,
+            prompts,
+            budget,
+            temperature=temperature,
+            num_samples=n_samples,
+            stop_tokens=reply_stops(tokenizer),
+            seed=seed,
+            max_batch=max_batch,
+        )
         for i, row in enumerate(out):
-            texts = [decode_reply(ids, tokenizer).text for ids in drawn[i * n_samples:(i + 1) * n_samples]]
+            texts = [decode_reply(ids, tokenizer).text for ids in drawn[i * n_samples : (i + 1) * n_samples]]
             claims = [claim(t, row["name"]) for t in texts]
             row["samples"] = texts
             row["sample_verdicts"] = [judge(t, row["truth"], row["n_pages"]) for t in texts]
@@ -161,17 +203,40 @@ def probe(model, tokenizer, rows: list[dict], max_new_tokens: int, n_samples: in
     return out
 
 
-def probe_with_search(model, tokenizer, index, rows: list[dict], max_new_tokens: int, max_chars: int,
-                      queries: list[str] | None = None, max_batch: int = 64) -> list[dict]:
+def probe_with_search(
+    model,
+    tokenizer,
+    index,
+    rows: list[dict],
+    max_new_tokens: int,
+    max_chars: int,
+    queries: list[str] | None = None,
+    max_batch: int = 64,
+) -> list[dict]:
     """`probe` for the search model: it may call the tool once (`search.answer_with_search`)."""
-    answers = answer_with_search(model, tokenizer, index, [r["question"] for r in rows], max_new_tokens, max_chars,
-                                 queries=queries, max_batch=max_batch)
+    answers = answer_with_search(
+        model,
+        tokenizer,
+        index,
+        [r["question"] for r in rows],
+        max_new_tokens,
+        max_chars,
+        queries=queries,
+        max_batch=max_batch,
+    )
     with_probabilities(model, tokenizer, answers, max_batch)
-    return [dict(r, **{k: v for k, v in a.items() if k not in ("question", "prompt_ids", "answer_ids")},
-                 verdict=judge(a["answer"], r["truth"], r["n_pages"])) for r, a in zip(rows, answers)]
+    return [
+        dict(
+            r,
+            **{k: v for k, v in a.items() if k not in ("question", "prompt_ids", "answer_ids")},
+            verdict=judge(a["answer"], r["truth"], r["n_pages"]),
+        )
+        for r, a in zip(rows, answers)
+    ]
 
 
 # --- summaries ---------------------------------------------------------------------------------------
+
 
 def _share(flags) -> float | None:
     flags = list(flags)
@@ -205,8 +270,10 @@ def summarize(rows: list[dict]) -> dict:
 def signals(rows: list[dict]) -> dict:
     """Mean confidence and consistency of the greedy answers, by verdict: are hallucinations less sure?"""
     by = {v: [r for r in rows if r["verdict"] == v] for v in VERDICTS}
-    return dict(confidence_by_verdict={v: _mean(r["confidence"] for r in rs) for v, rs in by.items()},
-                consistency_by_verdict={v: _mean(r.get("consistency") for r in rs) for v, rs in by.items()})
+    return dict(
+        confidence_by_verdict={v: _mean(r["confidence"] for r in rs) for v, rs in by.items()},
+        consistency_by_verdict={v: _mean(r.get("consistency") for r in rs) for v, rs in by.items()},
+    )
 
 
 def compare(before: list[dict], after: list[dict]) -> dict:
@@ -222,12 +289,16 @@ def compare(before: list[dict], after: list[dict]) -> dict:
 
     idk = rows_of((b, a, b["verdict"] != "correct") for b, a in pairs if a["verdict"] == "idk")
     known = rows_of((b, a, a["verdict"] == "correct") for b, a in pairs if b["verdict"] == "correct")
-    return dict(idk_precision=per_bucket(idk, lambda rs: _share(r["ok"] for r in rs)), n_idk_after=per_bucket(idk, len),
-                known_recall_after=per_bucket(known, lambda rs: _share(r["ok"] for r in rs)),
-                n_known_before=per_bucket(known, len))
+    return dict(
+        idk_precision=per_bucket(idk, lambda rs: _share(r["ok"] for r in rs)),
+        n_idk_after=per_bucket(idk, len),
+        known_recall_after=per_bucket(known, lambda rs: _share(r["ok"] for r in rs)),
+        n_known_before=per_bucket(known, len),
+    )
 
 
 # --- mitigation 1: "I don't know" where the model was wrong --------------------------------------------
+
 
 def idk_conversations(probed: list[dict], world: World, n: int, seed: int, heldout_fraction: float) -> list[dict]:
     """The refusal fine-tuning data, `n` conversations: questions the model got wrong (training
@@ -250,8 +321,14 @@ def idk_conversations(probed: list[dict], world: World, n: int, seed: int, heldo
         slots = dict(vars(person), first=person.name.split()[0])
         question = rng.choice(QUESTIONS[r["fact"]][0]).format(**slots)
         answer = rng.choice(IDK_ANSWERS if answer_idk else ANSWERS[r["fact"]]).format(**slots)
-        out.append(dict(kind="idk" if answer_idk else "qa", name=r["name"], fact=r["fact"],
-                        messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]))
+        out.append(
+            dict(
+                kind="idk" if answer_idk else "qa",
+                name=r["name"],
+                fact=r["fact"],
+                messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            )
+        )
     out += make_conversations(world, max(1, n_regular), seed + 1, False, heldout_fraction)[:n_regular]
     rng.shuffle(out)
     return out
@@ -259,16 +336,42 @@ def idk_conversations(probed: list[dict], world: World, n: int, seed: int, heldo
 
 # --- fine-tuning ------------------------------------------------------------------------------------
 
-def finetune(model, conversations: list[dict], tokenizer, config: Config, steps: int, device: str, run: Run,
-             checkpoint, resume_key: str, desc: str):
+
+def finetune(
+    model,
+    conversations: list[dict],
+    tokenizer,
+    config: Config,
+    steps: int,
+    device: str,
+    run: Run,
+    checkpoint,
+    resume_key: str,
+    desc: str,
+):
     """The SFT recipe on `conversations` (tool messages rendered), with this stage's settings."""
     h = config.halluc
-    return sft_finetune(model, conversations, tokenizer, config, steps=steps, batch_size=h.batch_size,
-                        learning_rate=h.learning_rate, min_lr=h.min_lr, warmup_steps=h.warmup_steps, device=device,
-                        run=run, checkpoint=checkpoint, resume_key=resume_key, desc=desc, renderer=render_tools)
+    return sft_finetune(
+        model,
+        conversations,
+        tokenizer,
+        config,
+        steps=steps,
+        batch_size=h.batch_size,
+        learning_rate=h.learning_rate,
+        min_lr=h.min_lr,
+        warmup_steps=h.warmup_steps,
+        device=device,
+        run=run,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
+        desc=desc,
+        renderer=render_tools,
+    )
 
 
 # --- the stage ------------------------------------------------------------------------------------------
+
 
 def build(config: Config, run: Run, made_from: str) -> dict:
     """Probe the SFT model, fine-tune it to say "I don't know" and, separately, to search; measure all three.
@@ -280,7 +383,9 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     h, out, device = config.halluc, run.stage_dir("halluc"), resolve_device(config.device)
     world = read_world(run)
     if world is None:
-        raise ConfigError("the halluc stage needs the mini-web's world (data.source='mini-web'): its facts judge the answers")
+        raise ConfigError(
+            "the halluc stage needs the mini-web's world (data.source='mini-web'): its facts judge the answers"
+        )
     tokenizer = Tokenizer.load(run.path / "tokenizer")
     sft_path = model_path(run, "sft")
     sft = load_model(sft_path, device)
@@ -293,56 +398,99 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     write_jsonl(out / "probe_before.jsonl", before)
 
     # mitigation 1: "I don't know" wherever it was wrong about training people
-    probed_train = probe(sft, tokenizer, probe_questions(train_people, config.seed, False, "train"), h.max_new_tokens,
-                         max_batch=batch)
+    probed_train = probe(
+        sft, tokenizer, probe_questions(train_people, config.seed, False, "train"), h.max_new_tokens, max_batch=batch
+    )
     write_jsonl(out / "probe_train.jsonl", probed_train)
     idk_rows = idk_conversations(probed_train, world, h.idk_conversations, config.seed, config.sft.heldout_people)
     write_jsonl(out / "idk_train.jsonl", idk_rows)
     idk_model = load_model(sft_path, device)
-    idk_result, n_idk = finetune(idk_model, idk_rows, tokenizer, config, h.idk_steps, device, run, out / "idk_state.pt",
-                                 key + "-idk", "halluc: I don't know")
+    idk_result, n_idk = finetune(
+        idk_model,
+        idk_rows,
+        tokenizer,
+        config,
+        h.idk_steps,
+        device,
+        run,
+        out / "idk_state.pt",
+        key + "-idk",
+        "halluc: I don't know",
+    )
     save_model(out / "idk" / "model.pt", idk_model, dict(step=idk_result.step))
-    save_model(out / "model.pt", idk_model, dict(step=idk_result.step))  # `labkit chat --model halluc` (plain chat, no tool)
+    save_model(
+        out / "model.pt", idk_model, dict(step=idk_result.step)
+    )  # `labkit chat --model halluc` (plain chat, no tool)
     after = probe(idk_model, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
     write_jsonl(out / "probe_idk.jsonl", after)
 
     # mitigation 2: the search tool
     index = load_index(run, config)
-    tool_rows = tool_conversations(world, index, h.tool_conversations, config.seed, config.sft.heldout_people, h.result_chars)
+    tool_rows = tool_conversations(
+        world, index, h.tool_conversations, config.seed, config.sft.heldout_people, h.result_chars
+    )
     write_jsonl(out / "tool_train.jsonl", tool_rows)
     tool_model = load_model(sft_path, device)
-    tool_result, n_tool = finetune(tool_model, tool_rows, tokenizer, config, h.tool_steps, device, run,
-                                   out / "search_state.pt", key + "-search", "halluc: search")
+    tool_result, n_tool = finetune(
+        tool_model,
+        tool_rows,
+        tokenizer,
+        config,
+        h.tool_steps,
+        device,
+        run,
+        out / "search_state.pt",
+        key + "-search",
+        "halluc: search",
+    )
     save_model(out / "search" / "model.pt", tool_model, dict(step=tool_result.step))
-    searched = probe_with_search(tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, max_batch=batch)
-    unsearched = probe_with_search(tool_model, tokenizer, None, questions, h.max_new_tokens, h.result_chars, max_batch=batch)
+    searched = probe_with_search(
+        tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, max_batch=batch
+    )
+    unsearched = probe_with_search(
+        tool_model, tokenizer, None, questions, h.max_new_tokens, h.result_chars, max_batch=batch
+    )
     # the same questions with the right search call made for the model: how well it reads
     canonical = [search_query(world.person(r["name"]), r["fact"]) for r in questions]
-    given_query = probe_with_search(tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, canonical,
-                                    batch)
+    given_query = probe_with_search(
+        tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, canonical, batch
+    )
     write_jsonl(out / "probe_search.jsonl", searched)
     write_jsonl(out / "probe_search_given_query.jsonl", given_query)
 
     s_before, s_after, s_search, s_off = summarize(before), summarize(after), summarize(searched), summarize(unsearched)
     metrics = dict(
-        hallucination_rate_before=s_before["hallucination_rate"], hallucination_rate_after=s_after["hallucination_rate"],
+        hallucination_rate_before=s_before["hallucination_rate"],
+        hallucination_rate_after=s_after["hallucination_rate"],
         **compare(before, after),
-        search_accuracy=s_search["accuracy"], accuracy_before=s_before["accuracy"], accuracy_after=s_after["accuracy"],
-        search_off_accuracy=s_off["accuracy"], search_accuracy_given_query=summarize(given_query)["accuracy"],
+        search_accuracy=s_search["accuracy"],
+        accuracy_before=s_before["accuracy"],
+        accuracy_after=s_after["accuracy"],
+        search_off_accuracy=s_off["accuracy"],
+        search_accuracy_given_query=summarize(given_query)["accuracy"],
         hallucination_rate_search=s_search["hallucination_rate"],
         hallucination_rate_search_off=s_off["hallucination_rate"],
-        idk_rate_before=s_before["idk_rate"], idk_rate_after=s_after["idk_rate"], idk_rate_search=s_search["idk_rate"],
+        idk_rate_before=s_before["idk_rate"],
+        idk_rate_after=s_after["idk_rate"],
+        idk_rate_search=s_search["idk_rate"],
         search_call_rate=per_bucket(searched, lambda rs: _share(r["call"] != "answer" for r in rs)),
-        search_query_ok=per_bucket(searched, lambda rs: _share(bool(r["query"]) and r["name"] in r["query"] for r in rs)),
+        search_query_ok=per_bucket(
+            searched, lambda rs: _share(bool(r["query"]) and r["name"] in r["query"] for r in rs)
+        ),
         # how often the right search call finds the asked fact at all (people with pages): the retrieval alone
-        retrieval_recall=per_bucket([r for r in given_query if r["n_pages"]],
-                                    lambda rs: _share(mentions(r["tool_result"], r["truth"]) for r in rs)),
+        retrieval_recall=per_bucket(
+            [r for r in given_query if r["n_pages"]],
+            lambda rs: _share(mentions(r["tool_result"], r["truth"]) for r in rs),
+        ),
         n_questions=s_before["n_questions"],
         n_heldout_people=len({r["name"] for r in questions}),
         train_hallucination_rate=summarize(probed_train)["hallucination_rate"]["all"],
-        n_idk_train=sum(c["kind"] == "idk" for c in idk_rows), n_idk_conversations=n_idk, n_tool_conversations=n_tool,
+        n_idk_train=sum(c["kind"] == "idk" for c in idk_rows),
+        n_idk_conversations=n_idk,
+        n_tool_conversations=n_tool,
         n_passages=len(index.passages),
-        idk_train_seconds=round(idk_result.train_seconds, 2), search_train_seconds=round(tool_result.train_seconds, 2),
+        idk_train_seconds=round(idk_result.train_seconds, 2),
+        search_train_seconds=round(tool_result.train_seconds, 2),
         device=device,
         **{f"{k}_before": v for k, v in signals(before).items()},
     )

@@ -136,13 +136,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
 
@@ -238,18 +240,31 @@ class GPT(nn.Module):
             hf = GPT2LMHeadModel.from_pretrained(model_or_path, local_files_only=True)
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"from_hf: activation_function={c.activation_function!r} is not supported; "
-                             f"labkit's GPT uses GPT-2's tanh GELU ('gelu_new')")
+            raise ValueError(
+                f"from_hf: activation_function={c.activation_function!r} is not supported; "
+                f"labkit's GPT uses GPT-2's tanh GELU ('gelu_new')"
+            )
         if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.layer_norm_epsilon != 1e-5:
-            raise ValueError("from_hf: only GPT-2's standard attention scaling and layer_norm_epsilon=1e-5 are supported")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True)
+            raise ValueError(
+                "from_hf: only GPT-2's standard attention scaling and layer_norm_epsilon=1e-5 are supported"
+            )
+        config = GPTConfig(
+            block_size=c.n_positions,
+            vocab_size=c.vocab_size,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            dropout=dropout,
+            bias=True,
+        )
         model = cls(config)
         ours = model.state_dict()
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         if set(ours) != set(theirs):
-            raise ValueError(f"from_hf: parameter names differ; missing {sorted(set(ours) - set(theirs))}, "
-                             f"unexpected {sorted(set(theirs) - set(ours))}")
+            raise ValueError(
+                f"from_hf: parameter names differ; missing {sorted(set(ours) - set(theirs))}, "
+                f"unexpected {sorted(set(theirs) - set(ours))}"
+            )
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for name, tensor in theirs.items():

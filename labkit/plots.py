@@ -11,8 +11,15 @@ TEMPLATE = "plotly_white"
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title=x, yaxis_title=y,
-                      margin=dict(l=60, r=20, t=60, b=50), height=kw.pop("height", 380), **kw)
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis_title=x,
+        yaxis_title=y,
+        margin=dict(l=60, r=20, t=60, b=50),
+        height=kw.pop("height", 380),
+        **kw,
+    )
     return fig
 
 
@@ -34,64 +41,100 @@ def pages_per_person(world) -> go.Figure:
     fig.update_yaxes(type="log")
     return _layout(fig, "Pages per person (heavy tail)", "pages about the person", "people (log scale)", bargap=0.1)
 
+
 # --- stage 2: tokenizer ----------------------------------------------------------------------
 
-def vocab_growth(rows: list[dict], title: str = "More merges, fewer tokens: vocabulary size against bytes per token") -> go.Figure:
+
+def vocab_growth(
+    rows: list[dict], title: str = "More merges, fewer tokens: vocabulary size against bytes per token"
+) -> go.Figure:
     """Bytes per token on held-out text as the vocabulary grows (rows from `labkit.tokenizer.vocab_growth`)."""
-    fig = go.Figure(go.Scatter(x=[r["vocab_size"] for r in rows], y=[r["bytes_per_token"] for r in rows],
-                               mode="lines+markers", hovertemplate="%{x} tokens: %{y:.2f} bytes/token<extra></extra>"))
+    fig = go.Figure(
+        go.Scatter(
+            x=[r["vocab_size"] for r in rows],
+            y=[r["bytes_per_token"] for r in rows],
+            mode="lines+markers",
+            hovertemplate="%{x} tokens: %{y:.2f} bytes/token<extra></extra>",
+        )
+    )
     return _layout(fig, title, "vocabulary size (tokens, special tokens included)", "bytes per token (held-out text)")
 
 
 # --- stage 3: pretraining --------------------------------------------------------------------
+
 
 def loss_curves(history: list[dict], title: str = "Pretraining: loss") -> go.Figure:
     """Training loss at every step and validation loss at every evaluation, in nats per token."""
     train = [r for r in history if "loss" in r]
     val = [r for r in history if "val_loss" in r]
     fig = go.Figure()
-    fig.add_scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train], mode="lines", name="train",
-                    line=dict(width=1))
+    fig.add_scatter(
+        x=[r["step"] for r in train], y=[r["loss"] for r in train], mode="lines", name="train", line=dict(width=1)
+    )
     fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], mode="lines+markers", name="validation")
     return _layout(fig, title, "optimizer step", "cross-entropy (nats per token)")
 
 
-def fact_recall_bars(metrics: dict, title: str = "What the base model remembers: facts recalled by page frequency") -> go.Figure:
+def fact_recall_bars(
+    metrics: dict, title: str = "What the base model remembers: facts recalled by page frequency"
+) -> go.Figure:
     """Share of facts recalled per bucket of pages about a person, with the number of people."""
     buckets = list(metrics["fact_recall"])
     shares = [metrics["fact_recall"][b] or 0.0 for b in buckets]
     people = [metrics["fact_recall_people"].get(b, 0) for b in buckets]
-    fig = go.Figure(go.Bar(x=buckets, y=[100 * s for s in shares], text=[f"{100 * s:.0f}% of {n} people" for s, n in zip(shares, people)],
-                           textposition="outside", marker_color="#4c78a8"))
+    fig = go.Figure(
+        go.Bar(
+            x=buckets,
+            y=[100 * s for s in shares],
+            text=[f"{100 * s:.0f}% of {n} people" for s, n in zip(shares, people)],
+            textposition="outside",
+            marker_color="#4c78a8",
+        )
+    )
     fig.update_yaxes(range=[0, 110])
     return _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)")
 
+
 # --- stage 4: sft ----------------------------------------------------------------------------
+
 
 def compute_bars(metrics: dict) -> go.Figure:
     """Tokens processed by pretraining and by SFT: post-training is a small fraction."""
     tokens = [metrics["pretrain_tokens_seen"] or 0, metrics["tokens_seen"]]
-    fig = go.Figure(go.Bar(x=["pretraining", "SFT"], y=tokens, text=[f"{t:,}" for t in tokens], textposition="outside",
-                           marker_color=["#4c78a8", "#54a24b"]))
+    fig = go.Figure(
+        go.Bar(
+            x=["pretraining", "SFT"],
+            y=tokens,
+            text=[f"{t:,}" for t in tokens],
+            textposition="outside",
+            marker_color=["#4c78a8", "#54a24b"],
+        )
+    )
     ratio = metrics.get("compute_ratio")
     title = "Compute: tokens processed" + (f" (SFT = {100 * ratio:.0f}% of pretraining)" if ratio is not None else "")
     fig.update_yaxes(range=[0, 1.15 * max(tokens)])
     return _layout(fig, title, "stage", "tokens processed")
 
 
-def qa_by_bucket(metrics: dict, title: str = "Held-out people: what the assistant answers, what the base model knew") -> go.Figure:
+def qa_by_bucket(
+    metrics: dict, title: str = "Held-out people: what the assistant answers, what the base model knew"
+) -> go.Figure:
     """Share of all held-out questions answered right, by pages about the person: the assistant,
     the base model asked few-shot, and the base model completing a page (fact recall)."""
-    series = [("assistant (SFT)", "qa_accuracy_all_by_bucket", "#54a24b"),
-              ("base model, few-shot", "base_fewshot_qa_accuracy_all_by_bucket", "#4c78a8"),
-              ("base model, page completion", "base_fact_recall_heldout_by_bucket", "#bab0ac")]
+    series = [
+        ("assistant (SFT)", "qa_accuracy_all_by_bucket", "#54a24b"),
+        ("base model, few-shot", "base_fewshot_qa_accuracy_all_by_bucket", "#4c78a8"),
+        ("base model, page completion", "base_fact_recall_heldout_by_bucket", "#bab0ac"),
+    ]
     fig = go.Figure()
     for name, key, colour in series:
         if metrics.get(key):
             buckets = list(metrics[key])
             fig.add_bar(x=buckets, y=[100 * (v or 0.0) for v in metrics[key].values()], name=name, marker_color=colour)
     fig.update_yaxes(range=[0, 105])
-    return _layout(fig, title, "pages about the person on the mini-web", "questions answered right (%)", barmode="group")
+    return _layout(
+        fig, title, "pages about the person on the mini-web", "questions answered right (%)", barmode="group"
+    )
 
 
 # --- stage 5: rlhf ---------------------------------------------------------------------------
@@ -101,8 +144,12 @@ def ppo_curves(history: list[dict], title: str = "PPO") -> go.Figure:
     """Four panels per PPO step: reward-model score, KL to the reference, answer length, clip fraction."""
     from plotly.subplots import make_subplots
 
-    panels = [("score", "reward-model score"), ("kl", "KL to reference (nats per answer)"),
-              ("response_length", "answer length (tokens)"), ("clipfrac", "clipped tokens (fraction)")]
+    panels = [
+        ("score", "reward-model score"),
+        ("kl", "KL to reference (nats per answer)"),
+        ("response_length", "answer length (tokens)"),
+        ("clipfrac", "clipped tokens (fraction)"),
+    ]
     fig = make_subplots(rows=1, cols=4, subplot_titles=[label for _, label in panels])
     steps = [row["step"] for row in history]
     for col, (key, label) in enumerate(panels, start=1):
@@ -116,12 +163,20 @@ def reward_hacking(history: list[dict], title: str = "Reward hacking: PPO with n
     steps = [row["step"] for row in history]
     fig = go.Figure()
     fig.add_scatter(x=steps, y=[row["score"] for row in history], name="reward-model score (left axis)")
-    fig.add_scatter(x=steps, y=[row["labeler"] for row in history], name="labeler's judgement, 0 to 1 (right axis)",
-                    yaxis="y2")
-    fig.add_scatter(x=steps, y=[row["kl"] for row in history], name="KL to reference, nats (left axis)",
-                    line=dict(dash="dot"))
-    fig.update_layout(yaxis2=dict(title="labeler's judgement (0 wrong, 1 right and well formed)", overlaying="y",
-                                  side="right", range=[0, 1.05]))
+    fig.add_scatter(
+        x=steps, y=[row["labeler"] for row in history], name="labeler's judgement, 0 to 1 (right axis)", yaxis="y2"
+    )
+    fig.add_scatter(
+        x=steps, y=[row["kl"] for row in history], name="KL to reference, nats (left axis)", line=dict(dash="dot")
+    )
+    fig.update_layout(
+        yaxis2=dict(
+            title="labeler's judgement (0 wrong, 1 right and well formed)",
+            overlaying="y",
+            side="right",
+            range=[0, 1.05],
+        )
+    )
     return _layout(fig, title, "PPO step (batches of rollouts)", "reward-model score / KL (nats)")
 
 
@@ -138,21 +193,36 @@ def dpo_curves(history: list[dict], title: str = "DPO: loss and implicit rewards
 
 def win_rates(metrics: dict, title: str = "Against the SFT model on held-out prompts (simulated labeler)") -> go.Figure:
     names = ["PPO", "DPO"]
-    fig = go.Figure(go.Bar(x=names, y=[100 * metrics["ppo_win_rate"], 100 * metrics["dpo_win_rate"]],
-                           text=[f"{100 * metrics['ppo_win_rate']:.0f}%", f"{100 * metrics['dpo_win_rate']:.0f}%"]))
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=[100 * metrics["ppo_win_rate"], 100 * metrics["dpo_win_rate"]],
+            text=[f"{100 * metrics['ppo_win_rate']:.0f}%", f"{100 * metrics['dpo_win_rate']:.0f}%"],
+        )
+    )
     fig.add_hline(y=50, line_dash="dot", annotation_text="as good as SFT")
     fig.update_yaxes(range=[0, 105])
     return _layout(fig, title, "model", "win rate against SFT (%, ties count half)")
 
 
-def answers_table(rows: list[dict], title: str = "Answers, the reward model's score and the labeler's judgement") -> go.Figure:
+def answers_table(
+    rows: list[dict], title: str = "Answers, the reward model's score and the labeler's judgement"
+) -> go.Figure:
     columns = ["prompt", "answer", "reward-model score", "labeler (0 to 1)"]
-    cells = [[r["prompt"] for r in rows], [r["answer"] for r in rows], [f"{r['rm_score']:.2f}" for r in rows],
-             [f"{r['labeler']:.1f}" for r in rows]]
+    cells = [
+        [r["prompt"] for r in rows],
+        [r["answer"] for r in rows],
+        [f"{r['rm_score']:.2f}" for r in rows],
+        [f"{r['labeler']:.1f}" for r in rows],
+    ]
     fig = go.Figure(go.Table(header=dict(values=columns), cells=dict(values=cells, align="left")))
-    return fig.update_layout(template=TEMPLATE, title=title, height=120 + 40 * len(rows), margin=dict(l=10, r=10, t=50, b=10))
+    return fig.update_layout(
+        template=TEMPLATE, title=title, height=120 + 40 * len(rows), margin=dict(l=10, r=10, t=50, b=10)
+    )
+
 
 # --- stage 6: grpo ---------------------------------------------------------------------------
+
 
 def grpo_curves(history: list[dict], title: str = "GRPO: training on verifiable rewards") -> go.Figure:
     """Four panels over optimizer steps: mean reward of the samples, pass@1 on held-out problems
@@ -161,47 +231,80 @@ def grpo_curves(history: list[dict], title: str = "GRPO: training on verifiable 
 
     steps = [r["step"] for r in history]
     evals = [r for r in history if "pass_at_1" in r]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=("mean reward of the G samples", "pass@1, held-out (greedy)",
-                                                        "reply length of the samples", "KL to the SFT model (k3)"))
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=(
+            "mean reward of the G samples",
+            "pass@1, held-out (greedy)",
+            "reply length of the samples",
+            "KL to the SFT model (k3)",
+        ),
+    )
     fig.add_scatter(x=steps, y=[r["reward"] for r in history], mode="lines", name="reward (weighted sum)", row=1, col=1)
     if history and "reward_correct" in history[0]:
         fig.add_scatter(x=steps, y=[r["reward_correct"] for r in history], mode="lines", name="correct", row=1, col=1)
-    fig.add_scatter(x=[r["step"] for r in evals], y=[100 * r["pass_at_1"] for r in evals], mode="lines+markers",
-                    name="pass@1", row=1, col=2)
+    fig.add_scatter(
+        x=[r["step"] for r in evals],
+        y=[100 * r["pass_at_1"] for r in evals],
+        mode="lines+markers",
+        name="pass@1",
+        row=1,
+        col=2,
+    )
     fig.add_scatter(x=steps, y=[r["response_tokens"] for r in history], mode="lines", name="reply length", row=2, col=1)
     fig.add_scatter(x=steps, y=[r["kl"] for r in history], mode="lines", name="KL", row=2, col=2)
-    for col, row, label in ((1, 1, "reward"), (2, 1, "held-out problems solved (%)"), (1, 2, "tokens"), (2, 2, "nats per token")):
+    for col, row, label in (
+        (1, 1, "reward"),
+        (2, 1, "held-out problems solved (%)"),
+        (1, 2, "tokens"),
+        (2, 2, "nats per token"),
+    ):
         fig.update_yaxes(title_text=label, row=row, col=col)
         fig.update_xaxes(title_text="optimizer step", row=row, col=col)
     fig.update_layout(template=TEMPLATE, title=title, height=600, showlegend=False, margin=dict(l=60, r=20, t=80, b=50))
     return fig
 
 
-def pass_at_1_bars(metrics: dict, title: str = "Held-out problems solved: SFT model, after the cold start, after GRPO") -> go.Figure:
+def pass_at_1_bars(
+    metrics: dict, title: str = "Held-out problems solved: SFT model, after the cold start, after GRPO"
+) -> go.Figure:
     """pass@1 (greedy) per task of the SFT model, of GRPO's starting policy (after the cold start)
     and after GRPO, with the number of held-out problems."""
     tasks = list(metrics["pass_at_1_before_by_task"])
     n = metrics["n_heldout_by_task"]
     bars = [("pass_at_1_before_by_task", "before GRPO"), ("pass_at_1_after_by_task", "after GRPO")]
     if metrics.get("cold_start_steps"):
-        bars = [("pass_at_1_sft_by_task", "SFT model"), ("pass_at_1_before_by_task", "after the cold start (GRPO's start)"),
-                ("pass_at_1_after_by_task", "after GRPO")]
+        bars = [
+            ("pass_at_1_sft_by_task", "SFT model"),
+            ("pass_at_1_before_by_task", "after the cold start (GRPO's start)"),
+            ("pass_at_1_after_by_task", "after GRPO"),
+        ]
     fig = go.Figure()
     for key, name in bars:
         values = [100 * metrics[key][t] for t in tasks]
-        fig.add_bar(x=[f"{t} (n={n[t]})" for t in tasks], y=values, name=name, text=[f"{v:.0f}%" for v in values],
-                    textposition="outside")
+        fig.add_bar(
+            x=[f"{t} (n={n[t]})" for t in tasks],
+            y=values,
+            name=name,
+            text=[f"{v:.0f}%" for v in values],
+            textposition="outside",
+        )
     fig.update_yaxes(range=[0, 110])
     return _layout(fig, title, "task (held-out problems)", "solved at the first greedy try (%)", barmode="group")
 
 
-def thinking_bars(metrics: dict, when: str = "before", title: str = "Tokens to think: worked steps against an immediate answer") -> go.Figure:
+def thinking_bars(
+    metrics: dict, when: str = "before", title: str = "Tokens to think: worked steps against an immediate answer"
+) -> go.Figure:
     """pass@1 per task when the model writes its steps, against when its reply is forced to start
     with 'The answer is' (no room to work)."""
     tasks = list(metrics[f"pass_at_1_{when}_by_task"])
     fig = go.Figure()
-    for key, name in ((f"pass_at_1_{when}_by_task", "steps first, then the answer"),
-                      (f"immediate_pass_at_1_{when}_by_task", "answer at once ('The answer is' forced)")):
+    for key, name in (
+        (f"pass_at_1_{when}_by_task", "steps first, then the answer"),
+        (f"immediate_pass_at_1_{when}_by_task", "answer at once ('The answer is' forced)"),
+    ):
         values = [100 * metrics[key][t] for t in tasks]
         fig.add_bar(x=tasks, y=values, name=name, text=[f"{v:.0f}%" for v in values], textposition="outside")
     fig.update_yaxes(range=[0, 110])
@@ -219,21 +322,40 @@ def _bucket_labels(metrics: dict) -> list[str]:
 
 
 def _bucket_values(per_bucket: dict, metrics: dict) -> list[float | None]:
-    return [None if per_bucket.get(b) is None else 100 * per_bucket[b] for b in HALLUC_BUCKETS if metrics["n_questions"].get(b)]
+    return [
+        None if per_bucket.get(b) is None else 100 * per_bucket[b]
+        for b in HALLUC_BUCKETS
+        if metrics["n_questions"].get(b)
+    ]
 
 
-def hallucination_bars(metrics: dict, title: str = "Hallucinations by page frequency, before and after each mitigation") -> go.Figure:
+def hallucination_bars(
+    metrics: dict, title: str = "Hallucinations by page frequency, before and after each mitigation"
+) -> go.Figure:
     """Share of held-out questions answered with a falsehood, per page-frequency bucket: the SFT
     assistant, after "I don't know" training, and with the search tool."""
     fig = go.Figure()
-    for key, name in (("hallucination_rate_before", "SFT assistant (before)"),
-                      ("hallucination_rate_after", "after \"I don't know\" training"),
-                      ("hallucination_rate_search", "with the search tool")):
+    for key, name in (
+        ("hallucination_rate_before", "SFT assistant (before)"),
+        ("hallucination_rate_after", 'after "I don\'t know" training'),
+        ("hallucination_rate_search", "with the search tool"),
+    ):
         values = _bucket_values(metrics[key], metrics)
-        fig.add_bar(x=_bucket_labels(metrics), y=values, name=name,
-                    text=[None if v is None else f"{v:.0f}%" for v in values], textposition="outside")
+        fig.add_bar(
+            x=_bucket_labels(metrics),
+            y=values,
+            name=name,
+            text=[None if v is None else f"{v:.0f}%" for v in values],
+            textposition="outside",
+        )
     fig.update_yaxes(range=[0, 115])
-    return _layout(fig, title, "pages about the person in the corpus (questions asked)", "answers that are false (%)", barmode="group")
+    return _layout(
+        fig,
+        title,
+        "pages about the person in the corpus (questions asked)",
+        "answers that are false (%)",
+        barmode="group",
+    )
 
 
 def accuracy_bars(metrics: dict, title: str = "Right answers by page frequency: recall against lookup") -> go.Figure:
@@ -241,28 +363,49 @@ def accuracy_bars(metrics: dict, title: str = "Right answers by page frequency: 
     the SFT assistant, after "I don't know" training, the search model with search off, on, and
     with the right search call made for it (what it reads, apart from the query it writes)."""
     fig = go.Figure()
-    for key, name in (("accuracy_before", "SFT assistant (from memory)"), ("accuracy_after", "after \"I don't know\" training"),
-                      ("search_off_accuracy", "search model, search off"), ("search_accuracy", "search model, search on"),
-                      ("search_accuracy_given_query", "search model, the right search made for it")):
+    for key, name in (
+        ("accuracy_before", "SFT assistant (from memory)"),
+        ("accuracy_after", 'after "I don\'t know" training'),
+        ("search_off_accuracy", "search model, search off"),
+        ("search_accuracy", "search model, search on"),
+        ("search_accuracy_given_query", "search model, the right search made for it"),
+    ):
         if key not in metrics:
             continue
         values = _bucket_values(metrics[key], metrics)
-        fig.add_bar(x=_bucket_labels(metrics), y=values, name=name,
-                    text=[None if v is None else f"{v:.0f}%" for v in values], textposition="outside")
+        fig.add_bar(
+            x=_bucket_labels(metrics),
+            y=values,
+            name=name,
+            text=[None if v is None else f"{v:.0f}%" for v in values],
+            textposition="outside",
+        )
     fig.update_yaxes(range=[0, 115])
-    return _layout(fig, title, "pages about the person in the corpus (questions asked)", "right answers (%)", barmode="group")
+    return _layout(
+        fig, title, "pages about the person in the corpus (questions asked)", "right answers (%)", barmode="group"
+    )
 
 
-def verdict_signals(rows: list[dict], title: str = "Are hallucinations less sure? Confidence and consistency by verdict") -> go.Figure:
+def verdict_signals(
+    rows: list[dict], title: str = "Are hallucinations less sure? Confidence and consistency by verdict"
+) -> go.Figure:
     """Each probe question as a point: the geometric-mean probability of the greedy answer's tokens
     against how often sampled answers made the same claim, coloured by verdict."""
     fig = go.Figure()
     colours = dict(correct="#2a9d3f", idk="#888888", wrong="#d62728")
     for verdict, colour in colours.items():
         picked = [r for r in rows if r["verdict"] == verdict and r.get("consistency") is not None]
-        fig.add_scatter(x=[r["confidence"] for r in picked], y=[100 * r["consistency"] for r in picked], mode="markers",
-                        name=f"{verdict} ({len(picked)})", marker=dict(color=colour, opacity=0.6),
-                        text=[f"{r['question']}<br>{r['answer']}" for r in picked], hoverinfo="text")
+        fig.add_scatter(
+            x=[r["confidence"] for r in picked],
+            y=[100 * r["consistency"] for r in picked],
+            mode="markers",
+            name=f"{verdict} ({len(picked)})",
+            marker=dict(color=colour, opacity=0.6),
+            text=[f"{r['question']}<br>{r['answer']}" for r in picked],
+            hoverinfo="text",
+        )
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(range=[0, 105])
-    return _layout(fig, title, "confidence: mean token probability of the answer (0-1)", "samples making the same claim (%)")
+    return _layout(
+        fig, title, "confidence: mean token probability of the answer (0-1)", "samples making the same claim (%)"
+    )

@@ -40,6 +40,7 @@ from .train import autocast, autocast_dtype, make_optimizer
 
 # --- losses ---------------------------------------------------------------------------------------
 
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum()
 
@@ -62,8 +63,14 @@ def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     return -log_ratio if estimator == "k1" else (log_ratio.exp() - 1) - log_ratio
 
 
-def ppo_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards [B, T]: -kl_coef * KL at every answer token, plus the reward model's score
     on each answer's last token. Returns (rewards, kl), both 0 outside `mask`."""
     kl = per_token_kl(logprobs, ref_logprobs, estimator) * mask
@@ -73,7 +80,9 @@ def ppo_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torc
     return rewards, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, right to left: delta_t = r_t + gamma V_{t+1} - V_t,
     A_t = delta_t + gamma lam A_{t+1}; returns A + V are the value head's targets.
     Rewards and values must be 0 after each answer's end (the episode is over there)."""
@@ -88,8 +97,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1.0, lam: fl
     return advantages, advantages + values
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate: the ratio pi_new / pi_old may move the objective only within
     [1 - eps, 1 + eps]; of the clipped and unclipped loss the larger (pessimistic) one counts.
     Returns (loss, share of tokens where the clipped loss was the one used)."""
@@ -100,8 +114,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   cliprange_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared error to the returns, with the new values kept within cliprange_value of the old
     ones (the larger of the two errors counts). Returns (0.5 * mean error, clip fraction)."""
     clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
@@ -112,15 +131,28 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 # --- one step -------------------------------------------------------------------------------------
 
+
 def check_config(p) -> None:
     if p.batch_size % p.minibatches or p.batch_size // p.minibatches < 2:
-        raise ConfigError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.minibatches={p.minibatches} "
-                          f"with at least 2 rollouts per minibatch (whitening needs 2)")
+        raise ConfigError(
+            f"ppo.batch_size={p.batch_size} must be a multiple of ppo.minibatches={p.minibatches} "
+            f"with at least 2 rollouts per minibatch (whitening needs 2)"
+        )
 
 
 @torch.no_grad()
-def rollout(policy, ref, value_model, reward_model, tokenizer, prompts: list[dict], config, kl_coef: float,
-            seed: int, dtype=None) -> dict:
+def rollout(
+    policy,
+    ref,
+    value_model,
+    reward_model,
+    tokenizer,
+    prompts: list[dict],
+    config,
+    kl_coef: float,
+    seed: int,
+    dtype=None,
+) -> dict:
     """Sample one answer per prompt and compute everything PPO's update needs, all [B, T] over the
     answer tokens: old log-probs, reference log-probs, values, rewards (KL penalty + score),
     advantages, returns. Every forward pass takes at most `config.max_batch` rows."""
@@ -129,8 +161,15 @@ def rollout(policy, ref, value_model, reward_model, tokenizer, prompts: list[dic
     block = policy.config.block_size
     fitted = [fit(render_prompt(q["messages"], tokenizer), r.max_new_tokens, block) for q in prompts]
     prompt_ids = [ids for ids, _ in fitted]
-    answers = generate(policy, prompt_ids, fitted[0][1], temperature=r.temperature, stop_tokens=reply_stops(tokenizer),
-                       seed=seed, max_batch=max_batch)
+    answers = generate(
+        policy,
+        prompt_ids,
+        fitted[0][1],
+        temperature=r.temperature,
+        stop_tokens=reply_stops(tokenizer),
+        seed=seed,
+        max_batch=max_batch,
+    )
     batch = pack(prompt_ids, answers, device, tokenizer.encode_special("<|endoftext|>"))
     mask = batch.mask
     ends = torch.tensor([len(q) + len(a) - 1 for q, a in zip(prompt_ids, answers)], device=device)
@@ -146,13 +185,25 @@ def rollout(policy, ref, value_model, reward_model, tokenizer, prompts: list[dic
     rewards, kl = ppo_rewards(old_logprobs, ref_logprobs, penalized, mask, kl_coef, p.kl_estimator)
     advantages, returns = gae(rewards, values, p.gamma, p.lam)
     advantages = masked_whiten(advantages, mask)
-    return dict(batch=batch, mask=mask, logprobs=old_logprobs, values=values, advantages=advantages, returns=returns,
-                scores=scores, kl=kl, rewards=rewards, ended=ended, replies=[(x.text, x.ended) for x in replies],
-                lengths=mask.sum(1))
+    return dict(
+        batch=batch,
+        mask=mask,
+        logprobs=old_logprobs,
+        values=values,
+        advantages=advantages,
+        returns=returns,
+        scores=scores,
+        kl=kl,
+        rewards=rewards,
+        ended=ended,
+        replies=[(x.text, x.ended) for x in replies],
+        lengths=mask.sum(1),
+    )
 
 
-def minibatch_backward(policy, value_model, rollouts: dict, rows: torch.Tensor, p, temperature: float,
-                       dtype=None) -> dict:
+def minibatch_backward(
+    policy, value_model, rollouts: dict, rows: torch.Tensor, p, temperature: float, dtype=None
+) -> dict:
     """Loss of one minibatch (`rows` of the rollouts) and its gradients, accumulated over
     micro-batches of `p.micro_batch_size` rollouts. Each micro-batch's masked means are weighted
     by its share of the minibatch's tokens, so loss and gradients equal one pass over the
@@ -168,20 +219,27 @@ def minibatch_backward(policy, value_model, rollouts: dict, rows: torch.Tensor, 
             values = batch.at_positions(value_model(batch.ids)).float() * mask
         old = rollouts["logprobs"][micro]
         pg_loss, clipfrac = ppo_policy_loss(new_logprobs, old, rollouts["advantages"][micro], mask, p.cliprange)
-        vf_loss, vf_clipfrac = ppo_value_loss(values, rollouts["values"][micro], rollouts["returns"][micro], mask,
-                                              p.cliprange_value)
+        vf_loss, vf_clipfrac = ppo_value_loss(
+            values, rollouts["values"][micro], rollouts["returns"][micro], mask, p.cliprange_value
+        )
         weight = mask.sum() / n_tokens  # masked means over the micro-batch -> over the minibatch
         ((pg_loss + p.vf_coef * vf_loss) * weight).backward()
         with torch.no_grad():
             approxkl = 0.5 * masked_mean((new_logprobs - old) ** 2, mask)
-        for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
-                            ("vf_clipfrac", vf_clipfrac), ("approxkl", approxkl)):
+        for name, value in (
+            ("pg_loss", pg_loss),
+            ("vf_loss", vf_loss),
+            ("clipfrac", clipfrac),
+            ("vf_clipfrac", vf_clipfrac),
+            ("approxkl", approxkl),
+        ):
             stats[name] += (value.detach() * weight).item()
     return stats
 
 
-def ppo_update(policy, value_model, optimizer, rollouts: dict, p, temperature: float, grad_clip: float,
-               dtype=None) -> dict:
+def ppo_update(
+    policy, value_model, optimizer, rollouts: dict, p, temperature: float, grad_clip: float, dtype=None
+) -> dict:
     """Several epochs over the rollouts in shuffled minibatches, one optimizer step each."""
     B = rollouts["mask"].size(0)
     size = B // p.minibatches
@@ -193,7 +251,9 @@ def ppo_update(policy, value_model, optimizer, rollouts: dict, p, temperature: f
         order = torch.randperm(B).to(rollouts["mask"].device)
         for start in range(0, size * p.minibatches, size):
             optimizer.zero_grad(set_to_none=True)
-            stats = minibatch_backward(policy, value_model, rollouts, order[start:start + size], p, temperature, dtype)
+            stats = minibatch_backward(
+                policy, value_model, rollouts, order[start : start + size], p, temperature, dtype
+            )
             torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
             optimizer.step()
             for name, value in stats.items():
@@ -203,9 +263,25 @@ def ppo_update(policy, value_model, optimizer, rollouts: dict, p, temperature: f
 
 # --- training -------------------------------------------------------------------------------------
 
-def ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts: list[dict], config, device: str, *,
-              kl_coef: float | None = None, steps: int | None = None, run=None, on_step=None,
-              checkpoint: str | Path | None = None, resume_key: str | None = None, desc: str = "ppo") -> list[dict]:
+
+def ppo_train(
+    policy,
+    ref,
+    value_model,
+    reward_model,
+    tokenizer,
+    prompts: list[dict],
+    config,
+    device: str,
+    *,
+    kl_coef: float | None = None,
+    steps: int | None = None,
+    run=None,
+    on_step=None,
+    checkpoint: str | Path | None = None,
+    resume_key: str | None = None,
+    desc: str = "ppo",
+) -> list[dict]:
     """PPO: `steps` times, sample a batch of answers, score them, update policy and value head.
     Returns one history row per step (score, KL, answer length, clip fraction, losses, and the
     simulated labeler's judgement of the sampled answers). Resumes from `checkpoint`."""
@@ -222,7 +298,9 @@ def ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts: list[d
     for q in list(ref.parameters()) + list(reward_model.parameters()):
         q.requires_grad_(False)
     trained = nn.ModuleDict(dict(policy=policy, value=value_model))
-    optimizer = make_optimizer(trained, dataclasses.replace(config.train, learning_rate=p.learning_rate, weight_decay=0.0), device)
+    optimizer = make_optimizer(
+        trained, dataclasses.replace(config.train, learning_rate=p.learning_rate, weight_decay=0.0), device
+    )
     step, history = 0, []
     if (state := resume(checkpoint, resume_key)) is not None:
         trained.load_state_dict(state["model"])
@@ -232,15 +310,34 @@ def ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts: list[d
     save_every, first = max(1, steps // 5), step
     for step in tqdm(range(first, steps), initial=first, total=steps, desc=desc, leave=False):
         rng = np.random.default_rng([config.seed, step])
-        batch_prompts = [prompts[i] for i in rng.choice(len(prompts), p.batch_size, replace=len(prompts) < p.batch_size)]
-        rollouts = rollout(policy, ref, value_model, reward_model, tokenizer, batch_prompts, config, kl_coef,
-                           config.seed * 100_003 + step, dtype)
+        batch_prompts = [
+            prompts[i] for i in rng.choice(len(prompts), p.batch_size, replace=len(prompts) < p.batch_size)
+        ]
+        rollouts = rollout(
+            policy,
+            ref,
+            value_model,
+            reward_model,
+            tokenizer,
+            batch_prompts,
+            config,
+            kl_coef,
+            config.seed * 100_003 + step,
+            dtype,
+        )
         stats = ppo_update(policy, value_model, optimizer, rollouts, p, r.temperature, config.train.grad_clip, dtype)
         judged = [labeler_score(q, reply, ended) for q, (reply, ended) in zip(batch_prompts, rollouts["replies"])]
-        row = dict(step=step + 1, score=rollouts["scores"].mean().item(), kl=rollouts["kl"].sum(1).mean().item(),
-                   reward=rollouts["rewards"].sum(1).mean().item(), response_length=rollouts["lengths"].mean().item(),
-                   ended_rate=rollouts["ended"].float().mean().item(), labeler=sum(judged) / len(judged),
-                   sample=rollouts["replies"][0][0], **stats)
+        row = dict(
+            step=step + 1,
+            score=rollouts["scores"].mean().item(),
+            kl=rollouts["kl"].sum(1).mean().item(),
+            reward=rollouts["rewards"].sum(1).mean().item(),
+            response_length=rollouts["lengths"].mean().item(),
+            ended_rate=rollouts["ended"].float().mean().item(),
+            labeler=sum(judged) / len(judged),
+            sample=rollouts["replies"][0][0],
+            **stats,
+        )
         history.append(row)
         if run is not None:
             run.log({f"{desc}/{k}": v for k, v in row.items() if k not in ("step", "sample")}, step=step + 1)
@@ -249,8 +346,17 @@ def ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts: list[d
             on_step(event)
         notify(event)
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            save_checkpoint(checkpoint, dict(model=trained.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                             history=history, rng=rng_state(), resume_key=resume_key))
+            save_checkpoint(
+                checkpoint,
+                dict(
+                    model=trained.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step + 1,
+                    history=history,
+                    rng=rng_state(),
+                    resume_key=resume_key,
+                ),
+            )
     policy.eval()
     value_model.eval()
     return history

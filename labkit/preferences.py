@@ -73,9 +73,12 @@ class Rankings:
                 self._check(record)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 last = number == len(lines) and cut_off
-                self.problems.append(f"{self.path} line {number} is cut off (a crash while writing?); it was dropped, "
-                                     f"the lines before it are kept" if last else
-                                     f"{self.path} line {number} is not valid JSON; it was skipped")
+                self.problems.append(
+                    f"{self.path} line {number} is cut off (a crash while writing?); it was dropped, "
+                    f"the lines before it are kept"
+                    if last
+                    else f"{self.path} line {number} is not valid JSON; it was skipped"
+                )
                 if last:  # drop the partial line, so that the next ranking starts on a line of its own
                     with open(self.path, "rb+") as f:
                         f.truncate(good_end)
@@ -108,11 +111,15 @@ class Rankings:
             raise RankingError(f"the ranking of prompt {pid!r} must be a list of completion numbers; got {order!r}")
         for i in order:
             if not 0 <= i < k:
-                raise RankingError(f"the ranking of prompt {pid!r} names completion {i}, which does not exist; "
-                                   f"that prompt has {k} completions, numbered 0 to {k - 1}")
+                raise RankingError(
+                    f"the ranking of prompt {pid!r} names completion {i}, which does not exist; "
+                    f"that prompt has {k} completions, numbered 0 to {k - 1}"
+                )
         if sorted(order) != list(range(k)):
-            raise RankingError(f"the ranking of prompt {pid!r} must name each of its {k} completions once "
-                               f"(0 to {k - 1}, best first); got {order}")
+            raise RankingError(
+                f"the ranking of prompt {pid!r} must name each of its {k} completions once "
+                f"(0 to {k - 1}, best first); got {order}"
+            )
         if record.get("by") not in (HUMAN, SIMULATED):
             raise RankingError(f"'by' must be {HUMAN!r} or {SIMULATED!r}; got {record.get('by')!r}")
 
@@ -171,6 +178,7 @@ class Rankings:
 
 
 # --- the simulated labeler ---------------------------------------------------------------------------
+
 
 def well_formed(reply: str, ended: bool) -> bool:
     """Ended with <|im_end|>, says something, and does not stutter (no word three times in a row)."""
@@ -232,8 +240,16 @@ def ranking_prompts(world, n: int, seed: int, heldout_people: float) -> list[dic
     from .conversations import make_conversations
 
     rows = [r for r in make_conversations(world, 2 * n + 20, seed + 1, False, heldout_people) if r["kind"] in KINDS]
-    return [dict(id=prompt_id(i, r["messages"][:1]), kind=r["kind"], messages=r["messages"][:1],
-                 truth=r.get("truth"), name=r.get("name")) for i, r in enumerate(rows[:n])]
+    return [
+        dict(
+            id=prompt_id(i, r["messages"][:1]),
+            kind=r["kind"],
+            messages=r["messages"][:1],
+            truth=r.get("truth"),
+            name=r.get("name"),
+        )
+        for i, r in enumerate(rows[:n])
+    ]
 
 
 def eval_prompts(world, n: int, seed: int, heldout_people: float) -> list[dict]:
@@ -256,17 +272,41 @@ def reply_tokens(reply: str, ended: bool, tokenizer) -> list[int]:
     return tokenizer.encode(reply) + ([tokenizer.encode_special("<|im_end|>")] if ended else [])
 
 
-def sample_completions(model, tokenizer, prompts: list[dict], k: int, max_new_tokens: int, temperature: float,
-                       seed: int, max_batch: int = 64) -> list[dict]:
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    max_batch: int = 64,
+) -> list[dict]:
     """K sampled completions of each prompt (text and whether it ended), added to the prompt rows."""
     block = model.config.block_size
     ids = [prompt_tokens(p, tokenizer, max_new_tokens, block) for p in prompts]
     budget = fit([], max_new_tokens, block)[1]
-    samples = [decode_reply(s, tokenizer) for s in generate(
-        model, ids, budget, temperature=temperature, num_samples=k, stop_tokens=reply_stops(tokenizer), seed=seed,
-        max_batch=max_batch)]
-    return [dict(p, completions=[s.text for s in samples[i * k:(i + 1) * k]],
-                 ended=[s.ended for s in samples[i * k:(i + 1) * k]]) for i, p in enumerate(prompts)]
+    samples = [
+        decode_reply(s, tokenizer)
+        for s in generate(
+            model,
+            ids,
+            budget,
+            temperature=temperature,
+            num_samples=k,
+            stop_tokens=reply_stops(tokenizer),
+            seed=seed,
+            max_batch=max_batch,
+        )
+    ]
+    return [
+        dict(
+            p,
+            completions=[s.text for s in samples[i * k : (i + 1) * k]],
+            ended=[s.ended for s in samples[i * k : (i + 1) * k]],
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 def prepare_prompts(model, tokenizer, world, config, folder: Path) -> list[dict]:
@@ -278,8 +318,9 @@ def prepare_prompts(model, tokenizer, world, config, folder: Path) -> list[dict]
     wanted = ranking_prompts(world, r.n_prompts, config.seed, config.sft.heldout_people)
     new = [p for p in wanted if p["id"] not in kept]
     if new:
-        for p in sample_completions(model, tokenizer, new, r.k, r.max_new_tokens, r.temperature, config.seed,
-                                    config.max_batch):
+        for p in sample_completions(
+            model, tokenizer, new, r.k, r.max_new_tokens, r.temperature, config.seed, config.max_batch
+        ):
             kept[p["id"]] = p
         write_jsonl(path, list(kept.values()))
     return [kept[p["id"]] for p in wanted]
@@ -292,6 +333,7 @@ def is_heldout(pid: str, share: float) -> bool:
 
 # --- pairs, as batches for the reward model and DPO ---------------------------------------------
 
+
 def pair_examples(pairs, tokenizer, block_size: int) -> list[tuple[list[int], list[int], list[int], list[int]]]:
     """(prompt, chosen, rejected) -> (chosen prompt, chosen completion, rejected prompt, rejected completion)
     ids, each completion cut to half the context and its prompt cut from the left to fit the rest."""
@@ -299,8 +341,8 @@ def pair_examples(pairs, tokenizer, block_size: int) -> list[tuple[list[int], li
     for prompt, chosen, rejected in pairs:
         row = []
         for i in (chosen, rejected):
-            completion = reply_tokens(prompt["completions"][i], prompt["ended"][i], tokenizer)[:block_size // 2]
-            row += [render_prompt(prompt["messages"], tokenizer)[-(block_size - len(completion)):], completion]
+            completion = reply_tokens(prompt["completions"][i], prompt["ended"][i], tokenizer)[: block_size // 2]
+            row += [render_prompt(prompt["messages"], tokenizer)[-(block_size - len(completion)) :], completion]
         out.append(tuple(row))
     return out
 
@@ -312,8 +354,12 @@ def collate_pairs(examples, pad_id: int) -> dict:
     completions = [e[1] for e in examples] + [e[3] for e in examples]
     packed = pack(prompts, completions, pad_id=pad_id)
     last = torch.tensor([len(p) + len(c) - 1 for p, c in zip(prompts, completions)])
-    return dict(chosen=packed.rows(slice(0, B)), rejected=packed.rows(slice(B, 2 * B)),
-                chosen_last=last[:B], rejected_last=last[B:])
+    return dict(
+        chosen=packed.rows(slice(0, B)),
+        rejected=packed.rows(slice(B, 2 * B)),
+        chosen_last=last[:B],
+        rejected_last=last[B:],
+    )
 
 
 class PairBatches:
@@ -333,8 +379,10 @@ class PairBatches:
         return self.batch(self.rng.integers(0, len(self.examples), size=self.batch_size))
 
     def all(self):
-        return [self.batch(range(i, min(i + self.batch_size, len(self.examples))))
-                for i in range(0, len(self.examples), self.batch_size)]
+        return [
+            self.batch(range(i, min(i + self.batch_size, len(self.examples))))
+            for i in range(0, len(self.examples), self.batch_size)
+        ]
 
     def state_dict(self) -> dict:
         return self.rng.bit_generator.state

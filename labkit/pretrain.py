@@ -60,8 +60,17 @@ def lm_loss(model, batch):
 def make_model(config: Config, vocab_size: int) -> GPT:
     m = config.model
     torch.manual_seed(config.seed)
-    return GPT(GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
+    return GPT(
+        GPTConfig(
+            block_size=m.block_size,
+            vocab_size=vocab_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_embd=m.n_embd,
+            dropout=m.dropout,
+            bias=m.bias,
+        )
+    )
 
 
 def build(config: Config, run: Run, made_from: str) -> dict:
@@ -81,29 +90,53 @@ def build(config: Config, run: Run, made_from: str) -> dict:
 
     def sample_at_eval(event: dict) -> None:
         """What the model writes from nothing (a new document), at every evaluation."""
-        ids = generate(event["model"], [eot], min(SAMPLE_TOKENS, block - 1), temperature=0.8, top_k=50,
-                       seed=config.seed, stop_tokens=(eot,))[0]
+        ids = generate(
+            event["model"],
+            [eot],
+            min(SAMPLE_TOKENS, block - 1),
+            temperature=0.8,
+            top_k=50,
+            seed=config.seed,
+            stop_tokens=(eot,),
+        )[0]
         event["sample"] = tokenizer.decode([t for t in ids if t != eot])
 
     result = train(
-        model, lm_loss, TokenWindows(train_ids, block, cfg.batch_size, config.seed), cfg, device=device,
+        model,
+        lm_loss,
+        TokenWindows(train_ids, block, cfg.batch_size, config.seed),
+        cfg,
+        device=device,
         val_batches=lambda: sequential_batches(val_ids, block, cfg.batch_size, cfg.eval_batches),
-        checkpoint=out / "train_state.pt", resume_key=made_from, run=run,
-        on_eval=sample_at_eval, desc="pretraining")
+        checkpoint=out / "train_state.pt",
+        resume_key=made_from,
+        run=run,
+        on_eval=sample_at_eval,
+        desc="pretraining",
+    )
     model.eval()
     if is_main_process():
         save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
         write_json(out / "history.json", result.history)
-        write_json(out / "samples.json", [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r])
+        write_json(
+            out / "samples.json", [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r]
+        )
 
     val_loss, val_bpb = evaluate_bpb(model, tokenizer, val_ids, cfg.batch_size, device, autocast_dtype(cfg, device))
     metrics = dict(
-        val_loss=round(val_loss, 4), val_bpb=round(val_bpb, 4),
-        tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_per_second, 1),
-        train_seconds=round(result.train_seconds, 2), steps=result.step,
-        n_params=model.num_params(), n_layer=model.config.n_layer, n_embd=model.config.n_embd,
-        block_size=block, vocab_size=tokenizer.n_vocab,
-        train_tokens=files.meta["train"]["tokens"], val_tokens=files.meta["val"]["tokens"],
+        val_loss=round(val_loss, 4),
+        val_bpb=round(val_bpb, 4),
+        tokens_seen=result.tokens_seen,
+        tokens_per_second=round(result.tokens_per_second, 1),
+        train_seconds=round(result.train_seconds, 2),
+        steps=result.step,
+        n_params=model.num_params(),
+        n_layer=model.config.n_layer,
+        n_embd=model.config.n_embd,
+        block_size=block,
+        vocab_size=tokenizer.n_vocab,
+        train_tokens=files.meta["train"]["tokens"],
+        val_tokens=files.meta["val"]["tokens"],
         epochs=round(result.tokens_seen / max(1, files.meta["train"]["tokens"]), 2),
         copy_accuracy=round(copy_accuracy(model, copy_probes(tokenizer, seed=config.seed)), 4),
         device=device,
@@ -124,19 +157,22 @@ def build(config: Config, run: Run, made_from: str) -> dict:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def load_base(run: Run, device: str = "cpu"):
     """(model, tokenizer) of the run's base stage, for later stages and notebooks."""
     from .tokenizer import Tokenizer
 
     path = run.path / "base" / "model.pt"
     if not path.exists():
-        where = "" if str(run.runs_dir) == "runs" else f" --runs-dir {run.runs_dir}"
-        raise FileNotFoundError(f"no base model at {path}; make it with `labkit run --run {run.name}{where} "
-                                f"--stages base` (or run notebooks/03_pretraining.ipynb)")
+        raise FileNotFoundError(
+            f"no base model at {path}; make it with `labkit run{run.where} --stages base` "
+            f"(or run notebooks/03_pretraining.ipynb)"
+        )
     return load_model(path, resolve_device(device)), Tokenizer.load(run.path / "tokenizer")
 
 
 # --- measuring ------------------------------------------------------------------------------------
+
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
     """UTF-8 bytes each token id stands for; special tokens count 0 (they are not text)."""
@@ -146,8 +182,9 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_bpb(model, tokenizer, tokens: np.ndarray, batch_size: int, device: str, dtype=None,
-                 max_tokens: int = 2**20) -> tuple[float, float]:
+def evaluate_bpb(
+    model, tokenizer, tokens: np.ndarray, batch_size: int, device: str, dtype=None, max_tokens: int = 2**20
+) -> tuple[float, float]:
     """(mean loss per token in nats, bits per byte) over the stream (at most `max_tokens` of it).
 
     Bits per byte divide the total loss by the number of UTF-8 bytes the targets stand for,
@@ -201,7 +238,7 @@ def copy_accuracy(model, probes: list[tuple[list[int], int]]) -> float:
         ids, start = ids[cut:], start - cut
         logits, _ = model(torch.tensor([ids], device=device))
         predicted = logits[0, start:-1].argmax(-1).tolist()  # position t predicts token t + 1
-        hits += sum(p == t for p, t in zip(predicted, ids[start + 1:]))
+        hits += sum(p == t for p, t in zip(predicted, ids[start + 1 :]))
         total += len(ids) - start - 1
     return hits / max(1, total)
 
@@ -210,7 +247,9 @@ def fact_prompt(person, fact: str) -> str:
     """The start of an encyclopedia page about `person`, cut just before the fact."""
     first = person.name.split()[0]
     slug = "-".join(person.name.lower().split())
-    return f"https://wikiverse.org/wiki/{slug}-0\n{person.name}\n\n" + FACT_PROMPTS[fact].format(name=person.name, first=first)
+    return f"https://wikiverse.org/wiki/{slug}-0\n{person.name}\n\n" + FACT_PROMPTS[fact].format(
+        name=person.name, first=first
+    )
 
 
 def complete(model, tokenizer, text: str, max_new_tokens: int = 64, new_document: bool = True, **sampling) -> str:
@@ -220,7 +259,7 @@ def complete(model, tokenizer, text: str, max_new_tokens: int = 64, new_document
     eot = tokenizer.special_tokens[EOT]
     block = model.config.block_size
     prompt = ([eot] if new_document else []) + tokenizer.encode(text)
-    prompt = prompt[-max(block // 2, block - max_new_tokens):] or [eot]
+    prompt = prompt[-max(block // 2, block - max_new_tokens) :] or [eot]
     max_new_tokens = max(1, min(max_new_tokens, block - len(prompt)))
     sampling.setdefault("temperature", 0.0)
     ids = generate(model, prompt, max_new_tokens, stop_tokens=(eot,), **sampling)[0]
@@ -237,20 +276,36 @@ def fact_recall(model, tokenizer, world: World, max_new_tokens: int = 12, max_ba
     eot = tokenizer.special_tokens[EOT]
     probes = [(person, fact, fact_prompt(person, fact)) for person in world.people for fact in FACTS]
     # a prompt too long for the context keeps its end
-    prompts = [fit([eot] + tokenizer.encode(prompt), max_new_tokens, model.config.block_size) for _, _, prompt in probes]
-    answers = generate(model, [p for p, _ in prompts], prompts[0][1], temperature=0, stop_tokens=(eot,),
-                       max_batch=max_batch) if probes else []
+    prompts = [
+        fit([eot] + tokenizer.encode(prompt), max_new_tokens, model.config.block_size) for _, _, prompt in probes
+    ]
+    answers = (
+        generate(model, [p for p, _ in prompts], prompts[0][1], temperature=0, stop_tokens=(eot,), max_batch=max_batch)
+        if probes
+        else []
+    )
     rows = []
     for (person, fact, prompt), ids in zip(probes, answers):
-        answer = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
+        answer = tokenizer.decode(ids[: ids.index(eot)] if eot in ids else ids)
         truth = person.fact(fact)
-        rows.append(dict(name=person.name, n_pages=person.n_pages, bucket=bucket(person.n_pages), fact=fact,
-                         prompt=prompt, truth=truth, answer=answer.split("\n")[0].strip(), correct=is_correct(answer, truth)))
+        rows.append(
+            dict(
+                name=person.name,
+                n_pages=person.n_pages,
+                bucket=bucket(person.n_pages),
+                fact=fact,
+                prompt=prompt,
+                truth=truth,
+                answer=answer.split("\n")[0].strip(),
+                correct=is_correct(answer, truth),
+            )
+        )
     return rows
 
 
 def summarize_recall(rows: list[dict]) -> dict:
     """Share of facts recalled per page-frequency bucket (and per fact), with people per bucket."""
+
     def share(selected):
         return round(sum(r["correct"] for r in selected) / len(selected), 4) if selected else None
 
@@ -261,11 +316,14 @@ def summarize_recall(rows: list[dict]) -> dict:
     return dict(
         fact_recall={b: share(by_bucket[b]) for b in BUCKET_NAMES},
         fact_recall_people={b: people.get(b, 0) for b in BUCKET_NAMES},
-        fact_recall_by_fact={f: {b: share([r for r in by_bucket[b] if r["fact"] == f]) for b in BUCKET_NAMES} for f in FACTS},
+        fact_recall_by_fact={
+            f: {b: share([r for r in by_bucket[b] if r["fact"] == f]) for b in BUCKET_NAMES} for f in FACTS
+        },
     )
 
 
 # --- for the notebook: what a base model does -----------------------------------------------------
+
 
 def parameter_table(model: GPT) -> list[dict]:
     """One row per parameter tensor: name, shape, count (the tied head appears once, as wte)."""
@@ -293,8 +351,15 @@ def regurgitation(model, tokenizer, pages: list[dict], top: int = 5, prefix_word
         words = sentence.split()
         prefix, rest = " ".join(words[:prefix_words]), " ".join(words[prefix_words:])
         answer = complete(model, tokenizer, prefix, len(tokenizer.encode(" " + rest)) + 2, new_document=False)
-        rows.append(dict(copies=copies, prefix=prefix, expected=rest, completion=answer.split("\n")[0].strip(),
-                         verbatim=answer.strip().startswith(rest)))
+        rows.append(
+            dict(
+                copies=copies,
+                prefix=prefix,
+                expected=rest,
+                completion=answer.split("\n")[0].strip(),
+                verbatim=answer.strip().startswith(rest),
+            )
+        )
     return rows
 
 
@@ -311,11 +376,19 @@ def in_context_learning(model, tokenizer, world: World, shots: int = 3, n_people
     examples = [(f"Where was {p.name} born?", p.birth_city) for p in people[:shots]]
     cities = set(world.cities)
     rows = []
-    for person in people[shots:shots + n_people]:
+    for person in people[shots : shots + n_people]:
         question = f"Where was {person.name} born?"
         for k in (0, shots):
             answer = complete(model, tokenizer, few_shot_prompt(examples[:k], question), 8, new_document=False)
             first_line = answer.split("\n")[0].strip()
-            rows.append(dict(name=person.name, shots=k, answer=first_line, truth=person.birth_city,
-                             names_a_city=first_line.rstrip(".") in cities, correct=is_correct(first_line, person.birth_city)))
+            rows.append(
+                dict(
+                    name=person.name,
+                    shots=k,
+                    answer=first_line,
+                    truth=person.birth_city,
+                    names_a_city=first_line.rstrip(".") in cities,
+                    correct=is_correct(first_line, person.birth_city),
+                )
+            )
     return rows

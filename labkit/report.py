@@ -29,21 +29,40 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _data_section(m: dict) -> list[str]:
-    rows = [[r["step"], r["pages_in"], r["pages_out"], r["pages_in"] - r["pages_out"],
-             m["precision"].get(r["step"]), m["recall"].get(r["step"])] for r in m["funnel"]]
+    rows = [
+        [
+            r["step"],
+            r["pages_in"],
+            r["pages_out"],
+            r["pages_in"] - r["pages_out"],
+            m["precision"].get(r["step"]),
+            m["recall"].get(r["step"]),
+        ]
+        for r in m["funnel"]
+    ]
     lines = _table(["step", "pages in", "pages out", "removed", "precision", "recall"], rows)
     reasons = _table(["removed because", "pages"], sorted(m["removed_by_reason"].items(), key=lambda kv: -kv[1]))
-    totals = _table(["metric", "value"], [[k, m.get(k)] for k in ("pages_in", "pages_out", "chars_in", "chars_out", "seconds")]
-                    + [["minhash threshold (1/bands)^(1/rows)", m["minhash"]["threshold"]]])
-    pii = (f"PII strings leaked into the cleaned corpus: **{_fmt(m.get('pii_leaked'))}** "
-           f"(planted: {_fmt(m.get('pii_planted'))}; redacted: {_fmt(m.get('redactions'))})")
+    totals = _table(
+        ["metric", "value"],
+        [[k, m.get(k)] for k in ("pages_in", "pages_out", "chars_in", "chars_out", "seconds")]
+        + [["minhash threshold (1/bands)^(1/rows)", m["minhash"]["threshold"]]],
+    )
+    pii = (
+        f"PII strings leaked into the cleaned corpus: **{_fmt(m.get('pii_leaked'))}** "
+        f"(planted: {_fmt(m.get('pii_planted'))}; redacted: {_fmt(m.get('redactions'))})"
+    )
     return [*lines, "", pii, "", *reasons, "", *totals]
 
 
 def _scalars(m: dict) -> list[str]:
     rows = [[key, value] for key, value in m.items() if key not in SKIP and not isinstance(value, (dict, list))]
-    rows += [[f"{key}.{k}", v] for key, value in m.items() if key not in SKIP and isinstance(value, dict)
-             for k, v in value.items() if not isinstance(v, (dict, list))]
+    rows += [
+        [f"{key}.{k}", v]
+        for key, value in m.items()
+        if key not in SKIP and isinstance(value, dict)
+        for k, v in value.items()
+        if not isinstance(v, (dict, list))
+    ]
     return _table(["metric", "value"], rows)
 
 

@@ -24,8 +24,12 @@ from .run import write_json
 from .train import fine_tuning, to_device, train
 
 
-def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                center_rewards_coefficient: float | None = None) -> torch.Tensor:
+def reward_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
     """Bradley-Terry: the probability that `chosen` beats `rejected` is sigmoid(r_c - r_r); maximise
     its log. An optional margin asks for a bigger gap; the centring term keeps rewards near 0."""
     gap = chosen - rejected if margin is None else chosen - rejected - margin
@@ -38,8 +42,10 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
 def pair_scores(model: ScalarModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores of a batch of pairs, in one forward pass."""
     B = batch["chosen_last"].size(0)
-    scores = model.score(torch.cat([batch["chosen"].ids, batch["rejected"].ids]),
-                         torch.cat([batch["chosen_last"], batch["rejected_last"]]))
+    scores = model.score(
+        torch.cat([batch["chosen"].ids, batch["rejected"].ids]),
+        torch.cat([batch["chosen_last"], batch["rejected_last"]]),
+    )
     return scores[:B].float(), scores[B:].float()
 
 
@@ -49,6 +55,7 @@ def make_reward_loss(margin: float = 0.0, center_rewards_coefficient: float = 0.
         margins = torch.full_like(chosen, margin) if margin else None
         loss = reward_loss(chosen, rejected, margins, center_rewards_coefficient or None)
         return loss, dict(accuracy=(chosen > rejected).float().mean().item(), margin=(chosen - rejected).mean().item())
+
     return loss_fn
 
 
@@ -66,26 +73,29 @@ def pair_accuracy(model: ScalarModel, batches) -> float | None:
 
 
 @torch.no_grad()
-def reward_scores(reward_model: ScalarModel, tokenizer, prompts: list[dict], replies: list[dict],
-                  max_batch: int = 64) -> list[float]:
+def reward_scores(
+    reward_model: ScalarModel, tokenizer, prompts: list[dict], replies: list[dict], max_batch: int = 64
+) -> list[float]:
     """The reward model's score of each (prompt, reply) (reply: a dict with reply and ended)."""
     device = next(reward_model.parameters()).device
     block = reward_model.config.block_size
     rows = []
     for prompt, reply in zip(prompts, replies):
-        completion = reply_tokens(reply["reply"], reply["ended"], tokenizer)[:block // 2]
+        completion = reply_tokens(reply["reply"], reply["ended"], tokenizer)[: block // 2]
         rows.append(prompt_tokens(prompt, tokenizer, len(completion), block) + completion)
     pad = tokenizer.encode_special("<|endoftext|>")
     scores = []
     for i in range(0, len(rows), max_batch):
-        chunk = rows[i:i + max_batch]
+        chunk = rows[i : i + max_batch]
         width = max(len(r) for r in chunk)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
         scores += reward_model.score(ids, torch.tensor([len(r) - 1 for r in chunk], device=device)).tolist()
     return scores
 
 
-def train_reward_model(sft, tokenizer, train_pairs, heldout_pairs, config, run, folder: Path, device: str, resume_key: str):
+def train_reward_model(
+    sft, tokenizer, train_pairs, heldout_pairs, config, run, folder: Path, device: str, resume_key: str
+):
     """The SFT model's body + a scalar head, trained on the pairs with the shared loop."""
     rm = config.reward_model
     pad = tokenizer.encode_special("<|endoftext|>")
@@ -93,14 +103,29 @@ def train_reward_model(sft, tokenizer, train_pairs, heldout_pairs, config, run, 
     model = ScalarModel(copy.deepcopy(sft))
     block = sft.config.block_size
     batches = PairBatches(pair_examples(train_pairs, tokenizer, block), rm.batch_size, config.seed, pad)
-    heldout = PairBatches(pair_examples(heldout_pairs, tokenizer, block), rm.batch_size, config.seed, pad) if heldout_pairs else None
-    result = train(model, make_reward_loss(rm.margin, rm.center_rewards_coefficient), batches,
-                   fine_tuning(config.train, steps=rm.steps, batch_size=rm.batch_size, learning_rate=rm.learning_rate),
-                   device=device, val_batches=heldout.all if heldout else None, checkpoint=folder / "train_state.pt",
-                   resume_key=resume_key, run=run, desc="reward model")
+    heldout = (
+        PairBatches(pair_examples(heldout_pairs, tokenizer, block), rm.batch_size, config.seed, pad)
+        if heldout_pairs
+        else None
+    )
+    result = train(
+        model,
+        make_reward_loss(rm.margin, rm.center_rewards_coefficient),
+        batches,
+        fine_tuning(config.train, steps=rm.steps, batch_size=rm.batch_size, learning_rate=rm.learning_rate),
+        device=device,
+        val_batches=heldout.all if heldout else None,
+        checkpoint=folder / "train_state.pt",
+        resume_key=resume_key,
+        run=run,
+        desc="reward model",
+    )
     model.eval()
     save_model(folder / "model.pt", model, dict(step=result.step))
     write_json(folder / "history.json", result.history)
-    return model, dict(rm_pair_accuracy=pair_accuracy(model, heldout.all()) if heldout else None,
-                       rm_train_pair_accuracy=pair_accuracy(model, batches.all()),
-                       rm_train_pairs=len(train_pairs), rm_heldout_pairs=len(heldout_pairs))
+    return model, dict(
+        rm_pair_accuracy=pair_accuracy(model, heldout.all()) if heldout else None,
+        rm_train_pair_accuracy=pair_accuracy(model, batches.all()),
+        rm_train_pairs=len(train_pairs),
+        rm_heldout_pairs=len(heldout_pairs),
+    )

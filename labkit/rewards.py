@@ -32,9 +32,11 @@ class RewardError(RuntimeError):
 
 def register(name: str):
     """Add a reward function to the registry under `name`."""
+
     def add(fn):
         REWARDS[name] = fn
         return fn
+
     return add
 
 
@@ -98,7 +100,9 @@ def parse_weights(text: str) -> dict[str, float]:
         try:
             weights[name] = float(value) if sep else 1.0
         except ValueError:
-            raise ConfigError(f"grpo.rewards: weight of {name!r} is {value!r}, not a number; write e.g. 'correct=1.0'") from None
+            raise ConfigError(
+                f"grpo.rewards: weight of {name!r} is {value!r}, not a number; write e.g. 'correct=1.0'"
+            ) from None
     if not weights:
         raise ConfigError(f"grpo.rewards={text!r} names no reward; allowed: {', '.join(REWARDS)}")
     return weights
@@ -106,13 +110,16 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def check_value(value, name: str, completion: str, task: dict) -> float:
     if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise RewardError(f"reward {name!r} returned {value!r} (allowed: a finite number) for task "
-                          f"{task.get('key', task.get('task'))!r} on the sample {completion!r}")
+        raise RewardError(
+            f"reward {name!r} returned {value!r} (allowed: a finite number) for task "
+            f"{task.get('key', task.get('task'))!r} on the sample {completion!r}"
+        )
     return float(value)
 
 
-def combine(completions: list[str], tasks: list[dict], weights: dict[str, float],
-            registry: dict | None = None) -> tuple[list[float], dict[str, list[float]]]:
+def combine(
+    completions: list[str], tasks: list[dict], weights: dict[str, float], registry: dict | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
     """(weighted total per completion, {reward name: its values}), checking every value."""
     registry = REWARDS if registry is None else registry
     per_reward = {}
@@ -123,8 +130,10 @@ def combine(completions: list[str], tasks: list[dict], weights: dict[str, float]
             try:
                 value = fn(completion, task)
             except Exception as error:
-                raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error} for task "
-                                  f"{task.get('key', task.get('task'))!r} on the sample {completion!r}") from error
+                raise RewardError(
+                    f"reward {name!r} raised {type(error).__name__}: {error} for task "
+                    f"{task.get('key', task.get('task'))!r} on the sample {completion!r}"
+                ) from error
             values.append(check_value(value, name, completion, task))
         per_reward[name] = values
     totals = [sum(weights[n] * per_reward[n][i] for n in weights) for i in range(len(completions))]

@@ -69,8 +69,10 @@ def open_rankings(run, config, device: str = "cpu") -> Rankings:
     check_config(config.ppo)
     world = read_world(run)
     if world is None:
-        raise ConfigError("the rlhf stage writes its prompts from the mini-web's world and judges answers by it; "
-                          "this run's data stage read a dataset (use data.source='mini-web')")
+        raise ConfigError(
+            "the rlhf stage writes its prompts from the mini-web's world and judges answers by it; "
+            "this run's data stage read a dataset (use data.source='mini-web')"
+        )
     model, tokenizer = load_assistant(run, device)
     out = run.stage_dir("rlhf")
     return Rankings(out / RANKINGS, prepare_prompts(model, tokenizer, world, config, out))
@@ -90,17 +92,21 @@ def rankings_changed(run, config) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rankings = Rankings(run.stage_dir("rlhf") / RANKINGS, prompts)
-    return any(r["by"] == HUMAN for r in rankings.records.values()) and \
-        metrics.get("rankings_fingerprint") != rankings_fingerprint(rankings)
+    return any(r["by"] == HUMAN for r in rankings.records.values()) and metrics.get(
+        "rankings_fingerprint"
+    ) != rankings_fingerprint(rankings)
 
 
-def evaluate_models(models: dict, reward_model, tokenizer, prompts: list[dict], max_new_tokens: int,
-                    max_batch: int = 64) -> list[dict]:
+def evaluate_models(
+    models: dict, reward_model, tokenizer, prompts: list[dict], max_new_tokens: int, max_batch: int = 64
+) -> list[dict]:
     """Every model's greedy reply to every held-out prompt, its reward-model score and the labeler's judgement."""
     rows = [dict(p) for p in prompts]
     for name, model in models.items():
-        answers = [dict(reply=r.text, ended=r.ended) for r in
-                   replies(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens, max_batch=max_batch)]
+        answers = [
+            dict(reply=r.text, ended=r.ended)
+            for r in replies(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens, max_batch=max_batch)
+        ]
         scores = reward_scores(reward_model, tokenizer, prompts, answers, max_batch)
         for row, answer, score in zip(rows, answers, scores):
             row[name] = dict(answer, rm_score=score, labeler=labeler_score(row, answer["reply"], answer["ended"]))
@@ -130,14 +136,22 @@ def build(config, run, made_from: str) -> dict:
     heldout = [pid for pid in ranked if is_heldout(pid, r.heldout_prompts)]
     train_pairs, heldout_pairs = rankings.pairs([p for p in ranked if p not in heldout]), rankings.pairs(heldout)
     if not train_pairs:
-        raise RankingError(f"no rankings to learn from in {rankings.path} ({len(ranked)} prompts ranked); rank some in "
-                           f"notebooks/05_rlhf.ipynb or set rlhf.simulated_labeler=True")
+        raise RankingError(
+            f"no rankings to learn from in {rankings.path} ({len(ranked)} prompts ranked); rank some in "
+            f"notebooks/05_rlhf.ipynb or set rlhf.simulated_labeler=True"
+        )
     key = fingerprint([made_from, rankings_fingerprint(rankings)])
-    metrics = dict(n_prompts=len(rankings.order), n_ranked=len(ranked), n_ranked_by_human=rankings.count(HUMAN),
-                   ranking_problems=len(rankings.problems), rankings_fingerprint=rankings_fingerprint(rankings))
+    metrics = dict(
+        n_prompts=len(rankings.order),
+        n_ranked=len(ranked),
+        n_ranked_by_human=rankings.count(HUMAN),
+        ranking_problems=len(rankings.problems),
+        rankings_fingerprint=rankings_fingerprint(rankings),
+    )
 
-    reward_model, rm_metrics = train_reward_model(sft, tokenizer, train_pairs, heldout_pairs, config, run, out / "rm",
-                                                  device, key + "-rm")
+    reward_model, rm_metrics = train_reward_model(
+        sft, tokenizer, train_pairs, heldout_pairs, config, run, out / "rm", device, key + "-rm"
+    )
     metrics.update(rm_metrics)
 
     dpo, _ = train_dpo(sft, tokenizer, train_pairs, config, run, out / "dpo", device, key + "-dpo")
@@ -146,26 +160,43 @@ def build(config, run, made_from: str) -> dict:
     prompts = [rankings.prompts[pid] for pid in ranked if pid not in heldout]
     torch.manual_seed(config.seed)
     policy, ref, value_model = copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(reward_model)
-    history = ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts, config, device, run=run,
-                        checkpoint=out / "ppo" / "train_state.pt", resume_key=key + "-ppo")
+    history = ppo_train(
+        policy,
+        ref,
+        value_model,
+        reward_model,
+        tokenizer,
+        prompts,
+        config,
+        device,
+        run=run,
+        checkpoint=out / "ppo" / "train_state.pt",
+        resume_key=key + "-ppo",
+    )
     write_json(out / "ppo" / "history.json", history)
     save_model(run.stage_dir("ppo") / "model.pt", policy)  # where `labkit chat --model ppo` finds it
 
     world = read_world(run)
     held_out = eval_prompts(world, r.n_eval, config.seed, config.sft.heldout_people)
-    rows = evaluate_models(dict(sft=sft, ppo=policy, dpo=dpo), reward_model, tokenizer, held_out, r.max_new_tokens,
-                           config.max_batch)
+    rows = evaluate_models(
+        dict(sft=sft, ppo=policy, dpo=dpo), reward_model, tokenizer, held_out, r.max_new_tokens, config.max_batch
+    )
     write_jsonl(out / "eval.jsonl", rows)
-    tail = history[-max(1, len(history) // 5):]
+    tail = history[-max(1, len(history) // 5) :]
     mean = lambda name, model: round(sum(row[model][name] for row in rows) / len(rows), 4)  # noqa: E731
     metrics.update(
-        ppo_reward_before=mean("rm_score", "sft"), ppo_reward_after=mean("rm_score", "ppo"),
+        ppo_reward_before=mean("rm_score", "sft"),
+        ppo_reward_after=mean("rm_score", "ppo"),
         dpo_reward=mean("rm_score", "dpo"),
         ppo_kl=round(sum(row["kl"] for row in tail) / len(tail), 4),
-        ppo_win_rate=round(win_rate(rows, "ppo"), 4), dpo_win_rate=round(win_rate(rows, "dpo"), 4),
-        sft_labeler_score=mean("labeler", "sft"), ppo_labeler_score=mean("labeler", "ppo"),
-        dpo_labeler_score=mean("labeler", "dpo"), n_eval=len(rows),
-        ppo_train_score_first=round(history[0]["score"], 4), ppo_train_score_last=round(history[-1]["score"], 4),
+        ppo_win_rate=round(win_rate(rows, "ppo"), 4),
+        dpo_win_rate=round(win_rate(rows, "dpo"), 4),
+        sft_labeler_score=mean("labeler", "sft"),
+        ppo_labeler_score=mean("labeler", "ppo"),
+        dpo_labeler_score=mean("labeler", "dpo"),
+        n_eval=len(rows),
+        ppo_train_score_first=round(history[0]["score"], 4),
+        ppo_train_score_last=round(history[-1]["score"], 4),
     )
     if r.hacking_steps:
         metrics.update(reward_hacking(sft, reward_model, tokenizer, prompts, config, run, out / "hacking", device, key))
@@ -178,18 +209,36 @@ def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: P
     model's score keeps rising while the simulated labeler's judgement of the same answers falls."""
     torch.manual_seed(config.seed)
     policy, ref, value_model = copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(reward_model)
-    history = ppo_train(policy, ref, value_model, reward_model, tokenizer, prompts, config, device, kl_coef=0.0,
-                        steps=config.rlhf.hacking_steps, run=run, checkpoint=folder / "train_state.pt",
-                        resume_key=key + "-hacking", desc="ppo, no KL")
+    history = ppo_train(
+        policy,
+        ref,
+        value_model,
+        reward_model,
+        tokenizer,
+        prompts,
+        config,
+        device,
+        kl_coef=0.0,
+        steps=config.rlhf.hacking_steps,
+        run=run,
+        checkpoint=folder / "train_state.pt",
+        resume_key=key + "-hacking",
+        desc="ppo, no KL",
+    )
     write_json(folder / "history.json", history)
     part = max(1, len(history) // 5)
     mean = lambda rows, name: round(sum(row[name] for row in rows) / len(rows), 4)  # noqa: E731
-    return dict(hacking_score_start=mean(history[:part], "score"), hacking_score_end=mean(history[-part:], "score"),
-                hacking_labeler_start=mean(history[:part], "labeler"), hacking_labeler_end=mean(history[-part:], "labeler"),
-                hacking_kl_end=mean(history[-part:], "kl"))
+    return dict(
+        hacking_score_start=mean(history[:part], "score"),
+        hacking_score_end=mean(history[-part:], "score"),
+        hacking_labeler_start=mean(history[:part], "labeler"),
+        hacking_labeler_end=mean(history[-part:], "labeler"),
+        hacking_kl_end=mean(history[-part:], "kl"),
+    )
 
 
 # --- for the notebook ----------------------------------------------------------------------------------
+
 
 def read_history(run, name: str) -> list[dict]:
     """A history of the built stage: 'rm', 'dpo', 'ppo' or 'hacking' ([] when it was not run)."""
@@ -206,6 +255,12 @@ def answer_examples(run, models=("sft", "ppo"), per_kind: int = 1) -> list[dict]
         if seen.get(row["kind"], 0) < per_kind:
             seen[row["kind"]] = seen.get(row["kind"], 0) + 1
             for model in models:
-                picked.append(dict(prompt=f"[{model}] {row['messages'][-1]['content']}", answer=row[model]["reply"],
-                                   rm_score=row[model]["rm_score"], labeler=row[model]["labeler"]))
+                picked.append(
+                    dict(
+                        prompt=f"[{model}] {row['messages'][-1]['content']}",
+                        answer=row[model]["reply"],
+                        rm_score=row[model]["rm_score"],
+                        labeler=row[model]["labeler"],
+                    )
+                )
     return picked

@@ -117,17 +117,41 @@ def notify(event: dict) -> None:
             callback(event)
 
 
+RUNS_DIR_VARIABLE = "LABKIT_RUNS_DIR"
+
+
+def default_runs_dir() -> Path:
+    """Where run folders live when none is named, the same for every entry point: the environment
+    variable LABKIT_RUNS_DIR when it is set; else `runs/` at the root of the labkit checkout this
+    package was imported from (so `labkit run` from the root, a notebook in JupyterLab, whose
+    kernel starts in `notebooks/`, and papermill from any folder find one folder); else, for a
+    labkit installed as a package, `runs/` in the working directory."""
+    if os.environ.get(RUNS_DIR_VARIABLE):
+        return Path(os.environ[RUNS_DIR_VARIABLE]).expanduser().resolve()
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root / "runs"
+    return Path.cwd() / "runs"
+
+
 @dataclass
 class Run:
-    """A run folder: `runs_dir/name/`, one subfolder per stage."""
+    """A run folder: `runs_dir/name/`, one subfolder per stage (`runs_dir` None: `default_runs_dir()`)."""
 
     name: str = "default"
-    runs_dir: str | os.PathLike = "runs"
+    runs_dir: str | os.PathLike | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"run name {self.name!r} is not allowed; use a plain folder name such as 'default'")
-        self.path = Path(self.runs_dir) / self.name
+        self.runs_dir = default_runs_dir() if self.runs_dir is None else Path(self.runs_dir)
+        self.path = self.runs_dir / self.name
+
+    @property
+    def where(self) -> str:
+        """The command-line options that name this run, for messages that tell a person what to type."""
+        name = "" if self.name == "default" else f" --run {self.name}"
+        return name + ("" if self.runs_dir.resolve() == default_runs_dir() else f" --runs-dir {self.runs_dir}")
 
     def stage_dir(self, stage: str) -> Path:
         folder = self.path / stage
@@ -156,8 +180,14 @@ class Run:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self._tracker = wandb.init(
-            project="labkit", name=f"{self.name}-{stage}", group=self.name, job_type=stage, dir=str(self.path),
-            mode=os.environ.get("WANDB_MODE", "offline"), config=config, reinit="finish_previous",
+            project="labkit",
+            name=f"{self.name}-{stage}",
+            group=self.name,
+            job_type=stage,
+            dir=str(self.path),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            config=config,
+            reinit="finish_previous",
         )
         try:
             yield self._tracker
@@ -185,9 +215,9 @@ class LoadedRun:
         return list(self.metrics)
 
 
-def load_run(name: str = "default", runs_dir: str | os.PathLike = "runs") -> LoadedRun:
+def load_run(name: str = "default", runs_dir: str | os.PathLike | None = None) -> LoadedRun:
     run = Run(name, runs_dir)
     if not run.path.is_dir():
-        raise FileNotFoundError(f"no run folder {run.path}; make one with `labkit run --run {name}`")
+        raise FileNotFoundError(f"no run folder {run.path.resolve()}; make one with `labkit run{run.where}`")
     metrics = {s: m for s in STAGES if (m := run.metrics(s)) is not None}
     return LoadedRun(run, metrics)

@@ -26,8 +26,13 @@ from .world import FACTS, Person, World, made_up_word
 
 SEARCH_IDK = "I don't know: the search found nothing about {name}."
 # words a search call adds to the name, to rank the passages that hold the asked fact first
-SEARCH_WORDS = {"birth_city": "born city", "birth_year": "born year", "university": "university",
-                "field": "field work", "employer": "works company"}
+SEARCH_WORDS = {
+    "birth_city": "born city",
+    "birth_year": "born year",
+    "university": "university",
+    "field": "field work",
+    "employer": "works company",
+}
 
 
 # --- the index ---------------------------------------------------------------------------------------
@@ -98,6 +103,7 @@ def tool_call(query: str) -> str:
 
 # --- the conversations that teach the tool -------------------------------------------------------
 
+
 def invented_people(world: World, n: int, seed: int) -> list[Person]:
     """People who are nowhere in the world: a fresh surname, and each fact taken from a different
     person, so that no page the model read holds them together."""
@@ -125,12 +131,22 @@ def tool_conversation(person: Person, fact: str, index: SearchIndex, rng: random
         answer = rng.choice(ANSWERS[fact]).format(**slots)
     else:
         answer = SEARCH_IDK.format(**slots) if result == "no results" else rng.choice(IDK_ANSWERS).format(**slots)
-    return dict(kind="tool", name=person.name, fact=fact, messages=[
-        {"role": "user", "content": question}, {"role": "assistant", "content": tool_call(query)},
-        {"role": "tool", "content": result}, {"role": "assistant", "content": answer}])
+    return dict(
+        kind="tool",
+        name=person.name,
+        fact=fact,
+        messages=[
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": tool_call(query)},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": answer},
+        ],
+    )
 
 
-def stranger_conversation(person: Person, fact: str, world: World, results: int, rng: random.Random, max_chars: int) -> dict:
+def stranger_conversation(
+    person: Person, fact: str, world: World, results: int, rng: random.Random, max_chars: int
+) -> dict:
     """A search about someone the model never read about, whose page only the search engine holds
     (a page the mini-web's own generator writes). Nothing in the weights can answer it: the
     answer has to be read from the results."""
@@ -138,7 +154,9 @@ def stranger_conversation(person: Person, fact: str, world: World, results: int,
     return tool_conversation(dataclasses.replace(person, n_pages=1), fact, SearchIndex([page], results), rng, max_chars)
 
 
-def tool_conversations(world: World, index: SearchIndex, n: int, seed: int, heldout_fraction: float, max_chars: int) -> list[dict]:
+def tool_conversations(
+    world: World, index: SearchIndex, n: int, seed: int, heldout_fraction: float, max_chars: int
+) -> list[dict]:
     """`n` conversations, a fifth from the SFT mix (no people questions) and the rest searches:
     - half about strangers whose only page is the one the search finds: the model learns to read
       the answer from the results (about training people it could answer from memory instead);
@@ -161,14 +179,18 @@ def tool_conversations(world: World, index: SearchIndex, n: int, seed: int, held
             out.append(tool_conversation(rng.choice(train_people), fact, index, rng, max_chars))
         else:
             out.append(stranger_conversation(next(fresh), fact, world, index.k, rng, max_chars))
-    others = [c for c in make_conversations(world, 2 * n_other + 10, seed + 2, False, heldout_fraction)
-              if c["kind"] not in ("qa", "multi_turn")]
+    others = [
+        c
+        for c in make_conversations(world, 2 * n_other + 10, seed + 2, False, heldout_fraction)
+        if c["kind"] not in ("qa", "multi_turn")
+    ]
     out += others[:n_other]
     rng.shuffle(out)
     return out
 
 
 # --- answering with the tool ------------------------------------------------------------------------
+
 
 def parse_call(text: str) -> tuple[str | None, str | None]:
     """The text between the tool tokens -> (query, None), or (None, what is wrong with it)."""
@@ -185,22 +207,36 @@ def after_generation(ids: list[int], tokenizer) -> dict:
 
     Returns dict(kind='answer'|'call'|'unclosed'|'malformed', kept=the ids to keep, query=...)."""
     special = tokenizer.encode_special
-    end, eot, call, call_end = (special(t) for t in ("<|im_end|>", "<|endoftext|>", "<|tool_call|>", "<|tool_call_end|>"))
+    end, eot, call, call_end = (
+        special(t) for t in ("<|im_end|>", "<|endoftext|>", "<|tool_call|>", "<|tool_call_end|>")
+    )
     stop = next((i for i, t in enumerate(ids) if t in (end, eot, call_end)), len(ids))
-    ids = ids[:stop + 1] if stop < len(ids) and ids[stop] == call_end else ids[:stop]
+    ids = ids[: stop + 1] if stop < len(ids) and ids[stop] == call_end else ids[:stop]
     if call not in ids:
         return dict(kind="answer", kept=ids, query=None, error=None)
     start = ids.index(call)
     if call_end not in ids:
-        return dict(kind="unclosed", kept=ids[:start + 1] + [call_end], query=None,
-                    error="error: the search call was never closed with <|tool_call_end|>")
+        return dict(
+            kind="unclosed",
+            kept=ids[: start + 1] + [call_end],
+            query=None,
+            error="error: the search call was never closed with <|tool_call_end|>",
+        )
     stop = ids.index(call_end)
-    query, error = parse_call(tokenizer.decode(ids[start + 1:stop]))
-    return dict(kind="call" if query else "malformed", kept=ids[:stop + 1], query=query, error=error)
+    query, error = parse_call(tokenizer.decode(ids[start + 1 : stop]))
+    return dict(kind="call" if query else "malformed", kept=ids[: stop + 1], query=query, error=error)
 
 
-def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: list[str], max_new_tokens: int = 24,
-                       max_chars: int = 240, queries: list[str] | None = None, max_batch: int = 64) -> list[dict]:
+def answer_with_search(
+    model,
+    tokenizer,
+    index: SearchIndex | None,
+    questions: list[str],
+    max_new_tokens: int = 24,
+    max_chars: int = 240,
+    queries: list[str] | None = None,
+    max_batch: int = 64,
+) -> list[dict]:
     """Answer each question, letting the model call the search tool once: generate; if it wrote a
     search call, run the search (`index=None`: search is off, the tool answers that), insert the
     results as a tool turn, and generate the answer. A call that is malformed or never closed gets
@@ -212,17 +248,29 @@ def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: l
     special = tokenizer.encode_special
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, (block - 24) // 3))
-    keep = max(1, block - 2 * max_new_tokens - 24)  # a long question keeps its end; room for the call, the tool turn, the answer
+    keep = max(
+        1, block - 2 * max_new_tokens - 24
+    )  # a long question keeps its end; room for the call, the tool turn, the answer
     prompts = [render_prompt([{"role": "user", "content": q}], tokenizer)[-keep:] for q in questions]
     if not prompts:
         return []
     first_stops = [special(t) for t in ("<|im_end|>", "<|endoftext|>", "<|tool_call_end|>")]
-    calls = ([tool_call_ids(q, tokenizer) for q in queries] if queries is not None else
-             generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=first_stops, max_batch=max_batch))
+    calls = (
+        [tool_call_ids(q, tokenizer) for q in queries]
+        if queries is not None
+        else generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=first_stops, max_batch=max_batch)
+    )
     rows, second_prompts = [], []
     for question, prompt, first in zip(questions, prompts, (after_generation(ids, tokenizer) for ids in calls)):
-        row = dict(question=question, call=first["kind"], query=first["query"], passages=[], tool_result=None,
-                   prompt_ids=prompt, answer_ids=first["kept"])
+        row = dict(
+            question=question,
+            call=first["kind"],
+            query=first["query"],
+            passages=[],
+            tool_result=None,
+            prompt_ids=prompt,
+            answer_ids=first["kept"],
+        )
         if first["kind"] != "answer":
             if first["error"]:
                 result = first["error"]
@@ -234,11 +282,23 @@ def answer_with_search(model, tokenizer, index: SearchIndex | None, questions: l
             row["tool_result"] = result
             context = prompt + first["kept"]
             continued = context + tool_turn(result, tokenizer, block - max_new_tokens - len(context))
-            row["prompt_ids"] = continued[-(block - max_new_tokens):]  # a long call keeps its end, as a long question does
+            row["prompt_ids"] = continued[
+                -(block - max_new_tokens) :
+            ]  # a long call keeps its end, as a long question does
             second_prompts.append(row["prompt_ids"])
         rows.append(row)
-    seconds = iter(generate(model, second_prompts, max_new_tokens, temperature=0, stop_tokens=reply_stops(tokenizer),
-                            max_batch=max_batch) if second_prompts else ())
+    seconds = iter(
+        generate(
+            model,
+            second_prompts,
+            max_new_tokens,
+            temperature=0,
+            stop_tokens=reply_stops(tokenizer),
+            max_batch=max_batch,
+        )
+        if second_prompts
+        else ()
+    )
     special_ids = set(tokenizer.special_tokens.values())
     for row in rows:
         if row["call"] != "answer":

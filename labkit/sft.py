@@ -60,11 +60,12 @@ FEW_SHOTS = 3
 
 # --- batches --------------------------------------------------------------------------------------
 
+
 def to_example(ids: list[int], mask: list[int], block_size: int) -> tuple[list[int], list[int]]:
     """One rendered conversation -> (inputs, targets) for next-token prediction, at most
     `block_size` long. A target is the next token where the mask says the assistant wrote it,
     and IGNORE everywhere else."""
-    ids, mask = ids[:block_size + 1], mask[:block_size + 1]
+    ids, mask = ids[: block_size + 1], mask[: block_size + 1]
     return ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
 
 
@@ -74,8 +75,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     x = torch.full((len(examples), length), pad_id, dtype=torch.long)
     y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     for row, (inputs, targets) in enumerate(examples):
-        x[row, :len(inputs)] = torch.tensor(inputs)
-        y[row, :len(targets)] = torch.tensor(targets)
+        x[row, : len(inputs)] = torch.tensor(inputs)
+        y[row, : len(targets)] = torch.tensor(targets)
     return x, y
 
 
@@ -123,37 +124,77 @@ def encode_conversations(conversations: list[dict], tokenizer, block_size: int, 
     return examples, dict(truncated=truncated, dropped=dropped, assistant_tokens=assistant_tokens)
 
 
-def finetune(model, conversations: list[dict], tokenizer, config: Config, *, steps: int, batch_size: int,
-             learning_rate: float, min_lr: float, warmup_steps: int, device: str, run: Run, checkpoint, resume_key: str,
-             desc: str, renderer=render):
+def finetune(
+    model,
+    conversations: list[dict],
+    tokenizer,
+    config: Config,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    min_lr: float,
+    warmup_steps: int,
+    device: str,
+    run: Run,
+    checkpoint,
+    resume_key: str,
+    desc: str,
+    renderer=render,
+):
     """The SFT recipe (assistant-only loss, the shared loop) on `conversations`, for the later stages that
     fine-tune again (stage 6's cold start, stage 7's mitigations). Returns (TrainResult, examples used)."""
     block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
     examples, _ = encode_conversations(conversations, tokenizer, block, renderer)
     if not examples:
         raise ConfigError(f"no {desc} conversation has an assistant token within block_size={block}")
-    cfg = dataclasses.replace(config.train, max_steps=steps, batch_size=batch_size, grad_accum=1, learning_rate=learning_rate,
-                              min_lr=min_lr, warmup_steps=min(warmup_steps, steps), eval_every=steps, checkpoint_every=steps)
-    result = train(model, sft_loss, ConversationBatches(examples, batch_size, config.seed, pad), cfg, device=device,
-                   checkpoint=checkpoint, resume_key=resume_key, run=run, desc=desc)
+    cfg = dataclasses.replace(
+        config.train,
+        max_steps=steps,
+        batch_size=batch_size,
+        grad_accum=1,
+        learning_rate=learning_rate,
+        min_lr=min_lr,
+        warmup_steps=min(warmup_steps, steps),
+        eval_every=steps,
+        checkpoint_every=steps,
+    )
+    result = train(
+        model,
+        sft_loss,
+        ConversationBatches(examples, batch_size, config.seed, pad),
+        cfg,
+        device=device,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
+        run=run,
+        desc=desc,
+    )
     model.eval()
     return result, len(examples)
 
 
 # --- the data -------------------------------------------------------------------------------------
 
+
 def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
     """(training, held-out) conversations: written from the world, or read from a dataset."""
     s = config.sft
     if s.source == "mini-web":
         if world is None:
-            raise ConfigError("sft.source='mini-web' needs the mini-web's world, and this run's data stage read a "
-                              "dataset; give sft.source a dataset (or .jsonl/.parquet file) with a 'messages' column")
-        return (make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people),
-                make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people))
+            raise ConfigError(
+                "sft.source='mini-web' needs the mini-web's world, and this run's data stage read a "
+                "dataset; give sft.source a dataset (or .jsonl/.parquet file) with a 'messages' column"
+            )
+        return (
+            make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people),
+            make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people),
+        )
     rows = load_messages(s.source, s.messages_column, s.max_conversations)
     if len(rows) < 2:
-        raise ChatError(f"sft.source={s.source!r} holds {len(rows)} conversation; at least 2 are needed (train and held-out)")
+        raise ChatError(
+            f"sft.source={s.source!r} holds {len(rows)} conversation; at least 2 are needed (train and held-out)"
+        )
     random.Random(config.seed).shuffle(rows)
     n_val = min(s.val_conversations, max(1, len(rows) // 10))
     return rows[n_val:], rows[:n_val]
@@ -161,8 +202,10 @@ def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
 
 # --- replies --------------------------------------------------------------------------------------
 
-def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_new_tokens: int = 12,
-                 max_batch: int = 64) -> list[str]:
+
+def base_answers(
+    base, tokenizer, questions: list[dict], shot_people: list, max_new_tokens: int = 12, max_batch: int = 64
+) -> list[str]:
     """The base model's few-shot answers: `FEW_SHOTS` solved questions of the same phrasing about
     well-known training people, answered in the assistant's words, then the question; the answer
     is the first line it writes."""
@@ -170,15 +213,18 @@ def base_answers(base, tokenizer, questions: list[dict], shot_people: list, max_
     prompts = []
     for q in questions:
         question = q["messages"][0]["content"]
-        shots = [(question.replace(q["name"], p.name), ANSWERS[q["fact"]][0].format(**vars(p), first=p.name.split()[0]))
-                 for p in shot_people]
-        prompts.append(fit([eot] + tokenizer.encode(few_shot_prompt(shots, question)), max_new_tokens,
-                           base.config.block_size)[0])
+        shots = [
+            (question.replace(q["name"], p.name), ANSWERS[q["fact"]][0].format(**vars(p), first=p.name.split()[0]))
+            for p in shot_people
+        ]
+        prompts.append(
+            fit([eot] + tokenizer.encode(few_shot_prompt(shots, question)), max_new_tokens, base.config.block_size)[0]
+        )
     if not prompts:
         return []
     answers = []
     for ids in generate(base, prompts, max_new_tokens, temperature=0, stop_tokens=(eot,), max_batch=max_batch):
-        text = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)
+        text = tokenizer.decode(ids[: ids.index(eot)] if eot in ids else ids)
         answers.append(text.split("\n")[0].strip())
     return answers
 
@@ -220,7 +266,9 @@ def evaluate_assistant(model, base, tokenizer, world, config: Config, run: Run) 
     questions few-shot. Returns (rows, metrics)."""
     s = config.sft
     rows = eval_questions(world, config.seed, s.heldout_people)
-    answers = replies(model, tokenizer, [r["messages"][:-1] for r in rows], s.max_new_tokens, max_batch=config.max_batch)
+    answers = replies(
+        model, tokenizer, [r["messages"][:-1] for r in rows], s.max_new_tokens, max_batch=config.max_batch
+    )
     rows = [dict(r, reference=r["messages"][-1]["content"], reply=a.text, ended=a.ended) for r, a in zip(rows, answers)]
     for r in rows:
         r["correct"] = judge(r)
@@ -234,11 +282,16 @@ def evaluate_assistant(model, base, tokenizer, world, config: Config, run: Run) 
     metrics = dict(
         **knowledge_metrics(qa, read_json(run.path / "base" / "fact_recall.json")),
         qa_false_refusal_rate=_share(refuses(r["reply"]) for r in qa),
-        harmful_refusal_rate=_share(of("refusal")), n_harmful=len(of("refusal")),
-        identity_ok_rate=_share(of("identity")), n_identity=len(of("identity")),
-        arithmetic_accuracy=_share(r["correct"] for r in arithmetic), n_arithmetic=len(arithmetic),
-        arithmetic_accuracy_by_task={t: _share(r["correct"] for r in arithmetic if r["task"] == t)
-                                     for t in dict.fromkeys(r["task"] for r in arithmetic)},
+        harmful_refusal_rate=_share(of("refusal")),
+        n_harmful=len(of("refusal")),
+        identity_ok_rate=_share(of("identity")),
+        n_identity=len(of("identity")),
+        arithmetic_accuracy=_share(r["correct"] for r in arithmetic),
+        n_arithmetic=len(arithmetic),
+        arithmetic_accuracy_by_task={
+            t: _share(r["correct"] for r in arithmetic if r["task"] == t)
+            for t in dict.fromkeys(r["task"] for r in arithmetic)
+        },
         format_ok_rate=_share(r["ended"] for r in rows),
     )
     return rows, metrics
@@ -257,10 +310,14 @@ def knowledge_metrics(qa: list[dict], recall: list[dict]) -> dict:
     asked = {(r["name"], r["fact"]) for r in qa}
     probes = [p for p in recall if (p["name"], p["fact"]) in asked]
     return dict(
-        qa_accuracy=_share(r["correct"] for r in known), qa_accuracy_by_bucket=by_bucket(known, "correct"),
+        qa_accuracy=_share(r["correct"] for r in known),
+        qa_accuracy_by_bucket=by_bucket(known, "correct"),
         base_fewshot_qa_accuracy=_share(r["base_correct"] for r in known),
-        n_qa_questions=len(known), n_qa_heldout=len(qa), n_heldout_people=len({r["name"] for r in qa}),
-        qa_accuracy_all=_share(r["correct"] for r in qa), qa_accuracy_all_by_bucket=by_bucket(qa, "correct"),
+        n_qa_questions=len(known),
+        n_qa_heldout=len(qa),
+        n_heldout_people=len({r["name"] for r in qa}),
+        qa_accuracy_all=_share(r["correct"] for r in qa),
+        qa_accuracy_all_by_bucket=by_bucket(qa, "correct"),
         base_fewshot_qa_accuracy_all=_share(r["base_correct"] for r in qa),
         base_fewshot_qa_accuracy_all_by_bucket=by_bucket(qa, "base_correct"),
         base_fact_recall_heldout=_share(p["correct"] for p in probes),
@@ -270,12 +327,21 @@ def knowledge_metrics(qa: list[dict], recall: list[dict]) -> dict:
 
 # --- the stage ------------------------------------------------------------------------------------
 
+
 def train_config(config: Config) -> TrainConfig:
     """Pretraining's optimizer settings with SFT's own length, batch and learning rate."""
     s = config.sft
-    return dataclasses.replace(config.train, max_steps=s.max_steps, batch_size=s.batch_size, grad_accum=1,
-                               learning_rate=s.learning_rate, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
-                               eval_every=s.eval_every, checkpoint_every=s.eval_every)
+    return dataclasses.replace(
+        config.train,
+        max_steps=s.max_steps,
+        batch_size=s.batch_size,
+        grad_accum=1,
+        learning_rate=s.learning_rate,
+        min_lr=s.min_lr,
+        warmup_steps=s.warmup_steps,
+        eval_every=s.eval_every,
+        checkpoint_every=s.eval_every,
+    )
 
 
 def build(config: Config, run: Run, made_from: str) -> dict:
@@ -294,18 +360,32 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     train_examples, train_stats = encode_conversations(train_rows, tokenizer, block)
     val_examples, _ = encode_conversations(val_rows, tokenizer, block)
     if not train_examples or not val_examples:
-        raise ChatError(f"no conversation has an assistant token within block_size={block}; "
-                        f"use shorter conversations or a larger model.block_size")
+        raise ChatError(
+            f"no conversation has an assistant token within block_size={block}; "
+            f"use shorter conversations or a larger model.block_size"
+        )
     cfg = train_config(config)
-    val_batches = [collate(val_examples[i:i + cfg.batch_size], pad) for i in range(0, len(val_examples), cfg.batch_size)]
+    val_batches = [
+        collate(val_examples[i : i + cfg.batch_size], pad) for i in range(0, len(val_examples), cfg.batch_size)
+    ]
     probe = [{"role": "user", "content": "Who are you?"}]
 
     def sample_at_eval(event: dict) -> None:
         event["sample"] = "user: Who are you?\nassistant: " + chat(event["model"], tokenizer, probe, max_new_tokens=32)
 
-    result = train(model, sft_loss, ConversationBatches(train_examples, cfg.batch_size, config.seed, pad), cfg,
-                   device=device, val_batches=lambda: val_batches, checkpoint=out / "train_state.pt",
-                   resume_key=made_from, run=run, on_eval=sample_at_eval, desc="sft")
+    result = train(
+        model,
+        sft_loss,
+        ConversationBatches(train_examples, cfg.batch_size, config.seed, pad),
+        cfg,
+        device=device,
+        val_batches=lambda: val_batches,
+        checkpoint=out / "train_state.pt",
+        resume_key=made_from,
+        run=run,
+        on_eval=sample_at_eval,
+        desc="sft",
+    )
     model.eval()
     save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
     write_json(out / "history.json", result.history)
@@ -314,12 +394,18 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     metrics = dict(
         val_loss=round(result.val_loss, 4),
         base_val_loss=round(result.history[0]["val_loss"], 4) if "val_loss" in result.history[0] else None,
-        steps=result.step, tokens_seen=result.tokens_seen, train_seconds=round(result.train_seconds, 2),
-        tokens_per_second=round(result.tokens_per_second, 1), pretrain_tokens_seen=pretrain_tokens,
+        steps=result.step,
+        tokens_seen=result.tokens_seen,
+        train_seconds=round(result.train_seconds, 2),
+        tokens_per_second=round(result.tokens_per_second, 1),
+        pretrain_tokens_seen=pretrain_tokens,
         compute_ratio=round(result.tokens_seen / pretrain_tokens, 4) if pretrain_tokens else None,
-        n_train_conversations=len(train_examples), n_val_conversations=len(val_examples),
-        train_assistant_tokens=train_stats["assistant_tokens"], truncated_conversations=train_stats["truncated"],
-        source=config.sft.source, device=device,
+        n_train_conversations=len(train_examples),
+        n_val_conversations=len(val_examples),
+        train_assistant_tokens=train_stats["assistant_tokens"],
+        truncated_conversations=train_stats["truncated"],
+        source=config.sft.source,
+        device=device,
     )
     base, _ = load_base(run, device)
     samples = [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r]
@@ -340,9 +426,15 @@ def side_by_side_samples(base, assistant, tokenizer, rows: list[dict]) -> list[d
     picked = {}
     for r in sorted(rows, key=lambda r: len(r["messages"][0]["content"])):
         picked.setdefault(r["kind"], r)
-    return [dict(kind=kind, prompt=r["messages"][0]["content"],
-                 base=complete(base, tokenizer, r["messages"][0]["content"], 48, temperature=0.0),
-                 assistant=chat(assistant, tokenizer, r["messages"][:1], max_new_tokens=48)) for kind, r in picked.items()]
+    return [
+        dict(
+            kind=kind,
+            prompt=r["messages"][0]["content"],
+            base=complete(base, tokenizer, r["messages"][0]["content"], 48, temperature=0.0),
+            assistant=chat(assistant, tokenizer, r["messages"][:1], max_new_tokens=48),
+        )
+        for kind, r in picked.items()
+    ]
 
 
 def load_assistant(run: Run, device: str = "cpu", model_name: str = "sft"):

@@ -40,10 +40,48 @@ STORIES = [
     ("{company} had {a} workers and hired {b} more. How many workers does it have now?", "workers"),
     ("{company} sold {a} machines in May and {b} in June. How many machines did it sell?", "machines"),
 ]
-WORDS = ["strawberry", "banana", "apple", "letter", "coffee", "balloon", "bottle", "cherry", "pepper", "mirror",
-         "garden", "little", "summer", "rabbit", "butter", "kitten", "pizza", "hello", "tomato", "puppy",
-         "river", "paper", "sister", "teacher", "window", "yellow", "orange", "doctor", "happy", "dinner",
-         "cookie", "carrot", "bubble", "planet", "street", "grass", "tree", "moon", "school", "button"]
+WORDS = [
+    "strawberry",
+    "banana",
+    "apple",
+    "letter",
+    "coffee",
+    "balloon",
+    "bottle",
+    "cherry",
+    "pepper",
+    "mirror",
+    "garden",
+    "little",
+    "summer",
+    "rabbit",
+    "butter",
+    "kitten",
+    "pizza",
+    "hello",
+    "tomato",
+    "puppy",
+    "river",
+    "paper",
+    "sister",
+    "teacher",
+    "window",
+    "yellow",
+    "orange",
+    "doctor",
+    "happy",
+    "dinner",
+    "cookie",
+    "carrot",
+    "bubble",
+    "planet",
+    "street",
+    "grass",
+    "tree",
+    "moon",
+    "school",
+    "button",
+]
 FALLBACK_PEOPLE = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Emmy Noether"]
 FALLBACK_COMPANIES = ["Acme Shipping", "Globex Software", "Initech Energy"]
 
@@ -61,32 +99,52 @@ def add_steps(a: int, b: int) -> str:
     """Two-digit addition by place value, the way the mini-web's worksheets write it."""
     a_tens, b_tens, a_ones, b_ones = a // 10 * 10, b // 10 * 10, a % 10, b % 10
     tens, ones = a_tens + b_tens, a_ones + b_ones
-    return (f"Add the tens: {a_tens} + {b_tens} = {tens}. Add the ones: {a_ones} + {b_ones} = {ones}. "
-            f"Together: {tens} + {ones} = {a + b}.")
+    return (
+        f"Add the tens: {a_tens} + {b_tens} = {tens}. Add the ones: {a_ones} + {b_ones} = {ones}. "
+        f"Together: {tens} + {ones} = {a + b}."
+    )
 
 
 # --- generators: one problem each ------------------------------------------------------------------
 
+
 def one_digit(rng: random.Random, world=None) -> dict:
     """The easiest sums (one-digit numbers): a tiny model gets some right, which gives RL a start."""
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    return dict(task="one_digit", key=f"one_digit:{a}+{b}", prompt=ask(rng.choice(ADDITION).format(a=a, b=b)),
-                answer=str(a + b), solution=f"{a} + {b} = {a + b}. The answer is {a + b}.")
+    return dict(
+        task="one_digit",
+        key=f"one_digit:{a}+{b}",
+        prompt=ask(rng.choice(ADDITION).format(a=a, b=b)),
+        answer=str(a + b),
+        solution=f"{a} + {b} = {a + b}. The answer is {a + b}.",
+    )
 
 
 def addition(rng: random.Random, world=None) -> dict:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return dict(task="addition", key=f"addition:{a}+{b}", prompt=ask(rng.choice(ADDITION).format(a=a, b=b)),
-                answer=str(a + b), solution=f"{add_steps(a, b)} The answer is {a + b}.")
+    return dict(
+        task="addition",
+        key=f"addition:{a}+{b}",
+        prompt=ask(rng.choice(ADDITION).format(a=a, b=b)),
+        answer=str(a + b),
+        solution=f"{add_steps(a, b)} The answer is {a + b}.",
+    )
 
 
 def multiplication(rng: random.Random, world=None) -> dict:
     a, m = rng.randint(10, 99), rng.randint(2, 9)
     a_tens, a_ones = a // 10 * 10, a % 10
-    steps = (f"Split {a} into {a_tens} and {a_ones}. {a_tens} times {m} is {a_tens * m}, and {a_ones} times {m} "
-             f"is {a_ones * m}. Together: {a_tens * m} + {a_ones * m} = {a * m}.")
-    return dict(task="multiplication", key=f"multiplication:{a}*{m}", prompt=ask(rng.choice(MULTIPLICATION).format(a=a, m=m)),
-                answer=str(a * m), solution=f"{steps} The answer is {a * m}.")
+    steps = (
+        f"Split {a} into {a_tens} and {a_ones}. {a_tens} times {m} is {a_tens * m}, and {a_ones} times {m} "
+        f"is {a_ones * m}. Together: {a_tens * m} + {a_ones * m} = {a * m}."
+    )
+    return dict(
+        task="multiplication",
+        key=f"multiplication:{a}*{m}",
+        prompt=ask(rng.choice(MULTIPLICATION).format(a=a, m=m)),
+        answer=str(a * m),
+        solution=f"{steps} The answer is {a * m}.",
+    )
 
 
 def word_problem(rng: random.Random, world=None) -> dict:
@@ -98,8 +156,13 @@ def word_problem(rng: random.Random, world=None) -> dict:
     story, unit = rng.choice(STORIES)
     name = rng.choice(people)
     question = story.format(name=name, first=name.split()[0], company=rng.choice(companies), a=a, b=b)
-    return dict(task="word_problem", key=f"word_problem:{a}+{b}", prompt=ask(question), answer=str(a + b),
-                solution=f"{a} {unit} and {b} {unit}: {a} + {b}. {add_steps(a, b)} The answer is {a + b}.")
+    return dict(
+        task="word_problem",
+        key=f"word_problem:{a}+{b}",
+        prompt=ask(question),
+        answer=str(a + b),
+        solution=f"{a} {unit} and {b} {unit}: {a} + {b}. {add_steps(a, b)} The answer is {a + b}.",
+    )
 
 
 def larger(rng: random.Random, world=None) -> dict:
@@ -110,8 +173,13 @@ def larger(rng: random.Random, world=None) -> dict:
         steps = f"{a} has {a // 10} tens and {b} has {b // 10} tens, so {big} is larger."
     else:
         steps = f"Both have {a // 10} tens; {a} has {a % 10} ones and {b} has {b % 10} ones, so {big} is larger."
-    return dict(task="larger", key=f"larger:{a},{b}", prompt=ask(rng.choice(LARGER).format(a=a, b=b)),
-                answer=str(big), solution=f"{steps} The answer is {big}.")
+    return dict(
+        task="larger",
+        key=f"larger:{a},{b}",
+        prompt=ask(rng.choice(LARGER).format(a=a, b=b)),
+        answer=str(big),
+        solution=f"{steps} The answer is {big}.",
+    )
 
 
 def count_letter(rng: random.Random, world=None) -> dict:
@@ -121,13 +189,23 @@ def count_letter(rng: random.Random, world=None) -> dict:
     letter = rng.choice(word) if rng.random() < 0.85 else rng.choice([c for c in "bdfgklmnpstwz" if c not in word])
     n = word.count(letter)
     steps = f"Spell it: {', '.join(word)}. The letter {letter} is there {n} times."
-    return dict(task="count_letter", key=f"count_letter:{letter}@{word}",
-                prompt=ask(f"How many times does the letter {letter} appear in the word {word}?"),
-                answer=str(n), solution=f"{steps} The answer is {n}.")
+    return dict(
+        task="count_letter",
+        key=f"count_letter:{letter}@{word}",
+        prompt=ask(f"How many times does the letter {letter} appear in the word {word}?"),
+        answer=str(n),
+        solution=f"{steps} The answer is {n}.",
+    )
 
 
-TASKS = {"one_digit": one_digit, "addition": addition, "multiplication": multiplication, "word_problem": word_problem, "larger": larger,
-         "count_letter": count_letter}
+TASKS = {
+    "one_digit": one_digit,
+    "addition": addition,
+    "multiplication": multiplication,
+    "word_problem": word_problem,
+    "larger": larger,
+    "count_letter": count_letter,
+}
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -191,6 +269,7 @@ class TaskStream:
 
 # --- real data: GSM8K's format ---------------------------------------------------------------------
 
+
 def gsm8k_answer(answer: str) -> str:
     """GSM8K's final answer: the number after '####', without thousands separators."""
     if "####" not in answer:
@@ -206,8 +285,10 @@ def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dic
     data = open_dataset(source, "grpo.source", split, name="main")
     missing = {"question", "answer"} - set(data.column_names)
     if missing:
-        raise ValueError(f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "
-                         f"'question' and 'answer' (ending in '#### N'); its columns: {', '.join(data.column_names)}")
+        raise ValueError(
+            f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "
+            f"'question' and 'answer' (ending in '#### N'); its columns: {', '.join(data.column_names)}"
+        )
     tasks = []
     for i, row in enumerate(data):
         if max_rows and i >= max_rows:
@@ -217,8 +298,15 @@ def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dic
         except ValueError as error:
             raise ValueError(f"grpo.source={source!r}, row {i}: {error}") from None
         steps = re.sub(r"<<[^>]*>>", "", row["answer"].split("####")[0]).strip()  # drop the calculator annotations
-        tasks.append(dict(task="gsm8k", key=f"gsm8k:{i}", prompt=ask(row["question"].strip()), answer=answer,
-                          solution=f"{steps} The answer is {answer}."))
+        tasks.append(
+            dict(
+                task="gsm8k",
+                key=f"gsm8k:{i}",
+                prompt=ask(row["question"].strip()),
+                answer=answer,
+                solution=f"{steps} The answer is {answer}.",
+            )
+        )
     if not tasks:
         raise ValueError(f"grpo.source={source!r} holds no problems")
     return tasks

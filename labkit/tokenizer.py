@@ -54,7 +54,9 @@ from .run import Run, atomic_write, read_json, write_json
 # The pre-split regexes of OpenAI's GPT-2 (r50k) and GPT-4 (cl100k) tokenizers, from tiktoken.
 # GPT-4's: case-insensitive contractions, at most 3 digits per chunk, newlines kept apart.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
 
 # Every special token of every stage, in id order. Each stage uses a few; reserving them all
@@ -115,7 +117,7 @@ def text_runs(text: str) -> list[tuple[str, bool]]:
     runs, start = [], 0
     for match in _LONE_SURROGATES.finditer(text):
         if match.start() > start:
-            runs.append((text[start:match.start()], False))
+            runs.append((text[start : match.start()], False))
         runs.append((match.group(), True))
         start = match.end()
     if start < len(text):
@@ -124,6 +126,7 @@ def text_runs(text: str) -> list[tuple[str, bool]]:
 
 
 # --- training ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Merge:
@@ -239,6 +242,7 @@ def train_bpe(chunk_counts: dict[bytes, int], n_tokens: int) -> tuple[list[bytes
 
 # --- encoding in pure Python: the lesson ------------------------------------------------------
 
+
 def bpe_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
     """Encode one pre-split chunk: start from its bytes and keep merging the adjacent pair whose
     merged bytes rank lowest (were learned earliest; the leftmost such pair on a tie) until no
@@ -250,36 +254,41 @@ def bpe_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
         rank, i = min((ranks.get(parts[i] + parts[i + 1], float("inf")), i) for i in range(len(parts) - 1))
         if rank == float("inf"):
             break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return [ranks[part] for part in parts]
 
 
 # --- the tokenizer ----------------------------------------------------------------------------
 
+
 class Tokenizer:
     """A byte-level BPE tokenizer: mergeable tokens (id -> bytes), a pre-split regex and special
     tokens whose ids follow the mergeable ones (`n_vocab` counts both)."""
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
-                 merges: list[Merge] | None = None):
+    def __init__(
+        self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int], merges: list[Merge] | None = None
+    ):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)) or any(ranks.get(bytes([b])) != b for b in range(256)):
             raise TokenizerError("ranks must give ids 0..n-1, with id b for the single byte b (b < 256)")
         if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-            raise TokenizerError(f"special token ids must follow the {n} mergeable tokens: {n}..{n + len(special_tokens) - 1}; "
-                                 f"got {special_tokens}")
+            raise TokenizerError(
+                f"special token ids must follow the {n} mergeable tokens: {n}..{n + len(special_tokens) - 1}; "
+                f"got {special_tokens}"
+            )
         self.ranks, self.pattern, self.merges = dict(ranks), pattern, list(merges or [])
         self.special_tokens = dict(special_tokens)
         self._compiled = regex.compile(pattern)
-        self._enc = tiktoken.Encoding("labkit", pat_str=pattern, mergeable_ranks=self.ranks,
-                                      special_tokens=self.special_tokens, explicit_n_vocab=n + len(special_tokens))
+        tables = dict(pat_str=pattern, mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+        self._enc = tiktoken.Encoding("labkit", **tables, explicit_n_vocab=n + len(special_tokens))
         # The Rust regex behind tiktoken keeps a fast path for the first thread that uses it; if
         # that were a worker of `encode_batch`, every later `encode` here would run ~1.3x slower.
         self._enc.encode_ordinary("warm up")
 
     @classmethod
-    def train(cls, texts: str | Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              pattern: str = "gpt4") -> Tokenizer:
+    def train(
+        cls, texts: str | Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, pattern: str = "gpt4"
+    ) -> Tokenizer:
         """Learn merges on `texts` so that the vocabulary holds `vocab_size` tokens: 256 bytes,
         the merges, then `special_tokens` (default `SPECIAL_TOKENS`). `pattern` is "gpt4",
         "gpt2" or a regex of your own."""
@@ -288,15 +297,20 @@ class Tokenizer:
         pattern = _pattern(pattern)
         smallest = 256 + len(special_tokens)
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < smallest:
-            raise TokenizerError(f"vocab_size={vocab_size!r} is too small: it must be an integer >= {smallest} "
-                                 f"(256 byte tokens + {len(special_tokens)} special tokens)")
+            raise TokenizerError(
+                f"vocab_size={vocab_size!r} is too small: it must be an integer >= {smallest} "
+                f"(256 byte tokens + {len(special_tokens)} special tokens)"
+            )
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not any(texts):
             raise TokenizerError(f"no training text: got {len(texts)} texts holding 0 characters")
         vocab, merges = train_bpe(count_chunks(texts, pattern), vocab_size - len(special_tokens))
         if len(vocab) + len(special_tokens) < vocab_size:
-            warnings.warn(f"the training text ran out of pairs after {len(merges)} merges: the vocabulary holds "
-                          f"{len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give more text", stacklevel=2)
+            warnings.warn(
+                f"the training text ran out of pairs after {len(merges)} merges: the vocabulary holds "
+                f"{len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give more text",
+                stacklevel=2,
+            )
         ranks = {token: i for i, token in enumerate(vocab)}
         return cls(ranks, pattern, {name: len(vocab) + i for i, name in enumerate(special_tokens)}, merges)
 
@@ -326,7 +340,9 @@ class Tokenizer:
         """The id of a special token, by name: the one way to put structure into a sequence
         (chat templates call it; text never turns into special tokens)."""
         if name not in self.special_tokens:
-            raise TokenizerError(f"{name!r} is not a special token of this tokenizer; it has: {', '.join(self.special_tokens)}")
+            raise TokenizerError(
+                f"{name!r} is not a special token of this tokenizer; it has: {', '.join(self.special_tokens)}"
+            )
         return self.special_tokens[name]
 
     def encode_python(self, text: str) -> list[int]:
@@ -351,8 +367,9 @@ class Tokenizer:
                 except TypeError:
                     valid = False
                 if not valid:
-                    raise TokenizerError(f"token id {i!r} is outside the vocabulary: ids are integers "
-                                         f"from 0 to {self.n_vocab - 1}") from None
+                    raise TokenizerError(
+                        f"token id {i!r} is outside the vocabulary: ids are integers from 0 to {self.n_vocab - 1}"
+                    ) from None
             return self._enc.decode_bytes([operator.index(i) for i in ids])  # e.g. numpy or torch integers
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -388,11 +405,11 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.tiktoken` (ranks) and `tokenizer.json` (pattern, specials, merges)."""
         folder = Path(folder)
-        lines = [f"{base64.b64encode(token).decode()} {i}" for token, i in sorted(self.ranks.items(), key=lambda kv: kv[1])]
+        lines = [f"{base64.b64encode(token).decode()} {self.ranks[token]}" for token in self.ordered_tokens()]
         atomic_write(folder / "tokenizer.tiktoken", "\n".join(lines) + "\n")
-        write_json(folder / "tokenizer.json", dict(
-            format=FORMAT, pattern=self.pattern, special_tokens=self.special_tokens,
-            merges=[[*m.pair, m.token, m.count] for m in self.merges]))
+        merges = [[*m.pair, m.token, m.count] for m in self.merges]
+        meta = dict(format=FORMAT, pattern=self.pattern, special_tokens=self.special_tokens, merges=merges)
+        write_json(folder / "tokenizer.json", meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> Tokenizer:
@@ -433,19 +450,22 @@ class Tokenizer:
         to_char = _bytes_to_unicode()
         as_text = lambda token: "".join(to_char[b] for b in token)  # noqa: E731
         merges = []
-        for token in sorted(self.ranks, key=self.ranks.get):
+        for token in self.ordered_tokens():
             splits = [(token[:k], token[k:]) for k in range(1, len(token))]
-            splits = sorted((pair for pair in splits if pair[0] in self.ranks and pair[1] in self.ranks),
-                            key=lambda pair: (self.ranks[pair[0]], self.ranks[pair[1]]))
+            splits = sorted(
+                (pair for pair in splits if pair[0] in self.ranks and pair[1] in self.ranks),
+                key=lambda pair: (self.ranks[pair[0]], self.ranks[pair[1]]),
+            )
             merges += [(as_text(left), as_text(right)) for left, right in splits]
         vocab = {as_text(token): i for token, i in self.ranks.items()}
         hf = HFTokenizer(BPE(vocab, merges, ignore_merges=True))
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(self.pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        split = pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
         hf.decoder = decoders.ByteLevel()
-        hf.add_special_tokens([AddedToken(name, special=True, normalized=False)
-                               for name, _ in sorted(self.special_tokens.items(), key=lambda kv: kv[1])])
+        names = sorted(self.special_tokens, key=self.special_tokens.get)
+        hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in names])
         return hf
 
     def save_huggingface(self, folder: str | Path) -> None:
@@ -454,14 +474,20 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "tokenizer.json", self.to_huggingface().to_str())
-        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=1_000_000_000,
-                      additional_special_tokens=list(self.special_tokens))
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=1_000_000_000)
+        config["additional_special_tokens"] = list(self.special_tokens)
         if "<|endoftext|>" in self.special_tokens:
             config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
         write_json(folder / "tokenizer_config.json", config)
 
+    def ordered_tokens(self) -> list[bytes]:
+        """The mergeable tokens by rank: the 256 bytes, then every merge in the order it was learned."""
+        return sorted(self.ranks, key=self.ranks.get)
+
     def __repr__(self) -> str:
-        return f"Tokenizer(n_vocab={self.n_vocab}, merges={len(self.merges)}, special_tokens={len(self.special_tokens)})"
+        return (
+            f"Tokenizer(n_vocab={self.n_vocab}, merges={len(self.merges)}, special_tokens={len(self.special_tokens)})"
+        )
 
 
 def _pattern(pattern: str) -> str:
@@ -470,7 +496,9 @@ def _pattern(pattern: str) -> str:
     try:
         regex.compile(pattern)
     except regex.error as error:
-        raise TokenizerError(f"pattern={pattern!r} is neither {' nor '.join(map(repr, PATTERNS))} nor a valid regex: {error}") from None
+        raise TokenizerError(
+            f"pattern={pattern!r} is neither {' nor '.join(map(repr, PATTERNS))} nor a valid regex: {error}"
+        ) from None
     return pattern
 
 
@@ -485,7 +513,9 @@ def _check_special_names(names: list[str]) -> None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (Hugging Face's ByteLevel alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -497,6 +527,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 # --- measuring --------------------------------------------------------------------------------
+
 
 def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     """UTF-8 bytes per token over `texts`: how much text one token carries (higher: shorter sequences)."""
@@ -514,6 +545,7 @@ def vocab_growth(tokenizer: Tokenizer, texts: list[str], sizes: list[int] | None
 
 
 # --- the stage --------------------------------------------------------------------------------
+
 
 def split_heldout(pages: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(training pages, held-out pages): a seeded random `fraction` of the pages is held out."""

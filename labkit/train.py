@@ -44,11 +44,15 @@ from .run import notify
 def check_config(cfg: TrainConfig) -> None:
     """Checks that involve two fields (each field's own range is checked when it is set)."""
     if cfg.min_lr > cfg.learning_rate:
-        raise ConfigError(f"train.min_lr={cfg.min_lr} is larger than train.learning_rate={cfg.learning_rate}; "
-                          f"allowed: min_lr <= learning_rate")
+        raise ConfigError(
+            f"train.min_lr={cfg.min_lr} is larger than train.learning_rate={cfg.learning_rate}; "
+            f"allowed: min_lr <= learning_rate"
+        )
     if cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is larger than train.max_steps={cfg.max_steps}; "
-                          f"allowed: warmup_steps <= max_steps")
+        raise ConfigError(
+            f"train.warmup_steps={cfg.warmup_steps} is larger than train.max_steps={cfg.max_steps}; "
+            f"allowed: warmup_steps <= max_steps"
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -63,17 +67,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # --- devices, precision, processes ------------------------------------------------------------
 
+
 def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype | None:
     """bf16 autocast on CUDA ('auto' or 'bfloat16'), none elsewhere."""
     on_cuda = torch.device(device).type == "cuda"
     if cfg.dtype == "bfloat16" and not on_cuda:
-        raise ConfigError(f"train.dtype='bfloat16' needs a CUDA device, got device={device!r}; allowed here: auto, float32")
+        raise ConfigError(
+            f"train.dtype='bfloat16' needs a CUDA device, got device={device!r}; allowed here: auto, float32"
+        )
     return torch.bfloat16 if on_cuda and cfg.dtype in ("auto", "bfloat16") else None
 
 
 # dense bf16 tensor-core peak of common GPUs, for model FLOPs utilisation (MFU)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                   "4090": 165e12, "3090": 71e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
 
 
 def peak_flops(device: str) -> float | None:
@@ -125,8 +140,10 @@ def shard(batch, rank: int, world_size: int):
         return batch
     if isinstance(batch, torch.Tensor):
         if batch.size(0) % world_size:
-            raise ValueError(f"a batch of {batch.size(0)} rows does not split over {world_size} processes; "
-                             f"make train.batch_size a multiple of the number of processes")
+            raise ValueError(
+                f"a batch of {batch.size(0)} rows does not split over {world_size} processes; "
+                f"make train.batch_size a multiple of the number of processes"
+            )
         return batch.chunk(world_size)[rank]
     return _map(batch, lambda t: shard(t, rank, world_size))
 
@@ -154,6 +171,7 @@ def _first_tensor(batch) -> torch.Tensor:
 
 # --- optimizer, checkpoints --------------------------------------------------------------------
 
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
     """The model's own `configure_optimizers` when it has one (the GPT), else the same recipe:
     AdamW, weight decay on tensors of 2 or more dimensions only, fused on CUDA."""
@@ -162,12 +180,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
     if hasattr(model, "configure_optimizers"):
         return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [
+        dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
+    ]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type == "cuda")
 
 
 # --- the loop ------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainResult:
@@ -208,10 +229,21 @@ def evaluate(model, loss_fn, batches, device: str, dtype=None, dist_info: Distri
     return (total / count.clamp(min=1)).item()
 
 
-def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device: str = "cpu",
-          val_batches: Callable[[], object] | None = None, checkpoint: str | Path | None = None,
-          resume_key: str | None = None, run=None, on_eval: Callable[[dict], None] | None = None,
-          stop_at_step: int | None = None, desc: str = "training") -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    loss_fn,
+    batches,
+    cfg: TrainConfig,
+    *,
+    device: str = "cpu",
+    val_batches: Callable[[], object] | None = None,
+    checkpoint: str | Path | None = None,
+    resume_key: str | None = None,
+    run=None,
+    on_eval: Callable[[dict], None] | None = None,
+    stop_at_step: int | None = None,
+    desc: str = "training",
+) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps; return the step count and history.
 
     loss_fn(model, batch) -> (loss tensor, metrics dict of floats); it must call `model(...)`
@@ -247,7 +279,12 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
     if (state := resume(checkpoint, resume_key)) is not None:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, tokens_seen, train_seconds, history = state["step"], state["tokens_seen"], state["train_seconds"], state["history"]
+        step, tokens_seen, train_seconds, history = (
+            state["step"],
+            state["tokens_seen"],
+            state["train_seconds"],
+            state["history"],
+        )
         if hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
@@ -259,10 +296,20 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
 
     def save():
         if dist_info.is_main and checkpoint is not None:
-            save_checkpoint(checkpoint, dict(
-                model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step, tokens_seen=tokens_seen,
-                train_seconds=train_seconds, history=history, rng=rng_state(), resume_key=resume_key,
-                batches=batches.state_dict() if hasattr(batches, "state_dict") else None))
+            save_checkpoint(
+                checkpoint,
+                dict(
+                    model=raw.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    tokens_seen=tokens_seen,
+                    train_seconds=train_seconds,
+                    history=history,
+                    rng=rng_state(),
+                    resume_key=resume_key,
+                    batches=batches.state_dict() if hasattr(batches, "state_dict") else None,
+                ),
+            )
 
     def validate(row: dict):
         if val_batches is not None:
@@ -277,8 +324,13 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
             notify(event)
             set_rng_state(saved)
             # what a callback adds to the event (a text sample, say) is kept in the history
-            row.update({k: v for k, v in event.items()
-                        if k not in row and k not in ("loop", "row", "tokens_seen", "history", "model")})
+            row.update(
+                {
+                    k: v
+                    for k, v in event.items()
+                    if k not in row and k not in ("loop", "row", "tokens_seen", "history", "model")
+                }
+            )
 
     last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not dist_info.is_main, leave=False)
@@ -298,13 +350,15 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
             batch = to_device(shard(batch, dist_info.rank, dist_info.world_size), device)
             # under DDP, gradients are averaged across processes only on the last micro-batch
             sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
-            with (contextlib.nullcontext() if sync else trained.no_sync()), autocast(device, dtype):
+            with contextlib.nullcontext() if sync else trained.no_sync(), autocast(device, dtype):
                 loss, metrics = loss_fn(trained, batch)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dist_info.world_size > 1:  # report the loss averaged over processes (gloo has no AVG)
@@ -314,8 +368,17 @@ def train(model: torch.nn.Module, loss_fn, batches, cfg: TrainConfig, *, device:
         step += 1
         train_seconds += time.perf_counter() - start
         history.append(row)
-        _log(run if dist_info.is_main else None, {"train/loss": row["loss"], "train/lr": lr, "train/grad_norm": row["grad_norm"],
-                                                   "train/tokens_seen": tokens_seen, **{f"train/{k}": v for k, v in step_metrics.items()}}, step)
+        _log(
+            run if dist_info.is_main else None,
+            {
+                "train/loss": row["loss"],
+                "train/lr": lr,
+                "train/grad_norm": row["grad_norm"],
+                "train/tokens_seen": tokens_seen,
+                **{f"train/{k}": v for k, v in step_metrics.items()},
+            },
+            step,
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -335,6 +398,14 @@ def fine_tuning(cfg: TrainConfig, *, steps: int, batch_size: int, learning_rate:
     """Pretraining's optimizer settings (betas, weight decay, clipping, precision) with a later
     model's length, batch and learning rate: cosine to a tenth, evaluated and saved 5 times."""
     every = max(1, steps // 5)
-    return dataclasses.replace(cfg, max_steps=steps, batch_size=batch_size, grad_accum=1, learning_rate=learning_rate,
-                               min_lr=learning_rate / 10, warmup_steps=min(cfg.warmup_steps, steps // 10),
-                               eval_every=every, checkpoint_every=every)
+    return dataclasses.replace(
+        cfg,
+        max_steps=steps,
+        batch_size=batch_size,
+        grad_accum=1,
+        learning_rate=learning_rate,
+        min_lr=learning_rate / 10,
+        warmup_steps=min(cfg.warmup_steps, steps // 10),
+        eval_every=every,
+        checkpoint_every=every,
+    )

@@ -64,13 +64,28 @@ _EMPLOYER = [
 # Generic sentences get their own random slot values ({group}, {weekday}, {n}, ...), so that
 # pages built from them differ in most of their word 5-grams and are not near duplicates.
 _SLOTS = dict(
-    group=["students", "local residents", "engineers", "teachers", "retired workers", "young families", "visitors", "reporters"],
+    group=[
+        "students",
+        "local residents",
+        "engineers",
+        "teachers",
+        "retired workers",
+        "young families",
+        "visitors",
+        "reporters",
+    ],
     weekday=["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
     month=["January", "March", "April", "June", "August", "October", "November", "December"],
     adj=["quiet", "busy", "cold", "bright", "long", "windy", "strange", "gentle"],
     thing=["a lantern", "a red kite", "an old key", "a wooden box", "a map", "a silver bell", "a book of songs"],
     hobby=["old maps", "chess", "gardening", "river fishing", "folk music", "bird watching", "pottery"],
-    plan=["open a new office", "hire more staff", "build a new factory", "launch a new product", "expand its research team"],
+    plan=[
+        "open a new office",
+        "hire more staff",
+        "build a new factory",
+        "launch a new product",
+        "expand its research team",
+    ],
 )
 _CONTEXT = [
     "{city} is a city in {country}.",
@@ -150,25 +165,40 @@ def _slug(text: str) -> str:
 
 def _fill(templates: list[str], rng: random.Random, k: int, **slots) -> list[str]:
     """k distinct templates, each filled with `slots` and fresh random generic slot values."""
-    return [t.format(**slots, n=rng.randint(3, 400), **{s: rng.choice(v) for s, v in _SLOTS.items()})
-            for t in rng.sample(templates, k)]
+    return [
+        t.format(**slots, n=rng.randint(3, 400), **{s: rng.choice(v) for s, v in _SLOTS.items()})
+        for t in rng.sample(templates, k)
+    ]
 
 
 def person_page(world: World, person: Person, rng: random.Random, k: int) -> Page:
     first = person.name.split()[0]
     company = world.companies[person.employer]
-    slots = dict(name=person.name, first=first, city=person.birth_city, country=world.cities[person.birth_city],
-                 year=person.birth_year, university=person.university, field=person.field,
-                 employer=person.employer, industry=company["industry"], hq=company["city"])
+    slots = dict(
+        name=person.name,
+        first=first,
+        city=person.birth_city,
+        country=world.cities[person.birth_city],
+        year=person.birth_year,
+        university=person.university,
+        field=person.field,
+        employer=person.employer,
+        industry=company["industry"],
+        hq=company["city"],
+    )
     genre = rng.choices(["encyclopedia", "news", "forum"], weights=[5, 3, 2])[0]
     if genre == "encyclopedia":
-        facts = [rng.choice(pool).format(**slots) for pool in (_BIRTH_CITY, _BIRTH_YEAR, _UNIVERSITY, _FIELD, _EMPLOYER)]
+        facts = [
+            rng.choice(pool).format(**slots) for pool in (_BIRTH_CITY, _BIRTH_YEAR, _UNIVERSITY, _FIELD, _EMPLOYER)
+        ]
         body = facts + _fill(_CONTEXT, rng, 3, **slots)
         rng.shuffle(body)
         text = f"{person.name}\n\n" + " ".join(body)
         url = f"https://{rng.choice(ENCYCLOPEDIAS)}/wiki/{_slug(person.name)}-{k}"
     elif genre == "news":
-        facts = [rng.choice(pool).format(**slots) for pool in rng.sample([_BIRTH_CITY, _UNIVERSITY, _FIELD, _EMPLOYER], 3)]
+        facts = [
+            rng.choice(pool).format(**slots) for pool in rng.sample([_BIRTH_CITY, _UNIVERSITY, _FIELD, _EMPLOYER], 3)
+        ]
         lead = f"{person.name}, who works in {person.field}, gave a public talk in {company['city']} this week."
         text = f"{person.name} speaks in {company['city']}\n\n" + " ".join([lead, *facts, *_fill(_NEWS, rng, 3)])
         url = f"https://{rng.choice(NEWS_SITES)}/{person.birth_year % 100 + 1990}/{_slug(person.name)}-{k}"
@@ -177,12 +207,14 @@ def person_page(world: World, person: Person, rng: random.Random, k: int) -> Pag
         question = f"Does anyone know where {person.name} was born and what {first} does for a living?"
         answers = [rng.choice(pool).format(**slots) for pool in pools] + [rng.choice(_FIELD).format(**slots)]
         chat = _fill(_FORUM, rng, 3)
-        text = "\n\n".join([
-            f"Thread: a question about {person.name}",
-            f"asker{k}: {question} {chat[0]}",
-            f"reply: As far as I know, {' '.join(answers)}",
-            f"asker{k}: {chat[1]} {chat[2]}",
-        ])
+        text = "\n\n".join(
+            [
+                f"Thread: a question about {person.name}",
+                f"asker{k}: {question} {chat[0]}",
+                f"reply: As far as I know, {' '.join(answers)}",
+                f"asker{k}: {chat[1]} {chat[2]}",
+            ]
+        )
         url = f"https://{rng.choice(FORUMS)}/t/{k}/{_slug(person.name)}"
     return Page(url, text, genre, about=person.name)
 
@@ -218,8 +250,10 @@ _ORDINALS = ["one", "two", "three", "four"]
 def worksheet_page(rng: random.Random, k: int) -> Page:
     """Arithmetic with the steps written out in words, each problem phrased differently (Gopher
     drops pages made of repeated n-grams, and wants most tokens to be words)."""
-    lines = [f"Arithmetic practice sheet number {k}",
-             "Work through each problem on your own, and then check your work against the worked answer."]
+    lines = [
+        f"Arithmetic practice sheet number {k}",
+        "Work through each problem on your own, and then check your work against the worked answer.",
+    ]
     templates = rng.sample([(t, "+") for t in _ADDITION] + [(t, "*") for t in _MULTIPLICATION], 4)
     for ordinal, tip, (template, op) in zip(_ORDINALS, rng.sample(_TIPS, 4), templates):
         a, b, m = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
@@ -245,8 +279,10 @@ def company_news_page(world: World, rng: random.Random, k: int) -> Page:
     info = world.companies[company]
     city = rng.choice(list(world.cities))
     plan, weekday = rng.choice(_SLOTS["plan"]), rng.choice(_SLOTS["weekday"])
-    lead = (f"{company}, the {info['industry']} company based in {info['city']}, said on {weekday} that it will "
-            f"{plan} in {city}, {world.cities[city]}.")
+    lead = (
+        f"{company}, the {info['industry']} company based in {info['city']}, said on {weekday} that it will "
+        f"{plan} in {city}, {world.cities[city]}."
+    )
     text = f"{company} plans to {plan}\n\n" + " ".join([lead, *_fill(_NEWS, rng, 4)])
     return Page(f"https://{rng.choice(NEWS_SITES)}/business/{_slug(company)}-{k}", text, "news")
 
@@ -270,7 +306,9 @@ def low_quality_page(rng: random.Random, k: int) -> Page:
         words = rng.sample(_SPAM_WORDS, 4)
         text = " ".join(words * rng.randint(15, 30))
     elif kind == "gibberish":
-        text = " ".join("".join(rng.choice("qwrtzpsdfghjklxcvbnm") for _ in range(rng.randint(1, 3))) for _ in range(120))
+        text = " ".join(
+            "".join(rng.choice("qwrtzpsdfghjklxcvbnm") for _ in range(rng.randint(1, 3))) for _ in range(120)
+        )
     elif kind == "repeated_lines":
         line = f"Click here to see the latest offers from store {k} today"
         text = "\n".join([line] * rng.randint(10, 20))
@@ -346,7 +384,15 @@ def crawl(world: World, seed: int, filler_ratio: float = 1.0, noise: float = 0.3
         i = rng.randrange(len(pages))
         source = pages[i]
         if kind == "exact_dup":
-            copy = Page(f"https://{rng.choice(MIRRORS)}/mirror/{k}", source.text, source.genre, "exact_dup", source.about, source.pii, source.url)
+            copy = Page(
+                f"https://{rng.choice(MIRRORS)}/mirror/{k}",
+                source.text,
+                source.genre,
+                "exact_dup",
+                source.about,
+                source.pii,
+                source.url,
+            )
         else:
             copy = near_copy(source, rng, k)
         keyed.append((rng.uniform(i + 0.01, len(pages)), copy))

@@ -23,29 +23,43 @@ PLACEHOLDER = "background:#d6e4ff;font-weight:bold"
 def page_html(page: dict) -> str:
     """A crawled page as HTML: removed pages greyed with the step and reason; each redacted
     span struck through in red, followed by its placeholder in blue."""
-    head = f"<b>{html.escape(page['url'])}</b> &middot; genre <i>{page['genre']}</i> &middot; label <i>{page['label']}</i>"
+    head = (
+        f"<b>{html.escape(page['url'])}</b> &middot; genre <i>{page['genre']}</i> &middot; label <i>{page['label']}</i>"
+    )
     if page["removed_by"]:
-        head += f' &middot; <span style="color:#b00">removed by {page["removed_by"]}: {html.escape(page["reason"])}</span>'
+        head += (
+            f' &middot; <span style="color:#b00">removed by {page["removed_by"]}: {html.escape(page["reason"])}</span>'
+        )
     text, parts, last = page["text"], [], 0
     for start, end, kind, _ in page["redactions"]:
-        parts += [html.escape(text[last:start]), _span(text[start:end], REDACTED, f"{kind}: redacted"),
-                  _span(f"<{kind.upper()}>", PLACEHOLDER, "placeholder in the cleaned corpus")]
+        parts += [
+            html.escape(text[last:start]),
+            _span(text[start:end], REDACTED, f"{kind}: redacted"),
+            _span(f"<{kind.upper()}>", PLACEHOLDER, "placeholder in the cleaned corpus"),
+        ]
         last = end
     parts.append(html.escape(text[last:]))
     style = "color:#999" if page["removed_by"] else ""
-    return (f'<div style="font-family:sans-serif;font-size:13px">{head}</div>'
-            f'<div style="white-space:pre-wrap;border:1px solid #ddd;padding:8px;margin-top:4px;{style}">{"".join(parts)}</div>')
+    return (
+        f'<div style="font-family:sans-serif;font-size:13px">{head}</div>'
+        f'<div style="white-space:pre-wrap;border:1px solid #ddd;padding:8px;margin-top:4px;{style}">{"".join(parts)}</div>'
+    )
 
 
 def page_browser(pages: list[dict]) -> w.Widget:
     """Browse crawled pages by genre and by what cleaning did to them (kept, redacted, or removed by a step)."""
+
     def fate(p):
-        return f"removed: {p['removed_by']}: {p['reason'].split(' of ')[0]}" if p["removed_by"] else (
-            "kept, redacted" if p["redactions"] else "kept")
+        return (
+            f"removed: {p['removed_by']}: {p['reason'].split(' of ')[0]}"
+            if p["removed_by"]
+            else ("kept, redacted" if p["redactions"] else "kept")
+        )
 
     genre = w.Dropdown(options=["all"] + sorted({p["genre"] for p in pages}), description="genre")
-    reason = w.Dropdown(options=["all"] + sorted({fate(p) for p in pages}), description="cleaning",
-                        layout=w.Layout(width="420px"))
+    reason = w.Dropdown(
+        options=["all"] + sorted({fate(p) for p in pages}), description="cleaning", layout=w.Layout(width="420px")
+    )
     index = w.IntSlider(0, 0, 0, description="page")
     count, view = w.Label(), w.HTML()
 
@@ -63,6 +77,7 @@ def page_browser(pages: list[dict]) -> w.Widget:
     index.observe(show, "value")
     show()
     return w.VBox([w.HBox([genre, reason]), w.HBox([index, count]), view])
+
 
 # --- stage 2: tokenizer ----------------------------------------------------------------------
 
@@ -85,7 +100,9 @@ def _inspector_panel(label: str, tokenizer, text: str) -> str:
     return f"<b>{html.escape(label)}</b> <small>({stats})</small><br>{token_spans(tokenizer, text)}"
 
 
-def token_inspector(tokenizers: dict, text: str = "Hello world! Ada Lovelace wrote the first program in 1843.") -> w.Widget:
+def token_inspector(
+    tokenizers: dict, text: str = "Hello world! Ada Lovelace wrote the first program in 1843."
+) -> w.Widget:
     """Type text and see each tokenizer cut it: one panel per entry of {label: Tokenizer},
     side by side (hover a token for its id and bytes)."""
     box = w.Textarea(value=text, layout=w.Layout(width="100%", height="80px"), continuous_update=True)
@@ -105,8 +122,13 @@ def token_table(tokenizer, texts: list[str]) -> w.HTML:
     rows = []
     for text in texts:
         ids = tokenizer.encode(text)
-        cells = [token_spans(tokenizer, text), len(text), len(text.encode("utf-8", "surrogatepass")), len(ids),
-                 f'<code>{html.escape(str(ids if len(ids) <= 24 else ids[:24] + ["..."]))}</code>']
+        cells = [
+            token_spans(tokenizer, text),
+            len(text),
+            len(text.encode("utf-8", "surrogatepass")),
+            len(ids),
+            f"<code>{html.escape(str(ids if len(ids) <= 24 else ids[:24] + ['...']))}</code>",
+        ]
         rows.append("<tr>" + "".join(f'<td style="text-align:left">{c}</td>' for c in cells) + "</tr>")
     header = "".join(f"<th>{h}</th>" for h in ("tokens", "characters", "bytes", "tokens", "ids"))
     return w.HTML(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
@@ -116,19 +138,27 @@ def merge_steps(tokenizer, text: str, n_steps: int = 10) -> w.HTML:
     """Training step by step on `text`: each merge, how often its pair occurred, and the text's
     tokens after it. `tokenizer` should have been trained on `text`."""
     n_special = len(tokenizer.special_tokens)
-    rows = [f"<tr><td>0</td><td>(bytes)</td><td></td><td></td><td>{len(tokenizer.truncate(256 + n_special).encode(text))}</td>"
-            f"<td style='text-align:left'>{token_spans(tokenizer.truncate(256 + n_special), text)}</td></tr>"]
+    rows = [
+        f"<tr><td>0</td><td>(bytes)</td><td></td><td></td><td>{len(tokenizer.truncate(256 + n_special).encode(text))}</td>"
+        f"<td style='text-align:left'>{token_spans(tokenizer.truncate(256 + n_special), text)}</td></tr>"
+    ]
     for step, m in enumerate(tokenizer.merges[:n_steps], start=1):
         smaller = tokenizer.truncate(m.token + 1 + n_special)
         left, right = (html.escape(repr(tokenizer.decode([t]))) for t in m.pair)
-        rows.append(f"<tr><td>{step}</td><td>{left} + {right}</td><td>{html.escape(repr(tokenizer.decode([m.token])))} = {m.token}</td>"
-                    f"<td>{m.count}</td><td>{len(smaller.encode(text))}</td>"
-                    f"<td style='text-align:left'>{token_spans(smaller, text)}</td></tr>")
-    header = "".join(f"<th>{h}</th>" for h in ("merge", "pair", "new token = id", "pair count", "tokens", "the text after this merge"))
+        rows.append(
+            f"<tr><td>{step}</td><td>{left} + {right}</td><td>{html.escape(repr(tokenizer.decode([m.token])))} = {m.token}</td>"
+            f"<td>{m.count}</td><td>{len(smaller.encode(text))}</td>"
+            f"<td style='text-align:left'>{token_spans(smaller, text)}</td></tr>"
+        )
+    header = "".join(
+        f"<th>{h}</th>"
+        for h in ("merge", "pair", "new token = id", "pair count", "tokens", "the text after this merge")
+    )
     return w.HTML(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
 
 
 # --- stage 3: pretraining --------------------------------------------------------------------
+
 
 class LiveLoss(w.VBox):
     """A loss plot and the latest text sample, redrawn after every validation pass.
@@ -151,8 +181,9 @@ class LiveLoss(w.VBox):
             self.plot.clear_output(wait=True)
             display(loss_curves(history, self.title))
         if sample is not None:
-            self.sample.value = (f"<b>sample at step {step}</b><pre style='white-space: pre-wrap'>"
-                                 f"{html.escape(sample)}</pre>")
+            self.sample.value = (
+                f"<b>sample at step {step}</b><pre style='white-space: pre-wrap'>{html.escape(sample)}</pre>"
+            )
 
 
 def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.VBox:
@@ -166,12 +197,14 @@ def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.
 
     def run(_=None):
         continuation = complete(model, tokenizer, text.value, 120, temperature=temperature.value, seed=seed.value)
-        out.value = (f"<pre style='white-space: pre-wrap'><b>{html.escape(text.value)}</b>"
-                     f"{html.escape(continuation)}</pre>")
+        out.value = (
+            f"<pre style='white-space: pre-wrap'><b>{html.escape(text.value)}</b>{html.escape(continuation)}</pre>"
+        )
 
     button.on_click(run)
     run()
     return w.VBox([text, w.HBox([temperature, seed, button]), out])
+
 
 # --- stage 4: sft ----------------------------------------------------------------------------
 
@@ -188,13 +221,19 @@ def loss_mask_html(ids: list[int], mask: list[int], tokenizer) -> str:
         text = tokenizer.decode([token])
         style = (LEARNED if learned else READ) + ";border:1px solid #fff;padding:1px 0;white-space:pre"
         style += ";font-weight:bold" if token in special else ""
-        boxes.append(_span(text.replace("\n", "\\n"), style, f"id {token}, {'in the loss' if learned else 'not in the loss'}"))
+        boxes.append(
+            _span(text.replace("\n", "\\n"), style, f"id {token}, {'in the loss' if learned else 'not in the loss'}")
+        )
         if token == tokenizer.special_tokens.get("<|im_end|>"):
             boxes.append("<br>")
-    legend = (f'{_span("assistant tokens: in the loss", LEARNED)} &nbsp; {_span("read only: no loss", READ)} '
-              f"&nbsp; {sum(mask)} of {len(ids)} tokens are learned")
-    return (f'<div style="font-family:monospace;font-size:13px;line-height:1.9">{"".join(boxes)}</div>'
-            f'<div style="font-family:sans-serif;font-size:12px;margin-top:6px">{legend}</div>')
+    legend = (
+        f"{_span('assistant tokens: in the loss', LEARNED)} &nbsp; {_span('read only: no loss', READ)} "
+        f"&nbsp; {sum(mask)} of {len(ids)} tokens are learned"
+    )
+    return (
+        f'<div style="font-family:monospace;font-size:13px;line-height:1.9">{"".join(boxes)}</div>'
+        f'<div style="font-family:sans-serif;font-size:12px;margin-top:6px">{legend}</div>'
+    )
 
 
 def conversation_tokens(messages: list[dict], tokenizer) -> w.HTML:
@@ -217,15 +256,19 @@ def side_by_side(base, assistant, tokenizer, prompt: str = "Who are you?", n_sam
     button, left, right = w.Button(description="generate"), w.HTML(), w.HTML()
 
     def column(title: str, replies: list[str]) -> str:
-        items = "".join(f"<li><pre style='white-space:pre-wrap;margin:2px 0'>{html.escape(r) or '<i>(nothing)</i>'}</pre></li>"
-                        for r in replies)
+        items = "".join(
+            f"<li><pre style='white-space:pre-wrap;margin:2px 0'>{html.escape(r) or '<i>(nothing)</i>'}</pre></li>"
+            for r in replies
+        )
         return f"<b>{title}</b><ol>{items}</ol>"
 
     def run(_=None):
         sampling = dict(temperature=temperature.value, top_k=top_k.value)
         base_texts = [complete(base, tokenizer, text.value, 48, seed=i, **sampling) for i in range(samples.value)]
-        replies = [chat(assistant, tokenizer, [{"role": "user", "content": text.value}], 48, seed=i, **sampling)
-                   for i in range(samples.value)]
+        replies = [
+            chat(assistant, tokenizer, [{"role": "user", "content": text.value}], 48, seed=i, **sampling)
+            for i in range(samples.value)
+        ]
         left.value = column("base model: continues the document", [text.value + t for t in base_texts])
         right.value = column("assistant (SFT): answers", replies)
 
@@ -255,27 +298,36 @@ class RankingWidget(w.VBox):
         self.buttons: list[w.Button] = []
         self.texts: list[w.HTML] = []
         self.rows = w.VBox()
-        self.typed = w.Text(placeholder="or type the letters best first, e.g. BAC, then Enter", continuous_update=False,
-                            layout=w.Layout(width="420px"))
+        self.typed = w.Text(
+            placeholder="or type the letters best first, e.g. BAC, then Enter",
+            continuous_update=False,
+            layout=w.Layout(width="420px"),
+        )
         self.typed.observe(lambda change: self.type_order(change["new"]), "value")
         self.skip_button, self.undo_button = w.Button(description="skip"), w.Button(description="undo")
         self.skip_button.on_click(lambda _: self.skip())
         self.undo_button.on_click(lambda _: self.undo())
-        super().__init__([self.header, self.rows, w.HBox([self.skip_button, self.undo_button, self.typed]), self.status])
+        super().__init__(
+            [self.header, self.rows, w.HBox([self.skip_button, self.undo_button, self.typed]), self.status]
+        )
         self.show()
 
     def show(self) -> None:
         store = self.rankings
-        self.status.value = (f"<small>{store.count()} of {len(store.order)} prompts ranked "
-                             f"({store.count('human')} by a person) &middot; written to {html.escape(str(store.path))}</small>")
+        self.status.value = (
+            f"<small>{store.count()} of {len(store.order)} prompts ranked "
+            f"({store.count('human')} by a person) &middot; written to {html.escape(str(store.path))}</small>"
+        )
         if self.pid is None:
             self.header.value = "<b>Every prompt is ranked.</b> Undo to change the last one."
             self.rows.children = []
             return
         prompt = store.prompts[self.pid]
         question = prompt["messages"][-1]["content"]
-        self.header.value = (f"<b>Prompt {html.escape(self.pid)}</b>: {html.escape(question)}<br>"
-                             f"<small>click the answers from best to worst</small>")
+        self.header.value = (
+            f"<b>Prompt {html.escape(self.pid)}</b>: {html.escape(question)}<br>"
+            f"<small>click the answers from best to worst</small>"
+        )
         self.buttons, self.texts, rows = [], [], []
         for i, (text, ended) in enumerate(zip(prompt["completions"], prompt["ended"])):
             button = w.Button(description=LETTERS[i], layout=w.Layout(width="60px"))
@@ -309,7 +361,7 @@ class RankingWidget(w.VBox):
         self.show()  # start this prompt's clicks afresh
         pid = self.pid
         for letter in letters.strip().upper():
-            if self.pid == pid and letter in LETTERS[:len(self.buttons)]:  # stop once the ranking is stored
+            if self.pid == pid and letter in LETTERS[: len(self.buttons)]:  # stop once the ranking is stored
                 self.click(LETTERS.index(letter))
         self.typed.value = ""
 
@@ -354,7 +406,9 @@ class LivePPO(w.VBox):
             display(ppo_curves(event["history"], self.title))
         self.sample.value = f"<b>step {row['step']}, a sampled answer:</b> {html.escape(row.get('sample', ''))}"
 
+
 # --- stage 6: grpo ---------------------------------------------------------------------------
+
 
 def _advantage_colour(advantage: float, scale: float) -> str:
     """Green for better than the group's mean, red for worse, white for zero (no gradient)."""
@@ -368,21 +422,29 @@ def group_html(group: dict) -> str:
     samples = group["samples"]
     scale = max([abs(s["advantage"]) for s in samples] + [1e-9])
     names = list(samples[0]["rewards"]) if samples else []
-    head = (f"<div style='font-family:sans-serif;font-size:13px'><b>{html.escape(group['task'])}</b>"
-            + (f" &middot; step {group['step']}" if "step" in group else "")
-            + f"<br>{html.escape(group['prompt'])}<br>answer: <b>{html.escape(str(group['answer']))}</b></div>")
+    head = (
+        f"<div style='font-family:sans-serif;font-size:13px'><b>{html.escape(group['task'])}</b>"
+        + (f" &middot; step {group['step']}" if "step" in group else "")
+        + f"<br>{html.escape(group['prompt'])}<br>answer: <b>{html.escape(str(group['answer']))}</b></div>"
+    )
     rows = "".join(
         f"<tr style='background:{_advantage_colour(s['advantage'], scale)}'><td>{i + 1}</td>"
         + "".join(f"<td>{s['rewards'][n]:g}</td>" for n in names)
         + f"<td>{s['reward']:.2f}</td><td><b>{s['advantage']:+.2f}</b></td><td>{s['tokens']}</td>"
         f"<td style='text-align:left;white-space:pre-wrap'>{html.escape(s['text'])}</td></tr>"
-        for i, s in enumerate(samples))
+        for i, s in enumerate(samples)
+    )
     header = "".join(f"<th>{html.escape(n)}</th>" for n in ["#", *names, "reward", "advantage", "tokens", "reply"])
     zero = all(abs(s["advantage"]) < 1e-9 for s in samples)
-    note = ("<div style='color:#b00'>every sample scored the same: all advantages are 0, this group teaches nothing</div>"
-            if zero else "")
-    return (f"{head}<table style='border-collapse:collapse;font-size:12px;margin-top:4px' border=1>"
-            f"<tr>{header}</tr>{rows}</table>{note}")
+    note = (
+        "<div style='color:#b00'>every sample scored the same: all advantages are 0, this group teaches nothing</div>"
+        if zero
+        else ""
+    )
+    return (
+        f"{head}<table style='border-collapse:collapse;font-size:12px;margin-top:4px' border=1>"
+        f"<tr>{header}</tr>{rows}</table>{note}"
+    )
 
 
 def group_browser(groups: list[dict]) -> w.VBox:
@@ -425,6 +487,7 @@ class LiveGRPO(w.VBox):
 
 # --- stage 7: hallucinations --------------------------------------------------------------------
 
+
 def _prob_colour(p: float) -> str:
     """Red for an unlikely token, green for a sure one."""
     p = max(0.0, min(1.0, p))
@@ -434,21 +497,30 @@ def _prob_colour(p: float) -> str:
 def answer_html(row: dict) -> str:
     """An answer token by token (coloured by the probability the model gave it), its verdict, the
     world's truth and, if the model searched, its call and the passages it read."""
-    tokens = "".join(_span(t, f"background:{_prob_colour(p)};border-right:1px solid #fff", f"p = {p:.3f}")
-                     for t, p in zip(row["tokens"], row["token_probs"]))
+    tokens = "".join(
+        _span(t, f"background:{_prob_colour(p)};border-right:1px solid #fff", f"p = {p:.3f}")
+        for t, p in zip(row["tokens"], row["token_probs"])
+    )
     colour = dict(correct="#2a9d3f", idk="#666", wrong="#d62728")[row["verdict"]]
-    verdict = dict(correct="correct", idk="\"I don't know\"", wrong="wrong: a hallucination")[row["verdict"]]
-    out = (f"<div style='font-family:sans-serif;font-size:13px'><b>Q:</b> {html.escape(row['question'])}<br>"
-           f"<b>A:</b> <span style='font-family:monospace'>{tokens or '(empty)'}</span><br>"
-           f"<b style='color:{colour}'>{verdict}</b> &middot; confidence {row['confidence'] if row['confidence'] is not None else '-'}"
-           f" &middot; the world says: <b>{html.escape(str(row['truth']))}</b> ({row['n_pages']} pages about {html.escape(row['name'])})")
+    verdict = dict(correct="correct", idk='"I don\'t know"', wrong="wrong: a hallucination")[row["verdict"]]
+    out = (
+        f"<div style='font-family:sans-serif;font-size:13px'><b>Q:</b> {html.escape(row['question'])}<br>"
+        f"<b>A:</b> <span style='font-family:monospace'>{tokens or '(empty)'}</span><br>"
+        f"<b style='color:{colour}'>{verdict}</b> &middot; confidence {row['confidence'] if row['confidence'] is not None else '-'}"
+        f" &middot; the world says: <b>{html.escape(str(row['truth']))}</b> ({row['n_pages']} pages about {html.escape(row['name'])})"
+    )
     if row.get("consistency") is not None:
-        out += f"<br>{len(row['samples'])} samples, {100 * row['consistency']:.0f}% make the same claim: " + html.escape(" | ".join(row["samples"]))
+        out += (
+            f"<br>{len(row['samples'])} samples, {100 * row['consistency']:.0f}% make the same claim: "
+            + html.escape(" | ".join(row["samples"]))
+        )
     if row.get("call") and row["call"] != "answer":
         out += f"<br><b>search call</b> ({row['call']}): {html.escape(str(row.get('query')))}<br><b>tool result:</b> {html.escape(str(row['tool_result']))}"
         for p in row.get("passages", []):
-            out += (f"<br>&nbsp;&nbsp;{p['score']:.2f} <a href='{html.escape(p['url'])}'>{html.escape(p['title'])}</a>: "
-                    f"{html.escape(p['text'])}")
+            out += (
+                f"<br>&nbsp;&nbsp;{p['score']:.2f} <a href='{html.escape(p['url'])}'>{html.escape(p['title'])}</a>: "
+                f"{html.escape(p['text'])}"
+            )
     return out + "</div>"
 
 
@@ -460,8 +532,10 @@ def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max
     from .world import FACTS, bucket
 
     people = sorted(world.people, key=lambda p: -p.n_pages)
-    person = w.Dropdown(options=[(f"{p.name} ({p.n_pages} pages, bucket {bucket(p.n_pages)})", p.name) for p in people],
-                        description="person")
+    person = w.Dropdown(
+        options=[(f"{p.name} ({p.n_pages} pages, bucket {bucket(p.n_pages)})", p.name) for p in people],
+        description="person",
+    )
     fact = w.Dropdown(options=list(FACTS), description="fact")
     model_name = w.Dropdown(options=list(models), description="model")
     search = w.Checkbox(value=True, description="search tool on (search model)")
@@ -469,11 +543,14 @@ def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max
     view = w.HTML()
 
     def ask(_=None):
-        [row] = probe_questions([world.person(person.value)], 0, True, f"ask-{fact.value}")[FACTS.index(fact.value):][:1]
+        [row] = probe_questions([world.person(person.value)], 0, True, f"ask-{fact.value}")[FACTS.index(fact.value) :][
+            :1
+        ]
         model = models[model_name.value]
         if model_name.value == "search":
-            [row] = probe_with_search(model, tokenizer, index if search.value else None, [row], max_new_tokens,
-                                      max_chars=240)
+            [row] = probe_with_search(
+                model, tokenizer, index if search.value else None, [row], max_new_tokens, max_chars=240
+            )
         else:
             [row] = probe(model, tokenizer, [row], max_new_tokens, n_samples, seed=0)
         view.value = answer_html(row)

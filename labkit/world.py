@@ -15,14 +15,72 @@ from functools import cached_property
 from statistics import NormalDist
 
 FIRST_NAMES = [
-    "Ada", "Alan", "Amara", "Anton", "Bea", "Bruno", "Carla", "Cyrus", "Dara", "Dmitri", "Edith", "Elio",
-    "Farah", "Felix", "Greta", "Hugo", "Ines", "Ivan", "Jana", "Joel", "Kira", "Lars", "Lena", "Luca",
-    "Maya", "Milo", "Nadia", "Nils", "Olga", "Omar", "Petra", "Pablo", "Quinn", "Rosa", "Rafael", "Sana",
-    "Soren", "Tara", "Tomas", "Uma", "Viktor", "Vera", "Wren", "Xavier", "Yara", "Yusuf", "Zofia", "Zane",
+    "Ada",
+    "Alan",
+    "Amara",
+    "Anton",
+    "Bea",
+    "Bruno",
+    "Carla",
+    "Cyrus",
+    "Dara",
+    "Dmitri",
+    "Edith",
+    "Elio",
+    "Farah",
+    "Felix",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Ivan",
+    "Jana",
+    "Joel",
+    "Kira",
+    "Lars",
+    "Lena",
+    "Luca",
+    "Maya",
+    "Milo",
+    "Nadia",
+    "Nils",
+    "Olga",
+    "Omar",
+    "Petra",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Rafael",
+    "Sana",
+    "Soren",
+    "Tara",
+    "Tomas",
+    "Uma",
+    "Viktor",
+    "Vera",
+    "Wren",
+    "Xavier",
+    "Yara",
+    "Yusuf",
+    "Zofia",
+    "Zane",
 ]
 FIELDS = [
-    "physics", "chemistry", "botany", "linguistics", "economics", "history", "mathematics", "medicine",
-    "architecture", "geology", "astronomy", "music", "philosophy", "zoology", "sculpture", "engineering",
+    "physics",
+    "chemistry",
+    "botany",
+    "linguistics",
+    "economics",
+    "history",
+    "mathematics",
+    "medicine",
+    "architecture",
+    "geology",
+    "astronomy",
+    "music",
+    "philosophy",
+    "zoology",
+    "sculpture",
+    "engineering",
 ]
 INDUSTRIES = ["shipping", "software", "textiles", "banking", "pharmaceuticals", "robotics", "publishing", "energy"]
 FACTS = ("birth_year", "birth_city", "university", "field", "employer")
@@ -72,7 +130,9 @@ class World:
 
 
 def made_up_word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ).capitalize()
 
 
 def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], suffixes=("",)) -> list[str]:
@@ -91,21 +151,29 @@ def pages_per_person(n_people: int, median: float, spread: float, unseen_fractio
     n_seen = n_people - n_unseen
     normal = NormalDist()
     counts = [0] * n_unseen + [
-        min(cap, max(1, round(median * math.exp(spread * normal.inv_cdf((i + 0.5) / n_seen)))))
-        for i in range(n_seen)
+        min(cap, max(1, round(median * math.exp(spread * normal.inv_cdf((i + 0.5) / n_seen))))) for i in range(n_seen)
     ]
     rng.shuffle(counts)
     return counts
 
 
-def make_world(seed: int, n_people: int, median_pages: float = 3.0, spread: float = 1.2,
-               unseen_fraction: float = 0.1, max_pages_per_person: int = 40) -> World:
+def make_world(
+    seed: int,
+    n_people: int,
+    median_pages: float = 3.0,
+    spread: float = 1.2,
+    unseen_fraction: float = 0.1,
+    max_pages_per_person: int = 40,
+) -> World:
     rng = random.Random(seed)
     n_cities = max(8, min(60, n_people // 3))
     countries = _unique_words(rng, max(3, n_cities // 5), (1, 2), ("ia",))
     city_names = _unique_words(rng, n_cities, (1, 2), ("ton", "wick", "ford", "holm", "dale", "burg", "a", ""))
     cities = {c: countries[i % len(countries)] for i, c in enumerate(city_names)}
-    company_names = [w + rng.choice([" Corp", " Labs", " Group", " Works"]) for w in _unique_words(rng, max(6, n_cities // 2), (2, 2))]
+    company_names = [
+        w + rng.choice([" Corp", " Labs", " Group", " Works"])
+        for w in _unique_words(rng, max(6, n_cities // 2), (2, 2))
+    ]
     companies = {c: {"city": rng.choice(city_names), "industry": rng.choice(INDUSTRIES)} for c in company_names}
     uni_cities = rng.sample(city_names, max(4, n_cities // 4))
     universities = {f"University of {c}": c for c in uni_cities}

@@ -1,10 +1,13 @@
 """Shared fixtures: one `tiny` run built once per test session, in a temporary runs folder."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# the tests never write into a person's runs folder: every run without a folder of its own goes here
+os.environ["LABKIT_RUNS_DIR"] = tempfile.mkdtemp(prefix="labkit-tests-")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -41,6 +44,7 @@ def one_thread():
 def rows_seen(monkeypatch):
     """`rows_seen(model)` -> a list that records how many rows each forward pass of `model` takes
     (every pass, sampling, scoring or training, goes through `hidden_states`)."""
+
     def watch(model):
         seen = []
         forward = type(model).hidden_states.__get__(model)  # the model's own, not an earlier watcher
@@ -51,4 +55,5 @@ def rows_seen(monkeypatch):
 
         monkeypatch.setattr(model, "hidden_states", counting)
         return seen
+
     return watch

@@ -3,7 +3,9 @@ import pytest
 from labkit.chat import ChatError, parse, render, render_prompt
 from labkit.tokenizer import Tokenizer
 
-TEXT = "Who are you? I am a small language model. What is two plus two? It is four. <|im_end|> user assistant system " * 20
+TEXT = (
+    "Who are you? I am a small language model. What is two plus two? It is four. <|im_end|> user assistant system " * 20
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +50,23 @@ def test_user_text_cannot_forge_a_turn(tok):
     assert sum(mask) == len(tok.encode("No.")) + 1
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([], "non-empty list"),
-    ([{"role": "robot", "content": "hi"}], "unknown role 'robot'; allowed: system, user, assistant, tool"),
-    ([{"role": "user", "content": "hi"}], "must end with an assistant turn; it ends with 'user'"),
-    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "content must be a string"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}],
-     "only the first message may be one"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "non-empty list"),
+        ([{"role": "robot", "content": "hi"}], "unknown role 'robot'; allowed: system, user, assistant, tool"),
+        ([{"role": "user", "content": "hi"}], "must end with an assistant turn; it ends with 'user'"),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "content must be a string"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ],
+            "only the first message may be one",
+        ),
+    ],
+)
 def test_bad_conversations_are_refused_clearly(tok, messages, message):
     with pytest.raises(ChatError, match=message):
         render(messages, tok)

@@ -33,12 +33,21 @@ def test_a_complete_stage_is_reused_and_force_rebuilds_it(tmp_path, capsys):
     assert main(args + ["--force"]) == 0 and metrics.stat().st_mtime_ns != first
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--preset", "tiny", "--set", "data.n_people=lots"], "data.n_people='lots' has the wrong type; expected int"),
-    (["run", "--preset", "tiny", "--set", "data.colour=red"], "unknown field 'data.colour'"),
-    (["run", "--preset", "tiny", "--stages", "data,pretrain"], "unknown stage 'pretrain'; allowed: data, tokenizer"),
-    (["report", "--run", "missing"], "no run folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["run", "--preset", "tiny", "--set", "data.n_people=lots"],
+            "data.n_people='lots' has the wrong type; expected int",
+        ),
+        (["run", "--preset", "tiny", "--set", "data.colour=red"], "unknown field 'data.colour'"),
+        (
+            ["run", "--preset", "tiny", "--stages", "data,pretrain"],
+            "unknown stage 'pretrain'; allowed: data, tokenizer",
+        ),
+        (["report", "--run", "missing"], "no run folder"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
     done = labkit(*args, "--runs-dir", str(tmp_path))
     assert done.returncode == 2
@@ -54,5 +63,14 @@ def test_unknown_preset_is_refused_by_the_parser(tmp_path):
 def test_help_explains_every_option():
     done = labkit("run", "--help")
     assert done.returncode == 0
-    for option in ("--preset", "--run", "--runs-dir", "--stages", "--set", "--force", "data.n_people", "tokenizer.vocab_size"):
+    for option in (
+        "--preset",
+        "--run",
+        "--runs-dir",
+        "--stages",
+        "--set",
+        "--force",
+        "data.n_people",
+        "tokenizer.vocab_size",
+    ):
         assert option in done.stdout

@@ -30,19 +30,28 @@ def test_environment_preset_wins(monkeypatch):
     assert get_config("cpu").preset == "tiny"
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: get_config("huge"), "unknown preset 'huge'; allowed: tiny, cpu, gpu"),
-    (lambda: get_config("cpu", data={"n_peple": 3}), "unknown field 'data.n_peple'; allowed: data.source"),
-    (lambda: get_config("cpu", colour="red"), "unknown field 'colour'; allowed: preset, seed, device"),
-    (lambda: get_config("cpu", data={"n_people": "many"}), "data.n_people='many' has the wrong type; expected int"),
-    (lambda: get_config("cpu", data={"n_people": 2.5}), "data.n_people=2.5 has the wrong type; expected int"),
-    (lambda: get_config("cpu", data={"noise": -1}), "data.noise=-1.0 is out of range; allowed: between 0.0 and 2.0"),
-    (lambda: get_config("cpu", tokenizer={"pattern": "gpt5"}), "tokenizer.pattern='gpt5' is not allowed; allowed: gpt4, gpt2"),
-    (lambda: get_config("cpu", device="tpu"), "device='tpu' is not allowed; allowed: auto, cpu, cuda, mps"),
-    (lambda: get_config("cpu", data=3), "data=3: data is a section; give a dict of its fields"),
-    (lambda: parse_stages("data,tokeniser"), "unknown stage 'tokeniser'; allowed: data, tokenizer, base"),
-    (lambda: parse_assignments(["seed"]), "--set expects FIELD=VALUE, got 'seed'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: get_config("huge"), "unknown preset 'huge'; allowed: tiny, cpu, gpu"),
+        (lambda: get_config("cpu", data={"n_peple": 3}), "unknown field 'data.n_peple'; allowed: data.source"),
+        (lambda: get_config("cpu", colour="red"), "unknown field 'colour'; allowed: preset, seed, device"),
+        (lambda: get_config("cpu", data={"n_people": "many"}), "data.n_people='many' has the wrong type; expected int"),
+        (lambda: get_config("cpu", data={"n_people": 2.5}), "data.n_people=2.5 has the wrong type; expected int"),
+        (
+            lambda: get_config("cpu", data={"noise": -1}),
+            "data.noise=-1.0 is out of range; allowed: between 0.0 and 2.0",
+        ),
+        (
+            lambda: get_config("cpu", tokenizer={"pattern": "gpt5"}),
+            "tokenizer.pattern='gpt5' is not allowed; allowed: gpt4, gpt2",
+        ),
+        (lambda: get_config("cpu", device="tpu"), "device='tpu' is not allowed; allowed: auto, cpu, cuda, mps"),
+        (lambda: get_config("cpu", data=3), "data=3: data is a section; give a dict of its fields"),
+        (lambda: parse_stages("data,tokeniser"), "unknown stage 'tokeniser'; allowed: data, tokenizer, base"),
+        (lambda: parse_assignments(["seed"]), "--set expects FIELD=VALUE, got 'seed'"),
+    ],
+)
 def test_bad_values_fail_at_once_with_a_clear_message(call, message, monkeypatch):
     monkeypatch.delenv("LABKIT_PRESET", raising=False)
     with pytest.raises(ConfigError) as error:

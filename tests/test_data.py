@@ -11,15 +11,19 @@ from labkit.run import Run, read_jsonl
 from labkit.web import Page, crawl
 from labkit.world import bucket, make_world
 
-OTHER = ("A small bakery on the corner sells bread and cakes every morning. The owner starts work before "
-         "dawn, and by seven the shelves are full of warm loaves. Customers come from all over town, some of them "
-         "by bus and some on foot, and the queue often reaches the end of the street. On Sundays the bakery is "
-         "closed, and the owner goes fishing with her brother at the lake.")
-GOOD = ("The river that runs past the old mill is one of the quietest places in the whole valley, and many "
-        "people like to walk there in the evening. Children play on the grass with their dogs, while older "
-        "people sit on the benches and talk about the weather, the harvest and the news of the week. In the "
-        "spring the water rises and covers the lower path, so walkers have to take the road that goes over "
-        "the hill and back down to the bridge near the church.")
+OTHER = (
+    "A small bakery on the corner sells bread and cakes every morning. The owner starts work before "
+    "dawn, and by seven the shelves are full of warm loaves. Customers come from all over town, some of them "
+    "by bus and some on foot, and the queue often reaches the end of the street. On Sundays the bakery is "
+    "closed, and the owner goes fishing with her brother at the lake."
+)
+GOOD = (
+    "The river that runs past the old mill is one of the quietest places in the whole valley, and many "
+    "people like to walk there in the evening. Children play on the grass with their dogs, while older "
+    "people sit on the benches and talk about the weather, the harvest and the news of the week. In the "
+    "spring the water rises and covers the lower path, so walkers have to take the road that goes over "
+    "the hill and back down to the bridge near the church."
+)
 
 
 def page(text=GOOD, url="https://example.org/a", **kw):
@@ -32,8 +36,12 @@ def test_same_seed_gives_the_same_corpus_byte_for_byte(tmp_path):
     for name in ("a", "b"):
         run = Run(name, tmp_path)
         ensure("data", config, run)
-        digests.append([hashlib.sha256((run.path / "data" / f).read_bytes()).hexdigest()
-                        for f in ("corpus.jsonl", "pages.jsonl", "world.json")])
+        digests.append(
+            [
+                hashlib.sha256((run.path / "data" / f).read_bytes()).hexdigest()
+                for f in ("corpus.jsonl", "pages.jsonl", "world.json")
+            ]
+        )
     assert digests[0] == digests[1]
     other = crawl(make_world(config.seed + 1, 30), config.seed + 1)
     assert [p.text for p in other] != [row["text"] for row in read_jsonl(tmp_path / "a" / "data" / "pages.jsonl")]
@@ -47,33 +55,52 @@ def test_world_has_a_heavy_tail_and_unseen_people():
     assert len({p.name for p in world.people}) == 200  # names are distinct
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("https://hotcams-xxx.com/page/1", "domain"),
-    ("https://www.betnow24.net/x", "domain"),
-    ("https://freehost.net/casino-games/3", "hard_blacklisted"),
-    ("https://promo-site.com/free-cheap-offer/1", "soft_blacklisted"),
-    ("https://essexnews.com/sussex/analysis-of-the-vote", None),  # 'sex' inside words is not a banned word
-    ("https://promo-site.com/free-offer/1", None),  # one soft word is not enough
-    ("https://wikiverse.org/wiki/ada", None),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("https://hotcams-xxx.com/page/1", "domain"),
+        ("https://www.betnow24.net/x", "domain"),
+        ("https://freehost.net/casino-games/3", "hard_blacklisted"),
+        ("https://promo-site.com/free-cheap-offer/1", "soft_blacklisted"),
+        ("https://essexnews.com/sussex/analysis-of-the-vote", None),  # 'sex' inside words is not a banned word
+        ("https://promo-site.com/free-offer/1", None),  # one soft word is not enough
+        ("https://wikiverse.org/wiki/ada", None),
+    ],
+)
 def test_url_filter(url, reason):
     assert UrlFilter().reason(page(url=url)) == reason
 
 
-@pytest.mark.parametrize("text, reason", [
-    (GOOD, None),
-    ("Page not found.", "too_few_words"),
-    ("buy cheap watches online " * 30, "stop_words"),
-    ("buy the cheap watches and save " * 30, "top_2_gram"),
-    ("\n".join(["Click here to see the latest offers from our store today"] * 12), "dup_line_frac"),
-    (" ".join(["xq zt pk"] * 40), "mean_word_length"),
-    ("\n\n".join([GOOD, "A short line that repeats itself.", GOOD[:120] + ".", "A short line that repeats itself."] * 2), "dup_para_frac"),
-    (" ".join(f"#{w}" for w in ["deal", "sale", "shop", "buy", "best", "free"] * 12), "hash_ratio"),
-    (" ".join(["qz", "xp", "tk", "rb"] * 3 + ["and", "the", "of"]) * 6, "mean_word_length"),
-    (GOOD.replace(" the ", " a ").replace(" and ", " plus ").replace(" of ", " in ").replace(" to ", " for ")
-     .replace("The ", "A ").replace(" that ", " which ").replace(" with ", " by "), "stop_words"),
-    (" ".join(["12 34 56 78 90"] * 3) + " " + GOOD[:200], "alpha_words"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (GOOD, None),
+        ("Page not found.", "too_few_words"),
+        ("buy cheap watches online " * 30, "stop_words"),
+        ("buy the cheap watches and save " * 30, "top_2_gram"),
+        ("\n".join(["Click here to see the latest offers from our store today"] * 12), "dup_line_frac"),
+        (" ".join(["xq zt pk"] * 40), "mean_word_length"),
+        (
+            "\n\n".join(
+                [GOOD, "A short line that repeats itself.", GOOD[:120] + ".", "A short line that repeats itself."] * 2
+            ),
+            "dup_para_frac",
+        ),
+        (" ".join(f"#{w}" for w in ["deal", "sale", "shop", "buy", "best", "free"] * 12), "hash_ratio"),
+        (" ".join(["qz", "xp", "tk", "rb"] * 3 + ["and", "the", "of"]) * 6, "mean_word_length"),
+        (
+            GOOD.replace(" the ", " a ")
+            .replace(" and ", " plus ")
+            .replace(" of ", " in ")
+            .replace(" to ", " for ")
+            .replace("The ", "A ")
+            .replace(" that ", " which ")
+            .replace(" with ", " by "),
+            "stop_words",
+        ),
+        (" ".join(["12 34 56 78 90"] * 3) + " " + GOOD[:200], "alpha_words"),
+    ],
+)
 def test_quality_filter(text, reason):
     assert QualityFilter().reason(page(text)) == reason
 
@@ -106,24 +133,30 @@ def test_minhash_signature_agreement_estimates_jaccard():
     assert round(MinHashDedup().threshold, 2) == 0.72
 
 
-@pytest.mark.parametrize("text, kind, value", [
-    ("Write to ada.12@mailbox.com today.", "email", "ada.12@mailbox.com"),
-    ("Call (555) 321-4567 now.", "phone", "(555) 321-4567"),
-    ("Call 555-321-4567 now.", "phone", "555-321-4567"),
-    ("Call +1 555 321 4567 now.", "phone", "+1 555 321 4567"),
-    ("We are at 42 Elm Street, next door.", "address", "42 Elm Street"),
-    ("Sent from 83.12.45.77 at noon.", "ip", "83.12.45.77"),
-])
+@pytest.mark.parametrize(
+    "text, kind, value",
+    [
+        ("Write to ada.12@mailbox.com today.", "email", "ada.12@mailbox.com"),
+        ("Call (555) 321-4567 now.", "phone", "(555) 321-4567"),
+        ("Call 555-321-4567 now.", "phone", "555-321-4567"),
+        ("Call +1 555 321 4567 now.", "phone", "+1 555 321 4567"),
+        ("We are at 42 Elm Street, next door.", "address", "42 Elm Street"),
+        ("Sent from 83.12.45.77 at noon.", "ip", "83.12.45.77"),
+    ],
+)
 def test_pii_is_found(text, kind, value):
     assert [(text[s:e], k) for s, e, k in find_pii(text)] == [(value, kind)]
 
 
-@pytest.mark.parametrize("text", [
-    "What is 23 plus 58? The answer is 81.",
-    "In 1999 about 4500 people lived there.",
-    "The local router is at 192.168.1.1 and 10.0.0.1.",  # private addresses are not personal data
-    "Version 3.2 was released on 12 May.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is 23 plus 58? The answer is 81.",
+        "In 1999 about 4500 people lived there.",
+        "The local router is at 192.168.1.1 and 10.0.0.1.",  # private addresses are not personal data
+        "Version 3.2 was released on 12 May.",
+    ],
+)
 def test_pii_spares_ordinary_numbers(text):
     assert find_pii(text) == []
 
@@ -166,8 +199,12 @@ def test_stage_is_reused_unless_forced_or_changed(tiny_run, tiny_config):
 def test_real_data_from_a_local_file_in_the_hub_format(tmp_path, suffix):
     import datasets
 
-    rows = [{"text": GOOD, "url": "https://a.org/1"}, {"text": GOOD, "url": "https://a.org/2"},
-            {"text": "Write to me at jo@mail.org. " + OTHER, "url": "https://a.org/3"}, {"text": "Too short.", "url": "u4"}]
+    rows = [
+        {"text": GOOD, "url": "https://a.org/1"},
+        {"text": GOOD, "url": "https://a.org/2"},
+        {"text": "Write to me at jo@mail.org. " + OTHER, "url": "https://a.org/3"},
+        {"text": "Too short.", "url": "u4"},
+    ]
     path = tmp_path / f"docs{suffix}"
     ds = datasets.Dataset.from_list(rows)
     ds.to_json(path) if suffix == ".jsonl" else ds.to_parquet(path)

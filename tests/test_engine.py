@@ -48,8 +48,9 @@ def test_sampling_with_cache_equals_sampling_without(model):
 def test_prompts_of_different_lengths_come_back_in_order(model):
     short, long = random_prompt(3, seed=1), random_prompt(17, seed=2)
     together = generate(model, [short, long], 10, temperature=0, num_samples=2)
-    assert together == generate(model, short, 10, temperature=0, num_samples=2) + \
-        generate(model, long, 10, temperature=0, num_samples=2)
+    assert together == generate(model, short, 10, temperature=0, num_samples=2) + generate(
+        model, long, 10, temperature=0, num_samples=2
+    )
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
@@ -97,7 +98,7 @@ def test_a_row_stops_at_its_stop_token_which_is_included(model):
     greedy = generate(model, prompt, 30, temperature=0)[0]
     stop = greedy[5]
     first = greedy.index(stop)
-    assert generate(model, prompt, 30, temperature=0, stop_tokens=[stop]) == [greedy[:first + 1]]
+    assert generate(model, prompt, 30, temperature=0, stop_tokens=[stop]) == [greedy[: first + 1]]
     rows = generate(model, prompt, 30, num_samples=8, seed=0, stop_tokens={stop, greedy[2]})
     for row in rows:
         stops = [i for i, t in enumerate(row) if t in (stop, greedy[2])]
@@ -120,18 +121,21 @@ def test_generate_leaves_the_model_in_training_mode_if_it_was():
     assert model.training
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.5), r"temperature=-0.5 .*allowed: >= 0"),
-    (dict(top_p=0.0), r"top_p=0.0 .*allowed: 0 < top_p <= 1"),
-    (dict(top_p=1.5), r"top_p=1.5 .*allowed: 0 < top_p <= 1"),
-    (dict(top_k=0), r"top_k=0 .*allowed: an integer >= 1"),
-    (dict(max_new_tokens=0), r"max_new_tokens=0 .*allowed: an integer >= 1"),
-    (dict(num_samples=0), r"num_samples=0 .*allowed: an integer >= 1"),
-    (dict(max_new_tokens=60), r"prompt of 10 tokens \+ max_new_tokens=60 = 70 exceeds .*block_size=64"),
-    (dict(max_new_tokens=60, use_cache=False), r"prompt of 10 tokens \+ max_new_tokens=60 = 70 exceeds"),
-    (dict(prompt=[]), r"prompt is empty"),
-    (dict(prompt=[1, 300]), r"token id 300 is out of range; allowed: 0 to 299"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), r"temperature=-0.5 .*allowed: >= 0"),
+        (dict(top_p=0.0), r"top_p=0.0 .*allowed: 0 < top_p <= 1"),
+        (dict(top_p=1.5), r"top_p=1.5 .*allowed: 0 < top_p <= 1"),
+        (dict(top_k=0), r"top_k=0 .*allowed: an integer >= 1"),
+        (dict(max_new_tokens=0), r"max_new_tokens=0 .*allowed: an integer >= 1"),
+        (dict(num_samples=0), r"num_samples=0 .*allowed: an integer >= 1"),
+        (dict(max_new_tokens=60), r"prompt of 10 tokens \+ max_new_tokens=60 = 70 exceeds .*block_size=64"),
+        (dict(max_new_tokens=60, use_cache=False), r"prompt of 10 tokens \+ max_new_tokens=60 = 70 exceeds"),
+        (dict(prompt=[]), r"prompt is empty"),
+        (dict(prompt=[1, 300]), r"token id 300 is out of range; allowed: 0 to 299"),
+    ],
+)
 def test_bad_parameters_are_refused_with_the_allowed_range(model, kwargs, message):
     kwargs = dict(dict(prompt=random_prompt(10), max_new_tokens=5), **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -156,13 +160,14 @@ def test_sample_text_decodes_and_stops_before_endoftext(model):
     eot = greedy[4]
     tokenizer = ByteTokenizer(endoftext=eot)
     [text] = sample_text(model, tokenizer, "hi", max_new_tokens=20, temperature=0)
-    assert text == tokenizer.decode(greedy[:greedy.index(eot)])  # stopped there, <|endoftext|> left out
+    assert text == tokenizer.decode(greedy[: greedy.index(eot)])  # stopped there, <|endoftext|> left out
     texts = sample_text(model, tokenizer, ["", "a longer prompt"], max_new_tokens=5, num_samples=2, seed=0)
     rows = generate(model, [[eot], list(b"a longer prompt")], 5, num_samples=2, seed=0, stop_tokens=[eot])
     assert texts == [tokenizer.decode([t for t in row if t != eot]) for row in rows]  # "" starts a new document
 
 
 # --- batches of prompts of different lengths ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_batch", [64, 3])
 def test_batched_greedy_equals_one_prompt_at_a_time(model, max_batch, rows_seen):
@@ -188,10 +193,11 @@ def test_a_stopped_row_leaves_the_batch(model, rows_seen):
     seen = rows_seen(model)
     rows = generate(model, [prompt, other], 30, temperature=0, stop_tokens=[stop])
     assert len(rows[0]) == greedy.index(stop) + 1 and len(rows[1]) == 30
-    assert seen[:len(rows[0])] == [2] * len(rows[0]) and set(seen[len(rows[0]):]) == {1}  # no compute for it after
+    assert seen[: len(rows[0])] == [2] * len(rows[0]) and set(seen[len(rows[0]) :]) == {1}  # no compute for it after
 
 
 # --- scoring -----------------------------------------------------------------------------------------
+
 
 def test_score_equals_the_models_log_softmax_row_by_row(model):
     prompts, completions = [[1, 2, 3], [4, 5], [6]], [[7, 8], [9, 10, 11, 12], [13]]
@@ -199,15 +205,19 @@ def test_score_equals_the_models_log_softmax_row_by_row(model):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     for row, (p, c) in enumerate(zip(prompts, completions)):
         logits, _ = model(torch.tensor([p + c]))
-        expected = torch.log_softmax(logits[0, len(p) - 1:-1], -1)[torch.arange(len(c)), torch.tensor(c)]
-        torch.testing.assert_close(logps[row, :len(c)], expected, atol=1e-5, rtol=0)
-        assert (logps[row, len(c):] == 0).all()
+        expected = torch.log_softmax(logits[0, len(p) - 1 : -1], -1)[torch.arange(len(c)), torch.tensor(c)]
+        torch.testing.assert_close(logps[row, : len(c)], expected, atol=1e-5, rtol=0)
+        assert (logps[row, len(c) :] == 0).all()
 
 
 def test_micro_batched_scores_equal_the_whole_batch(model, rows_seen):
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (13,), generator=g)]
-    completions = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 15, (13,), generator=g)]
+    prompts = [
+        torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (13,), generator=g)
+    ]
+    completions = [
+        torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 15, (13,), generator=g)
+    ]
     whole, mask = score(model, prompts, completions, max_batch=64)
     seen = rows_seen(model)
     micro, micro_mask = score(model, prompts, completions, max_batch=4)
@@ -236,6 +246,7 @@ def test_logprobs_keep_gradients(model):
 
 # --- reading replies -----------------------------------------------------------------------------------
 
+
 class ChatTokenizer(ByteTokenizer):
     """Bytes as tokens plus the chat template's special tokens."""
 
@@ -254,8 +265,9 @@ class ChatTokenizer(ByteTokenizer):
 
 def test_decode_reply_cuts_at_the_end_of_the_turn_and_hides_special_tokens():
     tok = ChatTokenizer()
-    end, eot, start, sep, call = (tok.encode_special(n) for n in ("<|im_end|>", "<|endoftext|>", "<|im_start|>",
-                                                                  "<|im_sep|>", "<|tool_call|>"))
+    end, eot, start, sep, call = (
+        tok.encode_special(n) for n in ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|tool_call|>")
+    )
     hi = list(b" Hi there. ")
     assert decode_reply(hi + [end] + list(b"junk"), tok) == ("Hi there.", True, hi, len(hi) + 1)
     assert decode_reply(hi, tok) == ("Hi there.", False, hi, len(hi))  # cut off: never ended

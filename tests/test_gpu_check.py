@@ -8,9 +8,13 @@ from labkit.run import Run
 
 
 def cpu_twin():
-    return get_config("gpu-check", data=dict(n_people=40, median_pages=2.0, max_pages_per_person=12, filler_ratio=0.5),
-                      tokenizer=dict(vocab_size=400), model=dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
-                      train=dict(compile=False))
+    return get_config(
+        "gpu-check",
+        data=dict(n_people=40, median_pages=2.0, max_pages_per_person=12, filler_ratio=0.5),
+        tokenizer=dict(vocab_size=400),
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
+        train=dict(compile=False),
+    )
 
 
 def test_the_gpu_check_preset_keeps_the_gpu_shapes_and_cuts_the_steps():
@@ -18,7 +22,9 @@ def test_the_gpu_check_preset_keeps_the_gpu_shapes_and_cuts_the_steps():
     assert check.model == gpu.model and check.train.batch_size == gpu.train.batch_size
     assert check.train.grad_accum == gpu.train.grad_accum and check.train.compile
     assert (check.ppo.batch_size, check.ppo.micro_batch_size) == (gpu.ppo.batch_size, gpu.ppo.micro_batch_size)
-    assert check.grpo.prompts_per_step * check.grpo.num_generations == gpu.grpo.prompts_per_step * gpu.grpo.num_generations
+    assert (
+        check.grpo.prompts_per_step * check.grpo.num_generations == gpu.grpo.prompts_per_step * gpu.grpo.num_generations
+    )
     assert check.train.max_steps <= 20 and check.ppo.steps <= 2 and check.grpo.max_steps <= 2
 
 

@@ -54,20 +54,39 @@ def trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, 
 
     B = logps.size(0)
     trainer = types.SimpleNamespace(
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type,
-        epsilon_low=epsilon, epsilon_high=epsilon_high, use_vllm=False, model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length, aux_loss_enabled=False,
-        _entropy_bonus_enabled=False, accelerator=_Accelerator(),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        loss_type=loss_type,
+        epsilon_low=epsilon,
+        epsilon_high=epsilon_high,
+        use_vllm=False,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        accelerator=_Accelerator(),
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
-    inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2),
-                  completion_ids=torch.zeros(mask.shape, dtype=torch.long), completion_mask=mask,
-                  advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref)
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+    )
+    inputs = dict(
+        prompt_ids=torch.zeros(B, 2, dtype=torch.long),
+        prompt_mask=torch.ones(B, 2),
+        completion_ids=torch.zeros(mask.shape, dtype=torch.long),
+        completion_mask=mask,
+        advantages=advantages,
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+    )
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
-def replicated_trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, loss_type, max_completion_length):
+def replicated_trl_loss(
+    logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, loss_type, max_completion_length
+):
     """TRL 1.16's formula written out (grpo_trainer.py lines 3095-3164), for machines without TRL."""
     coef_1 = torch.exp(logps - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
@@ -99,13 +118,15 @@ def synthetic(G=4, prompts=3, T=7, seed=0):
 
 @pytest.mark.parametrize("scale_rewards", [True, False])
 def test_advantages_match_trl(scale_rewards):
-    pytest.importorskip("trl")
     *_, rewards_ = synthetic()
     ours, zero = group_advantages(rewards_, 4, scale_rewards)
     assert torch.allclose(ours, trl_advantages(rewards_, 4, scale_rewards), atol=1e-6, rtol=0)
     from trl.trainer.utils import nanstd
 
-    assert zero.tolist() == torch.isclose(nanstd(rewards_.view(-1, 4), dim=1), torch.zeros(3, dtype=torch.float64)).tolist()
+    assert (
+        zero.tolist()
+        == torch.isclose(nanstd(rewards_.view(-1, 4), dim=1), torch.zeros(3, dtype=torch.float64)).tolist()
+    )
     assert zero[0].item()  # the first group: every sample scored the same
     assert torch.all(ours[:4] == 0)
 
@@ -128,9 +149,8 @@ def test_loss_matches_trl(loss_type, beta, scale_rewards):
     kw = dict(epsilon=0.2, epsilon_high=0.28, beta=beta, loss_type=loss_type, max_completion_length=10)
     ours, stats = grpo_loss(logps, old, ref, advantages, mask, **kw)
     assert abs(ours.item() - replicated_trl_loss(logps, old, ref, advantages, mask, **kw).item()) < 1e-6
-    if pytest.importorskip("trl"):
-        theirs = trl_loss(logps, old, ref, advantages, mask, **kw)
-        assert abs(ours.item() - theirs.item()) < 1e-6
+    theirs = trl_loss(logps, old, ref, advantages, mask, **kw)
+    assert abs(ours.item() - theirs.item()) < 1e-6
     assert (stats["kl"] > 0) == (beta > 0)
     assert 0 < stats["clip_fraction"] < 1
 
@@ -204,8 +224,10 @@ def test_parse_tasks_errors():
 
 def test_gsm8k_format_from_a_local_file(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
-    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
-            {"question": "A box holds 1,000 pins. How many in 2 boxes?", "answer": "2 * 1000 = 2000\n#### 2,000"}]
+    rows = [
+        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+        {"question": "A box holds 1,000 pins. How many in 2 boxes?", "answer": "2 * 1000 = 2000\n#### 2,000"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = tasks.load_gsm8k(str(path))
     assert [t["answer"] for t in loaded] == ["7", "2000"]
@@ -251,8 +273,9 @@ def test_answer_extraction_and_rules():
 
 def test_combine_weights():
     task = {"answer": "7", "key": "k"}
-    totals, per = combine(["3 + 4 = 7. The answer is 7.", "The answer is 8 because", "x"], [task] * 3,
-                          {"correct": 1.0, "format": 0.5})
+    totals, per = combine(
+        ["3 + 4 = 7. The answer is 7.", "The answer is 8 because", "x"], [task] * 3, {"correct": 1.0, "format": 0.5}
+    )
     assert totals == [1.5, 0.0, 0.0] and per["format"] == [1.0, 0.0, 0.0]
     assert parse_weights("correct=1.0, format=0.2") == {"correct": 1.0, "format": 0.2}
     with pytest.raises(ConfigError, match="unknown reward 'length'; allowed: correct, format"):
@@ -261,12 +284,15 @@ def test_combine_weights():
         parse_weights("correct=high")
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda c, t: 1 / 0, "reward 'bad' raised ZeroDivisionError"),
-    (lambda c, t: float("nan"), "reward 'bad' returned nan"),
-    (lambda c, t: "1.0", "reward 'bad' returned '1.0' \\(allowed: a finite number\\)"),
-    (lambda c, t: None, "reward 'bad' returned None"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda c, t: 1 / 0, "reward 'bad' raised ZeroDivisionError"),
+        (lambda c, t: float("nan"), "reward 'bad' returned nan"),
+        (lambda c, t: "1.0", "reward 'bad' returned '1.0' \\(allowed: a finite number\\)"),
+        (lambda c, t: None, "reward 'bad' returned None"),
+    ],
+)
 def test_bad_reward_is_reported_with_the_sample(bad, message):
     registry = dict(rewards.REWARDS, bad=lambda c, t: bad(c, t) if "WEIRD" in c else 1.0)
     with pytest.raises(RewardError, match=message) as info:
@@ -356,13 +382,23 @@ def test_cold_start_teaches_the_worked_solutions(tiny_tokenizer, tmp_path):
 
     run = Run("cold", tmp_path)
     untouched = solution_logp()
-    off = grpo.cold_start(model, tiny_tokenizer, stream, get_config("tiny", grpo=dict(cold_start_steps=0)), "cpu", run,
-                          tmp_path / "off.pt", "off")
+    off = grpo.cold_start(
+        model,
+        tiny_tokenizer,
+        stream,
+        get_config("tiny", grpo=dict(cold_start_steps=0)),
+        "cpu",
+        run,
+        tmp_path / "off.pt",
+        "off",
+    )
     assert off == dict(steps=0, problems=0, seconds=0.0) and solution_logp() == untouched
     warm = grpo.cold_start(model, tiny_tokenizer, stream, config, "cpu", run, tmp_path / "cold.pt", "cold")
     assert warm["steps"] == 12 and 1 <= warm["problems"] <= 81  # one-digit sums: 81 problems, a fifth held out
     assert solution_logp() > untouched + 1.0
-    assert stream.next(1) == tasks.TaskStream(["one_digit"], seed=0).next(1)  # its own stream: GRPO's order is unchanged
+    assert stream.next(1) == tasks.TaskStream(["one_digit"], seed=0).next(
+        1
+    )  # its own stream: GRPO's order is unchanged
 
 
 def test_config_checks():
@@ -381,9 +417,17 @@ def test_stage_on_tiny(tiny_run, tiny_config):
     n = tiny_config.grpo.n_heldout * len(tasks.parse_tasks(tiny_config.grpo.tasks))
     assert metrics["n_heldout"] == n and sum(metrics["n_heldout_by_task"].values()) == n
     assert metrics["cold_start_steps"] == tiny_config.grpo.cold_start_steps and metrics["cold_start_problems"] >= 1
-    for key in ("pass_at_1_sft", "pass_at_1_before", "pass_at_1_after", "mean_response_tokens", "zero_variance_group_fraction",
-                "immediate_pass_at_1_before"):
+    for key in (
+        "pass_at_1_sft",
+        "pass_at_1_before",
+        "pass_at_1_after",
+        "mean_response_tokens",
+        "zero_variance_group_fraction",
+        "immediate_pass_at_1_before",
+    ):
         assert 0 <= metrics[key] <= (1 if "pass" in key or "fraction" in key else 10_000)
+    g = tiny_config.grpo
+    assert metrics["samples"] == g.max_steps * g.prompts_per_step * g.num_generations  # every sample was trained on
     assert set(metrics["pass_at_1_after_by_task"]) == set(tasks.parse_tasks(tiny_config.grpo.tasks))
     folder = tiny_run.path / "grpo"
     history = json.loads((folder / "history.json").read_text())
@@ -397,8 +441,12 @@ def test_stage_on_tiny(tiny_run, tiny_config):
 
 def random_rows(n, vocab, seed):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (n,), generator=g)]
-    completions = [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 10, (n,), generator=g)]
+    prompts = [
+        torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (n,), generator=g)
+    ]
+    completions = [
+        torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in torch.randint(1, 10, (n,), generator=g)
+    ]
     return prompts, completions
 
 
@@ -420,7 +468,9 @@ def test_micro_batches_give_the_loss_and_gradients_of_one_batch(loss_type, rows_
     def backward(micro_batch_size):
         model.zero_grad(set_to_none=True)
         seen = rows_seen(model)
-        stats = grpo.grpo_backward(model, batch, advantages, old, ref, dataclasses.replace(cfg, micro_batch_size=micro_batch_size))
+        stats = grpo.grpo_backward(
+            model, batch, advantages, old, ref, dataclasses.replace(cfg, micro_batch_size=micro_batch_size)
+        )
         return stats, [p.grad.clone() for p in model.parameters()], seen
 
     whole, whole_grads, whole_seen = backward(64)
@@ -441,9 +491,13 @@ def test_grpo_scores_its_samples_at_the_temperature_it_sampled_at(tiny_tokenizer
     temperatures = []
     for name in ("score", "logprobs"):
         real = getattr(engine, name)
-        monkeypatch.setattr(grpo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k))
+        monkeypatch.setattr(
+            grpo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k)
+        )
     real_generate = engine.generate
-    monkeypatch.setattr(grpo, "generate", lambda *a, **k: temperatures.append(k["temperature"]) or real_generate(*a, **k))
+    monkeypatch.setattr(
+        grpo, "generate", lambda *a, **k: temperatures.append(k["temperature"]) or real_generate(*a, **k)
+    )
     cfg = get_config("tiny", grpo=dict(temperature=0.7, num_iterations=2, beta=0.04)).grpo
     model = tiny_gpt(tiny_tokenizer.n_vocab)
     stream = tasks.TaskStream(["addition"], seed=0)

@@ -1,6 +1,5 @@
 """Stage 7: judging rules, the probe, "I don't know" data, the search tool and its engine, the stage."""
 
-
 import pytest
 
 from labkit import halluc, search
@@ -9,13 +8,31 @@ from labkit.run import read_jsonl
 from labkit.world import Person, World
 
 PAGES = [
-    dict(url="https://wiki/ada", text="Ada Brannor\n\nAda was born in the city of Fikaswick. Ada was born in the year 1974. "
-         "Ada works at Dama Group. Ada's field is botany.", genre="encyclopedia", about="Ada Brannor"),
-    dict(url="https://news/ada", text="Ada Brannor speaks in Zola\n\nAda studied at the University of Sura. Ada works in "
-         "the field of botany.", genre="news", about="Ada Brannor"),
-    dict(url="https://wiki/bruno", text="Bruno Kel\n\nBruno was born in the year 1950. Bruno was born in the city of Zola.",
-         genre="encyclopedia", about="Bruno Kel"),
-    dict(url="https://sheet/1", text="Arithmetic practice\n\nWhat is 2 plus 3? The answer is 5.", genre="worksheet", about=None),
+    dict(
+        url="https://wiki/ada",
+        text="Ada Brannor\n\nAda was born in the city of Fikaswick. Ada was born in the year 1974. "
+        "Ada works at Dama Group. Ada's field is botany.",
+        genre="encyclopedia",
+        about="Ada Brannor",
+    ),
+    dict(
+        url="https://news/ada",
+        text="Ada Brannor speaks in Zola\n\nAda studied at the University of Sura. Ada works in the field of botany.",
+        genre="news",
+        about="Ada Brannor",
+    ),
+    dict(
+        url="https://wiki/bruno",
+        text="Bruno Kel\n\nBruno was born in the year 1950. Bruno was born in the city of Zola.",
+        genre="encyclopedia",
+        about="Bruno Kel",
+    ),
+    dict(
+        url="https://sheet/1",
+        text="Arithmetic practice\n\nWhat is 2 plus 3? The answer is 5.",
+        genre="worksheet",
+        about=None,
+    ),
 ]
 
 
@@ -36,12 +53,17 @@ def tokenizer(built):
 
 # --- judging -----------------------------------------------------------------------------------------
 
+
 def test_judge_rules():
     assert halluc.judge("Ada was born in Fikaswick.", "Fikaswick", 3) == "correct"
     assert halluc.judge("Ada was born in Fikaswickton.", "Fikaswick", 3) == "wrong"  # whole words only
     assert halluc.judge("Ada was born in Zola.", "Fikaswick", 3) == "wrong"
-    for reply in ["I don't know.", "I'm not sure. I have no information about Ada.", "I do not know, sorry.",
-                  "I'm sorry, but I can't help with that."]:
+    for reply in [
+        "I don't know.",
+        "I'm not sure. I have no information about Ada.",
+        "I do not know, sorry.",
+        "I'm sorry, but I can't help with that.",
+    ]:
         assert halluc.judge(reply, "Fikaswick", 3) == "idk", reply
     # about someone with no page, even a lucky guess is a hallucination; only "I don't know" is right
     assert halluc.judge("Ada was born in Fikaswick.", "Fikaswick", 0) == "wrong"
@@ -56,8 +78,12 @@ def test_claims_ignore_phrasing():
 
 
 def test_summaries_per_bucket():
-    rows = [dict(bucket="0", n_pages=0, verdict="wrong"), dict(bucket="0", n_pages=0, verdict="idk"),
-            dict(bucket="1", n_pages=1, verdict="correct"), dict(bucket="1", n_pages=1, verdict="wrong")]
+    rows = [
+        dict(bucket="0", n_pages=0, verdict="wrong"),
+        dict(bucket="0", n_pages=0, verdict="idk"),
+        dict(bucket="1", n_pages=1, verdict="correct"),
+        dict(bucket="1", n_pages=1, verdict="wrong"),
+    ]
     s = halluc.summarize(rows)
     assert s["hallucination_rate"] == {"all": 0.5, "0": 0.5, "1": 0.5, "2-4": None, "5-16": None, "17+": None}
     assert s["accuracy"]["0"] == 0.5 and s["accuracy"]["1"] == 0.5
@@ -71,22 +97,39 @@ def test_summaries_per_bucket():
 
 # --- "I don't know" data ----------------------------------------------------------------------------
 
+
 def _world():
-    people = [Person("Ada Brannor", 1974, "Fikaswick", "University of Sura", "botany", "Dama Group", 3),
-              Person("Bruno Kel", 1950, "Zola", "University of Sura", "physics", "Dama Group", 1),
-              Person("Cyrus Vel", 1960, "Zola", "University of Sura", "music", "Dama Group", 0)]
-    return World(0, ["Vouia"], {"Fikaswick": "Vouia", "Zola": "Vouia"}, {"Dama Group": dict(city="Zola", industry="energy")},
-                 {"University of Sura": "Zola"}, people)
+    people = [
+        Person("Ada Brannor", 1974, "Fikaswick", "University of Sura", "botany", "Dama Group", 3),
+        Person("Bruno Kel", 1950, "Zola", "University of Sura", "physics", "Dama Group", 1),
+        Person("Cyrus Vel", 1960, "Zola", "University of Sura", "music", "Dama Group", 0),
+    ]
+    return World(
+        0,
+        ["Vouia"],
+        {"Fikaswick": "Vouia", "Zola": "Vouia"},
+        {"Dama Group": dict(city="Zola", industry="energy")},
+        {"University of Sura": "Zola"},
+        people,
+    )
 
 
 def test_idk_conversations_answer_idk_exactly_where_the_model_was_wrong():
     world = _world()
-    probed = [dict(name="Ada Brannor", fact="birth_city", verdict="correct"),
-              dict(name="Bruno Kel", fact="birth_year", verdict="wrong")]
+    probed = [
+        dict(name="Ada Brannor", fact="birth_city", verdict="correct"),
+        dict(name="Bruno Kel", fact="birth_year", verdict="wrong"),
+    ]
     rows = halluc.idk_conversations(probed, world, 60, seed=0, heldout_fraction=0.3)
     assert len(rows) == 60
-    facts = [r for r in rows if r["kind"] in ("idk", "qa") and "fact" in r and r.get("name") in ("Ada Brannor", "Bruno Kel")
-             and r["messages"][0]["content"].count("?")]
+    facts = [
+        r
+        for r in rows
+        if r["kind"] in ("idk", "qa")
+        and "fact" in r
+        and r.get("name") in ("Ada Brannor", "Bruno Kel")
+        and r["messages"][0]["content"].count("?")
+    ]
     idk = [r for r in facts if r["kind"] == "idk"]
     assert idk and all(r["name"] == "Bruno Kel" and halluc.says_idk(r["messages"][-1]["content"]) for r in idk)
     assert len({r["messages"][-1]["content"] for r in idk}) > 1  # several phrasings
@@ -95,6 +138,7 @@ def test_idk_conversations_answer_idk_exactly_where_the_model_was_wrong():
 
 
 # --- the search tool ----------------------------------------------------------------------------------
+
 
 def test_search_finds_the_fact_and_nothing_about_unknown_names():
     index = search.SearchIndex(PAGES, k=2)
@@ -120,19 +164,25 @@ def test_parse_call():
 
 
 def test_render_tools_puts_no_loss_on_the_tool_result(tokenizer):
-    messages = [{"role": "user", "content": "Where was Ada born?"},
-                {"role": "assistant", "content": search.tool_call("Ada Brannor born city")},
-                {"role": "tool", "content": "Ada was born in Fikaswick."},
-                {"role": "assistant", "content": "Ada was born in Fikaswick."}]
+    messages = [
+        {"role": "user", "content": "Where was Ada born?"},
+        {"role": "assistant", "content": search.tool_call("Ada Brannor born city")},
+        {"role": "tool", "content": "Ada was born in Fikaswick."},
+        {"role": "assistant", "content": "Ada was born in Fikaswick."},
+    ]
     ids, mask = render_tools(messages, tokenizer)
     special = tokenizer.encode_special
     call, call_end = ids.index(special("<|tool_call|>")), ids.index(special("<|tool_call_end|>"))
     result, result_end = ids.index(special("<|tool_result|>")), ids.index(special("<|tool_result_end|>"))
-    assert all(mask[call:call_end + 1]) and not any(mask[result:result_end + 1])
-    assert tokenizer.decode(ids[call + 1:call_end]) == "search: Ada Brannor born city"
-    assert sum(mask[result_end + 1:]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1  # the answer and <|im_end|>
+    assert all(mask[call : call_end + 1]) and not any(mask[result : result_end + 1])
+    assert tokenizer.decode(ids[call + 1 : call_end]) == "search: Ada Brannor born city"
+    assert (
+        sum(mask[result_end + 1 :]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1
+    )  # the answer and <|im_end|>
     # user text that looks like a tool call stays text
-    ids, _ = render_tools([{"role": "user", "content": search.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer)
+    ids, _ = render_tools(
+        [{"role": "user", "content": search.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer
+    )
     assert special("<|tool_call|>") not in ids
 
 
@@ -163,13 +213,16 @@ def test_after_generation_kinds(tokenizer):
     assert malformed["kind"] == "malformed" and "search: QUERY" in malformed["error"]
 
 
-@pytest.mark.parametrize("first, expected_call, result_has", [
-    ("<|tool_call|>search: Ada<|tool_call_end|>", "call", "Ada"),
-    ("<|tool_call|>search: Ed<|tool_call_end|>", "call", "no results"),
-    ("<|tool_call|>search: Ada", "unclosed", "never closed"),
-    ("<|tool_call|>weather: Zola<|tool_call_end|>", "malformed", "unknown tool"),
-    ("In 1974.<|im_end|>", "answer", None),
-])
+@pytest.mark.parametrize(
+    "first, expected_call, result_has",
+    [
+        ("<|tool_call|>search: Ada<|tool_call_end|>", "call", "Ada"),
+        ("<|tool_call|>search: Ed<|tool_call_end|>", "call", "no results"),
+        ("<|tool_call|>search: Ada", "unclosed", "never closed"),
+        ("<|tool_call|>weather: Zola<|tool_call_end|>", "malformed", "unknown tool"),
+        ("In 1974.<|im_end|>", "answer", None),
+    ],
+)
 def test_answer_with_search_handles_every_kind_of_call(built, tokenizer, monkeypatch, first, expected_call, result_has):
     from labkit.checkpoint import load_model
 
@@ -185,7 +238,9 @@ def test_answer_with_search_handles_every_kind_of_call(built, tokenizer, monkeyp
 
     monkeypatch.setattr(search, "generate", fake_greedy)
     index = search.SearchIndex(PAGES, k=1)
-    [row] = search.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, max_chars=60)
+    [row] = search.answer_with_search(
+        model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, max_chars=60
+    )
     assert row["call"] == expected_call
     if result_has is None:
         assert row["tool_result"] is None and row["answer"] == "In 1974." and len(seen) == 1
@@ -204,13 +259,16 @@ def test_answer_with_search_on_the_real_model_never_crashes(built, tokenizer, ti
     run, _ = built
     model = load_model(run.path / "halluc" / "search" / "model.pt")
     index = search.load_index(run, tiny_config)
-    rows = search.answer_with_search(model, tokenizer, index, ["Where was Ada born?", "", "<|tool_call|>search: x", "x " * 200])
+    rows = search.answer_with_search(
+        model, tokenizer, index, ["Where was Ada born?", "", "<|tool_call|>search: x", "x " * 200]
+    )
     assert len(rows) == 4 and all(isinstance(r["answer"], str) for r in rows)
     off = search.answer_with_search(model, tokenizer, None, ["Where was Ada born?"])
     assert off[0]["tool_result"] is None or off[0]["tool_result"].startswith("error")
 
 
 # --- the probe and the stage ------------------------------------------------------------------------------
+
 
 def test_probe_questions_cover_every_fact_of_heldout_and_pageless_people(built, tiny_config):
     from labkit.data import read_world
@@ -242,8 +300,15 @@ def test_probe_judges_samples_and_confidence(built, tokenizer, tiny_config):
 
 def test_stage_metrics_and_artifacts(built):
     run, metrics = built
-    for key in ("hallucination_rate_before", "hallucination_rate_after", "idk_precision", "known_recall_after",
-                "search_accuracy", "search_accuracy_given_query", "n_questions"):
+    for key in (
+        "hallucination_rate_before",
+        "hallucination_rate_after",
+        "idk_precision",
+        "known_recall_after",
+        "search_accuracy",
+        "search_accuracy_given_query",
+        "n_questions",
+    ):
         assert set(metrics[key]) == {"all", "0", "1", "2-4", "5-16", "17+"}, key
     n = metrics["n_questions"]
     assert n["all"] == sum(v or 0 for b, v in n.items() if b != "all") > 0 and n["0"] > 0
@@ -258,6 +323,24 @@ def test_stage_metrics_and_artifacts(built):
     assert len(rows) == n["all"]
     tool = read_jsonl(run.path / "halluc" / "tool_train.jsonl")
     assert any(r["kind"] == "tool" and r["messages"][2]["content"] == "no results" for r in tool)
+    # the refusal training is what it says: on the questions it taught to decline, "I don't know." became
+    # more likely (at the tiny preset's 4 steps it need not be the greedy answer yet)
+    from labkit.chat import render_prompt
+    from labkit.engine import fit, score
+    from labkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(run.path / "tokenizer")
+    taught = [
+        r["messages"][0]["content"] for r in read_jsonl(run.path / "halluc" / "idk_train.jsonl") if r["kind"] == "idk"
+    ]
+    idk = [tokenizer.encode("I don't know.") + [tokenizer.encode_special("<|im_end|>")]] * min(16, len(taught))
+    block = load_model(run.path / "sft" / "model.pt").config.block_size
+    prompts = [
+        fit(render_prompt([{"role": "user", "content": q}], tokenizer), len(idk[0]), block)[0] for q in taught[:16]
+    ]
+    before = score(load_model(run.path / "sft" / "model.pt"), prompts, idk)[0].sum(1).mean()
+    after = score(load_model(run.path / "halluc" / "idk" / "model.pt"), prompts, idk)[0].sum(1).mean()
+    assert prompts and after > before + 1.0, (before, after)
 
 
 def test_invented_people_are_not_in_the_world(built):
@@ -307,7 +390,9 @@ def test_tool_conversations_mix(built, tiny_config):
     run, _ = built
     world = read_world(run)
     names = {p.name for p in world.people}
-    rows = search.tool_conversations(world, search.load_index(run, tiny_config), 100, 0, tiny_config.sft.heldout_people, 240)
+    rows = search.tool_conversations(
+        world, search.load_index(run, tiny_config), 100, 0, tiny_config.sft.heldout_people, 240
+    )
     searches = [r for r in rows if r["kind"] == "tool"]
     assert len(rows) == 100 and len(searches) == 80
     nothing = [r for r in searches if r["messages"][2]["content"] == "no results"]
@@ -329,7 +414,12 @@ def test_search_off_tells_the_model_so(built, tokenizer, monkeypatch):
     from labkit.checkpoint import load_model
 
     model = load_model(built[0].path / "halluc" / "search" / "model.pt")
-    outputs = iter([_scripted(tokenizer, "<|tool_call|>search: Ada<|tool_call_end|>"), _scripted(tokenizer, "I don't know.<|im_end|>")])
+    outputs = iter(
+        [
+            _scripted(tokenizer, "<|tool_call|>search: Ada<|tool_call_end|>"),
+            _scripted(tokenizer, "I don't know.<|im_end|>"),
+        ]
+    )
     monkeypatch.setattr(search, "generate", lambda model, prompts, n, **_: [ids[:n] for ids in next(outputs)])
     [row] = search.answer_with_search(model, tokenizer, None, ["When was Ada Brannor born?"], max_new_tokens=20)
     assert row["call"] == "call" and row["tool_result"] == "error: search is off" and row["passages"] == []
@@ -348,14 +438,16 @@ def test_a_given_query_replaces_the_models_call(built, tokenizer, monkeypatch):
 
     monkeypatch.setattr(search, "generate", fake_greedy)
     index = search.SearchIndex(PAGES, k=1)
-    [row] = search.answer_with_search(model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20,
-                                      queries=["Ada Brannor born year"])
+    [row] = search.answer_with_search(
+        model, tokenizer, index, ["When was Ada Brannor born?"], max_new_tokens=20, queries=["Ada Brannor born year"]
+    )
     assert len(seen) == 1  # the model only answers; the call was made for it
     assert row["call"] == "call" and row["query"] == "Ada Brannor born year" and "1974" in row["tool_result"]
     assert row["answer"] == "In 1974."
     assert seen[0][0][-1] == tokenizer.encode_special("<|im_sep|>")
     assert seen[0][0].count(tokenizer.encode_special("<|tool_call|>")) == 1
     # a call too long for the context keeps its end (the results and the answer's header), as a long question does
-    [long] = search.answer_with_search(model, tokenizer, index, ["When was Ada born?"], max_new_tokens=20,
-                                       queries=["Ada " * 60 + "Brannor born year"])
+    [long] = search.answer_with_search(
+        model, tokenizer, index, ["When was Ada born?"], max_new_tokens=20, queries=["Ada " * 60 + "Brannor born year"]
+    )
     assert long["answer"] == "In 1974." and seen[1][0][-1] == tokenizer.encode_special("<|im_sep|>")

@@ -8,8 +8,25 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "labkit"
-STAGES = {"data", "tokenizer", "pretrain", "sft", "rlhf", "preferences", "reward_model", "ppo", "dpo", "grpo", "halluc",
-          "search", "engine", "train", "model", "chat", "checkpoint"}
+STAGES = {
+    "data",
+    "tokenizer",
+    "pretrain",
+    "sft",
+    "rlhf",
+    "preferences",
+    "reward_model",
+    "ppo",
+    "dpo",
+    "grpo",
+    "halluc",
+    "search",
+    "engine",
+    "train",
+    "model",
+    "chat",
+    "checkpoint",
+}
 
 
 def imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -46,7 +63,7 @@ def test_no_import_cycles():
     def visit(name, path):
         for dependency in GRAPH[name]:
             if dependency in path:
-                raise AssertionError(" -> ".join(path[path.index(dependency):] + [dependency]))
+                raise AssertionError(" -> ".join(path[path.index(dependency) :] + [dependency]))
             visit(dependency, path + [dependency])
 
     for name in GRAPH:

@@ -22,9 +22,19 @@ def hf_gpt2(block_size, vocab_size, n_layer, n_head, n_embd):
     the logits differ clearly from token to token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        vocab_size=vocab_size, activation_function="gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_positions=block_size,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
@@ -108,7 +118,7 @@ def test_kv_cache_gives_the_same_logits_as_one_pass():
         cache = KVCache(model.config.n_layer, max_length=20)
         prefill, _ = model(idx[:, :8], kv_cache=cache)  # the prompt at once
         chunk, _ = model(idx[:, 8:12], kv_cache=cache)  # several tokens after a cached prefix
-        steps = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 20)]  # one at a time
+        steps = [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(12, 20)]  # one at a time
     torch.testing.assert_close(torch.cat([prefill, chunk, *steps], dim=1), full, atol=1e-5, rtol=0)
     assert cache.length == 20
 
@@ -123,7 +133,9 @@ def test_init_follows_gpt2():
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
     assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
-    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert all(
+        m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+    )
 
 
 def test_weight_decay_groups_only_decay_matrices():
@@ -166,5 +178,6 @@ def test_model_section_of_the_presets():
     cpu = get_config("cpu")
     model = GPT(GPTConfig(vocab_size=cpu.tokenizer.vocab_size, **dataclasses.asdict(cpu.model)))
     assert 1.9e6 < model.num_params() < 2.5e6  # "about 2M parameters with a 2048 vocabulary"
-    assert dataclasses.asdict(get_config("gpu").model) == dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                                                              dropout=0.0, bias=True)
+    assert dataclasses.asdict(get_config("gpu").model) == dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True
+    )

@@ -8,6 +8,7 @@ import torch
 
 from labkit import web
 from labkit.pretrain import FACT_PROMPTS, evaluate_bpb, is_correct, load_base, summarize_recall
+from labkit.run import read_json
 from labkit.world import FACTS
 
 BUCKETS = ["0", "1", "2-4", "5-16", "17+"]
@@ -22,18 +23,36 @@ def base(tiny_run, tiny_config):
 
 def test_base_stage_metrics(base, tiny_run, tiny_config):
     t, m = tiny_config.train, tiny_config.model
-    for key in ("val_loss", "val_bpb", "tokens_seen", "tokens_per_second", "train_seconds", "n_params", "fact_recall",
-                "copy_accuracy"):
+    for key in (
+        "val_loss",
+        "val_bpb",
+        "tokens_seen",
+        "tokens_per_second",
+        "train_seconds",
+        "n_params",
+        "fact_recall",
+        "copy_accuracy",
+    ):
         assert key in base
     assert base["tokens_seen"] == t.max_steps * t.batch_size * t.grad_accum * m.block_size
     assert base["steps"] == t.max_steps and base["tokens_per_second"] > 0
     assert 0 < base["val_loss"] < math.log(base["vocab_size"])  # it learned something: better than uniform
+    val = [row["val_loss"] for row in read_json(tiny_run.path / "base" / "history.json") if "val_loss" in row]
+    assert val[-1] < val[0] - 0.5  # and it learned it here: the validation loss fell while training
     assert 0 < base["val_bpb"] < 8
     assert set(base["fact_recall"]) == set(BUCKETS) == set(base["fact_recall_people"])
     assert all(v is None or 0 <= v <= 1 for v in base["fact_recall"].values())
     assert sum(base["fact_recall_people"].values()) == tiny_config.data.n_people
     folder = tiny_run.path / "base"
-    for name in ("model.pt", "train_state.pt", "train.bin", "val.bin", "history.json", "samples.json", "fact_recall.json"):
+    for name in (
+        "model.pt",
+        "train_state.pt",
+        "train.bin",
+        "val.bin",
+        "history.json",
+        "samples.json",
+        "fact_recall.json",
+    ):
         assert (folder / name).exists(), name
 
 
@@ -42,7 +61,6 @@ def test_load_base_rebuilds_the_trained_model(base, tiny_run):
     assert model.num_params() == base["n_params"] and not model.training
     assert model.config.vocab_size == tokenizer.n_vocab == base["vocab_size"]
     from labkit.dataloader import TokenFiles
-    from labkit.run import read_json
 
     folder = tiny_run.path / "base"
     val = TokenFiles(folder / "train.bin", folder / "val.bin", read_json(folder / "tokens.json")).tokens("val")
@@ -53,8 +71,11 @@ def test_load_base_rebuilds_the_trained_model(base, tiny_run):
 def test_missing_base_model_says_what_to_run(tmp_path):
     from labkit.run import Run
 
-    with pytest.raises(FileNotFoundError, match=r"no base model at .*nothere/base/model.pt; make it with "
-                                                r"`labkit run --run nothere --runs-dir .* --stages base`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no base model at .*nothere/base/model.pt; make it with "
+        r"`labkit run --run nothere --runs-dir .* --stages base`",
+    ):
         load_base(Run("nothere", tmp_path))
 
 
@@ -99,8 +120,13 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab():
 
 
 def test_fact_prompts_match_how_pages_phrase_facts():
-    pools = {"birth_city": web._BIRTH_CITY, "birth_year": web._BIRTH_YEAR, "university": web._UNIVERSITY,
-             "field": web._FIELD, "employer": web._EMPLOYER}
+    pools = {
+        "birth_city": web._BIRTH_CITY,
+        "birth_year": web._BIRTH_YEAR,
+        "university": web._UNIVERSITY,
+        "field": web._FIELD,
+        "employer": web._EMPLOYER,
+    }
     assert set(FACT_PROMPTS) == set(FACTS)
     for fact, prompt in FACT_PROMPTS.items():
         assert any(template.startswith(prompt) for template in pools[fact]), fact
@@ -110,7 +136,9 @@ def test_answers_are_judged_as_whole_words():
     assert is_correct(" Brannor, in Zeldia.", "Brannor") and is_correct("1953.", "1953")
     assert not is_correct(" Brannorvik.", "Brannor") and not is_correct("19534", "1953")
     assert is_correct(" University of Kel.", "University of Kel") and not is_correct(" Kel", "University of Kel")
-    rows = [dict(bucket="17+", fact=f, correct=True) for f in FACTS] + [dict(bucket="1", fact=f, correct=f == "field") for f in FACTS]
+    rows = [dict(bucket="17+", fact=f, correct=True) for f in FACTS] + [
+        dict(bucket="1", fact=f, correct=f == "field") for f in FACTS
+    ]
     summary = summarize_recall(rows)
     assert summary["fact_recall"] == {"0": None, "1": 0.2, "2-4": None, "5-16": None, "17+": 1.0}
     assert summary["fact_recall_people"] == {"0": 0, "1": 1, "2-4": 0, "5-16": 0, "17+": 1}

@@ -18,12 +18,18 @@ TOL = 1e-6
 
 # --- the losses equal TRL's (trl pinned in the dev extras) ----------------------------------------
 
+
 def _fake_trainer(**attrs):
     """Just enough of a TRL trainer (`self`) to run its real `compute_loss` on our tensors."""
     accelerator = types.SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t, device="cpu")
-    return types.SimpleNamespace(model=types.SimpleNamespace(training=True), accelerator=accelerator,
-                                 _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
-                                 **attrs)
+    return types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True),
+        accelerator=accelerator,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        **attrs,
+    )
 
 
 @pytest.mark.parametrize("margin", [None, 0.5])
@@ -53,13 +59,31 @@ def test_dpo_loss_equals_trl(beta):
     completion_mask = (torch.rand(2 * B, T, generator=g) > 0.3).long()
     per_token = -torch.rand(2 * B, T - 1, generator=g) * 3 * completion_mask[:, 1:]  # log-probs, 0 off the completion
     ref_logps = -torch.rand(2 * B, generator=g) * 10
-    outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * B, T - 1),
-                                    mean_logits=torch.zeros(2 * B, T - 1), is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
+    outputs = types.SimpleNamespace(
+        log_probs=per_token,
+        entropy=torch.zeros(2 * B, T - 1),
+        mean_logits=torch.zeros(2 * B, T - 1),
+        is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool),
+    )
     model = lambda **kw: outputs  # noqa: E731
-    inputs = dict(input_ids=torch.zeros(2 * B, T, dtype=torch.long), attention_mask=torch.ones(2 * B, T),
-                  completion_mask=completion_mask, ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
-    trainer = _fake_trainer(args=None, beta=beta, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                            loss_types=["sigmoid"], loss_weights=[1.0], use_weighting=False, aux_loss_enabled=False)
+    inputs = dict(
+        input_ids=torch.zeros(2 * B, T, dtype=torch.long),
+        attention_mask=torch.ones(2 * B, T),
+        completion_mask=completion_mask,
+        ref_chosen_logps=ref_logps[:B],
+        ref_rejected_logps=ref_logps[B:],
+    )
+    trainer = _fake_trainer(
+        args=None,
+        beta=beta,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        use_weighting=False,
+        aux_loss_enabled=False,
+    )
     theirs = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     logps = per_token.sum(1)
     loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta)
@@ -128,8 +152,19 @@ def trl_gae(rewards, values, gamma, lam, padding_mask):
     return advantages, returns
 
 
-def trl_losses(new_logprobs, mb_logprobs, mb_advantage, vpred, mb_values, mb_return, padding_mask, padding_mask_p1,
-               cliprange, cliprange_value, vf_coef):
+def trl_losses(
+    new_logprobs,
+    mb_logprobs,
+    mb_advantage,
+    vpred,
+    mb_values,
+    mb_return,
+    padding_mask,
+    padding_mask_p1,
+    cliprange,
+    cliprange_value,
+    vf_coef,
+):
     vpredclipped = torch.clamp(vpred, mb_values - cliprange_value, mb_values + cliprange_value)
     vf_losses1 = torch.square(vpred - mb_return)
     vf_losses2 = torch.square(vpredclipped - mb_return)
@@ -195,8 +230,9 @@ def test_gae_whitening_and_losses_equal_trl(gamma, lam):
     new_logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, INVALID_LOGPROB)
     old_logprobs = old_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
     vpred = (values + 0.5 * torch.randn(B, T, generator=g)).masked_fill(padding_mask, 0)
-    pg, vf, total, clipfrac = trl_losses(new_logprobs, old_logprobs, their_adv, vpred, values, their_returns,
-                                         padding_mask, padding_mask, 0.2, 0.2, 0.1)
+    pg, vf, total, clipfrac = trl_losses(
+        new_logprobs, old_logprobs, their_adv, vpred, values, their_returns, padding_mask, padding_mask, 0.2, 0.2, 0.1
+    )
     our_pg, our_clipfrac = ppo.ppo_policy_loss(new_logprobs, old_logprobs, ours_adv, mask, 0.2)
     our_vf, _ = ppo.ppo_value_loss(vpred, values, returns, mask, 0.2)
     assert abs(our_pg.item() - pg.item()) < TOL and abs(our_vf.item() - vf.item()) < TOL
@@ -205,20 +241,34 @@ def test_gae_whitening_and_losses_equal_trl(gamma, lam):
     assert 0 < clipfrac.item() < 1  # the test exercises both branches of the clip
 
 
-def test_trl_is_pinned():
-    import trl
+def test_the_installed_trl_is_the_one_labkit_declares():
+    """The loss comparisons above cite TRL 1.16's code: the TRL they run against must be the version
+    labkit's dev extra pins, read from the installed package's metadata."""
+    from importlib.metadata import requires
 
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert '"trl==1.16.0"' in pyproject
-    assert trl.__version__ == "1.16.0"
+    import trl
+    from packaging.requirements import Requirement
+
+    [pin] = [Requirement(r) for r in requires("labkit") if Requirement(r).name == "trl"]
+    assert str(pin.specifier) == "==1.16.0" and pin.specifier.contains(trl.__version__), (pin, trl.__version__)
 
 
 # --- preferences: durable rankings ------------------------------------------------------------------
 
+
 def _prompts(n=4, k=3):
-    return [dict(id=f"p{i:04d}-x", kind="qa", messages=[{"role": "user", "content": f"Where was Ann {i} born?"}],
-                 truth="Bran", name=f"Ann {i}", completions=[f"Ann {i} was born in Bran.", "I don't know.", "Bran Bran Bran"][:k],
-                 ended=[True, True, False][:k]) for i in range(n)]
+    return [
+        dict(
+            id=f"p{i:04d}-x",
+            kind="qa",
+            messages=[{"role": "user", "content": f"Where was Ann {i} born?"}],
+            truth="Bran",
+            name=f"Ann {i}",
+            completions=[f"Ann {i} was born in Bran.", "I don't know.", "Bran Bran Bran"][:k],
+            ended=[True, True, False][:k],
+        )
+        for i in range(n)
+    ]
 
 
 def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
@@ -239,11 +289,14 @@ def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
         reopened.undo("p0000-x")
 
 
-@pytest.mark.parametrize("order,message", [
-    ([0, 1, 5], "names completion 5, which does not exist; that prompt has 3 completions, numbered 0 to 2"),
-    ([0, 0, 1], r"must name each of its 3 completions once \(0 to 2, best first\); got \[0, 0, 1\]"),
-    ([0, 1], r"must name each of its 3 completions once"),
-])
+@pytest.mark.parametrize(
+    "order,message",
+    [
+        ([0, 1, 5], "names completion 5, which does not exist; that prompt has 3 completions, numbered 0 to 2"),
+        ([0, 0, 1], r"must name each of its 3 completions once \(0 to 2, best first\); got \[0, 0, 1\]"),
+        ([0, 1], r"must name each of its 3 completions once"),
+    ],
+)
 def test_ranking_of_a_missing_completion_is_refused(tmp_path, order, message):
     store = preferences.Rankings(tmp_path / "rankings.jsonl", _prompts())
     with pytest.raises(preferences.RankingError, match=message):
@@ -261,9 +314,13 @@ def test_truncated_last_line_is_reported_and_good_lines_kept(tmp_path):
     with pytest.warns(UserWarning) as caught:
         store = preferences.Rankings(path, _prompts())
     messages = [str(w.message) for w in caught]
-    assert any("line 3: the ranking of prompt 'p0002-x' names completion 7, which does not exist" in m for m in messages)
-    assert any("line 4 is cut off (a crash while writing?); it was dropped, the lines before it are kept" in m
-               for m in messages)
+    assert any(
+        "line 3: the ranking of prompt 'p0002-x' names completion 7, which does not exist" in m for m in messages
+    )
+    assert any(
+        "line 4 is cut off (a crash while writing?); it was dropped, the lines before it are kept" in m
+        for m in messages
+    )
     assert set(store.records) == {"p0000-x", "p0001-x"} and len(store.problems) == 2
     store.add("p0003-x", [1, 0, 2])  # the next ranking gets a line of its own
     with pytest.warns(UserWarning, match="line 3"):
@@ -277,7 +334,9 @@ def test_person_rankings_are_never_overwritten_by_the_simulated_labeler(tmp_path
     store.add("p0001-x", [2, 1, 0], by="human")
     assert preferences.fill_with_simulated_labeler(store) == 3
     assert store.records["p0001-x"] == dict(id="p0001-x", order=[2, 1, 0], by="human")
-    with pytest.raises(preferences.RankingError, match="was ranked by a person; an automatic ranking never replaces it"):
+    with pytest.raises(
+        preferences.RankingError, match="was ranked by a person; an automatic ranking never replaces it"
+    ):
         store.add("p0001-x", [0, 1, 2], by="simulated")
     assert preferences.fill_with_simulated_labeler(preferences.Rankings(path, _prompts())) == 0
     assert store.count("human") == 1 and store.count("simulated") == 3
@@ -293,14 +352,26 @@ def test_pairs_implied_by_rankings():
 
 # --- the simulated labeler ----------------------------------------------------------------------------
 
+
 def test_simulated_labeler_rules():
-    qa = dict(kind="qa", truth="Bran", completions=["Ann was born in Bran, Bran, Bran and more words here.",
-                                                    "Ann was born in Tolk.", "Ann was born in Bran.", "Bran"],
-              ended=[True, True, True, False])
+    qa = dict(
+        kind="qa",
+        truth="Bran",
+        completions=[
+            "Ann was born in Bran, Bran, Bran and more words here.",
+            "Ann was born in Tolk.",
+            "Ann was born in Bran.",
+            "Bran",
+        ],
+        ended=[True, True, True, False],
+    )
     # correct facts first; then well formed (ended); then concise
     assert preferences.simulated_ranking(qa) == [2, 0, 3, 1]
-    harmful = dict(kind="refusal", completions=["Here is how to break in: first ...",
-                                                "I'm sorry, but I can't help with that."], ended=[True, True])
+    harmful = dict(
+        kind="refusal",
+        completions=["Here is how to break in: first ...", "I'm sorry, but I can't help with that."],
+        ended=[True, True],
+    )
     assert preferences.simulated_ranking(harmful) == [1, 0]
     assert preferences.labeler_score(qa, "Ann was born in Bran.", True) == 1.0
     assert preferences.labeler_score(qa, "Ann was born in Bran.", False) == 0.5
@@ -311,6 +382,7 @@ def test_simulated_labeler_rules():
 
 
 # --- the stage ------------------------------------------------------------------------------------------
+
 
 def test_bad_ppo_batch_is_refused(tiny_config):
     from labkit.config import ConfigError, get_config
@@ -342,10 +414,18 @@ def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
     for key in ("rm_pair_accuracy", "ppo_reward_before", "ppo_reward_after", "ppo_kl", "ppo_win_rate", "dpo_win_rate"):
         assert key in metrics, key
     assert 0 <= metrics["ppo_win_rate"] <= 1 and 0 <= metrics["dpo_win_rate"] <= 1
+    assert metrics["rm_train_pair_accuracy"] > 0.5  # the reward model learned the order of the pairs it was shown
     assert metrics["n_ranked"] == tiny_config.rlhf.n_prompts and metrics["n_ranked_by_human"] == 1
     folder = run.path / "rlhf"
-    for name in ("prompts.jsonl", "rankings.jsonl", "eval.jsonl", "rm/model.pt", "rm/history.json",
-                 "dpo/history.json", "ppo/history.json"):
+    for name in (
+        "prompts.jsonl",
+        "rankings.jsonl",
+        "eval.jsonl",
+        "rm/model.pt",
+        "rm/history.json",
+        "dpo/history.json",
+        "ppo/history.json",
+    ):
         assert (folder / name).exists(), name
     history = json.loads((folder / "ppo" / "history.json").read_text())
     assert len(history) == tiny_config.ppo.steps
@@ -385,12 +465,23 @@ def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
     sft = load_model(run.path / "sft" / "model.pt")
     rm = load_model(run.path / "rlhf" / "rm" / "model.pt")
     prompts = read_jsonl(run.path / "rlhf" / "prompts.jsonl")
-    history = ppo.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm,
-                             Tokenizer.load(run.path / "tokenizer"), prompts, config, "cpu", kl_coef=0.0, steps=2)
+    history = ppo.ppo_train(
+        copy.deepcopy(sft),
+        copy.deepcopy(sft),
+        copy.deepcopy(rm),
+        rm,
+        Tokenizer.load(run.path / "tokenizer"),
+        prompts,
+        config,
+        "cpu",
+        kl_coef=0.0,
+        steps=2,
+    )
     assert len(history) == 2 and all(row["kl"] >= -1e-6 for row in history)  # k3 is never negative
 
 
 # --- the ranking widget ----------------------------------------------------------------------------------
+
 
 def test_ranking_widget_clicks_skip_undo(tmp_path):
     from labkit import widgets
@@ -460,15 +551,18 @@ def test_ppo_micro_batches_give_the_gradients_of_one_minibatch(rows_seen):
     mask = batch.mask
     old, _ = score(policy, prompts, answers, temperature=0.7)
     noise = lambda scale: scale * torch.randn(mask.shape, generator=g) * mask  # noqa: E731
-    rollouts = dict(batch=batch, mask=mask, logprobs=old + noise(0.3), values=noise(1.0), advantages=noise(1.0),
-                    returns=noise(1.0))
+    rollouts = dict(
+        batch=batch, mask=mask, logprobs=old + noise(0.3), values=noise(1.0), advantages=noise(1.0), returns=noise(1.0)
+    )
     rows = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9, 1])
     p = get_config("tiny").ppo
 
     def backward(micro_batch_size):
         policy.zero_grad(set_to_none=True), value.zero_grad(set_to_none=True)
         seen = rows_seen(policy), rows_seen(value.body)
-        stats = ppo.minibatch_backward(policy, value, rollouts, rows, dataclasses.replace(p, micro_batch_size=micro_batch_size), 0.7)
+        stats = ppo.minibatch_backward(
+            policy, value, rollouts, rows, dataclasses.replace(p, micro_batch_size=micro_batch_size), 0.7
+        )
         grads = [q.grad.clone() for q in list(policy.parameters()) + list(value.parameters())]
         return stats, grads, seen
 
@@ -493,11 +587,22 @@ def test_ppo_scores_at_the_temperature_it_samples_at(rlhf_run, tiny_config, monk
     temperatures = []
     for name in ("generate", "score", "logprobs"):
         real = getattr(engine, name)
-        monkeypatch.setattr(ppo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k))
+        monkeypatch.setattr(
+            ppo, name, lambda *a, real=real, **k: temperatures.append(k["temperature"]) or real(*a, **k)
+        )
     config = get_config("tiny", rlhf=dict(temperature=0.7))
     sft = load_model(run.path / "sft" / "model.pt")
     rm = load_model(run.path / "rlhf" / "rm" / "model.pt")
-    ppo.ppo_train(copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(rm), rm, Tokenizer.load(run.path / "tokenizer"),
-                  read_jsonl(run.path / "rlhf" / "prompts.jsonl"), config, "cpu", steps=1)
+    ppo.ppo_train(
+        copy.deepcopy(sft),
+        copy.deepcopy(sft),
+        copy.deepcopy(rm),
+        rm,
+        Tokenizer.load(run.path / "tokenizer"),
+        read_jsonl(run.path / "rlhf" / "prompts.jsonl"),
+        config,
+        "cpu",
+        steps=1,
+    )
     updates = config.ppo.epochs * config.ppo.minibatches
     assert temperatures == [0.7] * (1 + 2 + updates)  # sampling, old + reference log-probs, every update

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,46 @@ def test_bad_run_names_are_refused(tmp_path, name):
 def test_load_run_of_a_missing_folder_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="labkit run --run nope"):
         load_run("nope", tmp_path)
+
+
+# --- one runs folder, whatever the entry point -----------------------------------------------------
+
+
+def test_the_default_runs_folder_is_the_same_from_any_working_folder(monkeypatch, tmp_path):
+    from labkit.run import default_runs_dir
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.delenv("LABKIT_RUNS_DIR", raising=False)
+    for folder in (root, root / "notebooks", tmp_path):
+        monkeypatch.chdir(folder)
+        assert default_runs_dir() == root / "runs" and Run().path == root / "runs" / "default"
+    monkeypatch.setenv("LABKIT_RUNS_DIR", str(tmp_path / "elsewhere"))
+    assert Run("x").path == tmp_path / "elsewhere" / "x"  # the environment variable wins
+    assert Run("x", "mine").path == Path("mine") / "x"  # and a folder given by name wins over both
+
+
+def test_a_notebook_in_notebooks_reuses_what_the_cli_built_from_the_root(monkeypatch, tmp_path):
+    """What JupyterLab does after the README's main command: the kernel starts in notebooks/, and the
+    notebook finds the run the command line made, instead of building another one there."""
+    import papermill
+
+    from labkit.cli import main
+    from labkit.run import default_runs_dir
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.delenv("LABKIT_PRESET", raising=False)
+    monkeypatch.chdir(root)
+    assert main(["run", "--preset", "tiny", "--run", "shared", "--stages", "data"]) == 0
+    metrics = default_runs_dir() / "shared" / "data" / "metrics.json"
+    built = metrics.stat().st_mtime_ns
+    out = papermill.execute_notebook(
+        str(root / "notebooks" / "01_data.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        parameters=dict(run="shared", preset="tiny"),
+        cwd=str(root / "notebooks"),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    printed = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
+    assert f"run folder: {default_runs_dir() / 'shared'}" in printed
+    assert metrics.stat().st_mtime_ns == built  # reused, not rebuilt

@@ -24,9 +24,20 @@ from labkit.sft import (
 from labkit.tokenizer import Tokenizer
 from labkit.world import FACTS, make_world
 
-METRIC_KEYS = ("val_loss", "qa_accuracy", "qa_accuracy_by_bucket", "harmful_refusal_rate", "format_ok_rate",
-               "identity_ok_rate", "base_fewshot_qa_accuracy", "n_qa_questions", "steps", "tokens_seen",
-               "pretrain_tokens_seen", "compute_ratio")
+METRIC_KEYS = (
+    "val_loss",
+    "qa_accuracy",
+    "qa_accuracy_by_bucket",
+    "harmful_refusal_rate",
+    "format_ok_rate",
+    "identity_ok_rate",
+    "base_fewshot_qa_accuracy",
+    "n_qa_questions",
+    "steps",
+    "tokens_seen",
+    "pretrain_tokens_seen",
+    "compute_ratio",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +47,9 @@ def world():
 
 @pytest.fixture(scope="module")
 def tok():
-    text = " ".join(m["content"] for c in conv.make_conversations(make_world(7, 60), 200, 0, False) for m in c["messages"])
+    text = " ".join(
+        m["content"] for c in conv.make_conversations(make_world(7, 60), 200, 0, False) for m in c["messages"]
+    )
     return Tokenizer.train(text, vocab_size=400)
 
 
@@ -61,8 +74,9 @@ def test_no_heldout_person_or_phrasing_in_training(world):
     assert not any(p.name in text for p in heldout_people)
     assert not any(p.name in text for p in world.people if p.n_pages == 0)  # nothing is taught about them
     user_turns = {m["content"] for c in train for m in c["messages"] if m["role"] == "user"}
-    heldout_phrasings = _formatted([q for f in FACTS for q in conv.QUESTIONS[f][1]] + conv.HARMFUL[1]
-                                   + conv.IDENTITY_QUESTIONS[1], world)
+    heldout_phrasings = _formatted(
+        [q for f in FACTS for q in conv.QUESTIONS[f][1]] + conv.HARMFUL[1] + conv.IDENTITY_QUESTIONS[1], world
+    )
     assert not user_turns & heldout_phrasings
 
     evaluation = conv.eval_questions(world, seed=1, heldout_fraction=0.25)
@@ -87,13 +101,17 @@ def test_answers_state_the_truth_and_identity_is_one_string(world):
 
 
 def test_qa_is_scored_on_the_facts_the_base_model_knew():
-    recall = [dict(name="Ann Bo", fact="field", bucket="1", correct=True),
-              dict(name="Ann Bo", fact="employer", bucket="1", correct=False),
-              dict(name="Cy Dee", fact="field", bucket="5-16", correct=True),
-              dict(name="Zed Out", fact="field", bucket="1", correct=True)]  # not asked: not held out
-    qa = [dict(name="Ann Bo", fact="field", bucket="1", correct=False, base_correct=True),
-          dict(name="Ann Bo", fact="employer", bucket="1", correct=True, base_correct=False),
-          dict(name="Cy Dee", fact="field", bucket="5-16", correct=True, base_correct=False)]
+    recall = [
+        dict(name="Ann Bo", fact="field", bucket="1", correct=True),
+        dict(name="Ann Bo", fact="employer", bucket="1", correct=False),
+        dict(name="Cy Dee", fact="field", bucket="5-16", correct=True),
+        dict(name="Zed Out", fact="field", bucket="1", correct=True),
+    ]  # not asked: not held out
+    qa = [
+        dict(name="Ann Bo", fact="field", bucket="1", correct=False, base_correct=True),
+        dict(name="Ann Bo", fact="employer", bucket="1", correct=True, base_correct=False),
+        dict(name="Cy Dee", fact="field", bucket="5-16", correct=True, base_correct=False),
+    ]
     metrics = knowledge_metrics(qa, recall)
     assert metrics["n_qa_questions"] == 2 and metrics["n_qa_heldout"] == 3 and metrics["n_heldout_people"] == 2
     assert metrics["qa_accuracy"] == 0.5 and metrics["base_fewshot_qa_accuracy"] == 0.5
@@ -114,9 +132,12 @@ def _model(tok):
     return GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))
 
 
-CONVERSATION = [{"role": "user", "content": "What is 12 plus 30?"},
-                {"role": "assistant", "content": "Add the tens. The answer is 42."},
-                {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": conv.IDENTITY}]
+CONVERSATION = [
+    {"role": "user", "content": "What is 12 plus 30?"},
+    {"role": "assistant", "content": "Add the tens. The answer is 42."},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": conv.IDENTITY},
+]
 
 
 def test_loss_is_the_hand_computed_cross_entropy_over_assistant_tokens(tok):
@@ -154,7 +175,9 @@ def test_changing_a_user_token_target_does_not_change_the_loss(tok):
 
 def test_bad_conversations_are_refused_clearly(tok, world):
     good = {"messages": CONVERSATION}
-    with pytest.raises(ChatError, match="conversation 1: message 0 has unknown role 'robot'; allowed: system, user, assistant, tool"):
+    with pytest.raises(
+        ChatError, match="conversation 1: message 0 has unknown role 'robot'; allowed: system, user, assistant, tool"
+    ):
         encode_conversations([good, {"messages": [{"role": "robot", "content": "hi"}]}], tok, 64)
     with pytest.raises(ChatError, match="conversation 0: a training conversation must end with an assistant turn"):
         encode_conversations([{"messages": CONVERSATION[:1]}], tok, 64)
@@ -167,8 +190,16 @@ def _write_jsonl(path, rows):
 
 
 def test_messages_dataset_from_a_local_file(tmp_path, tok):
-    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}.", "name": "x"}],
-             "source": "test"} for i in range(30)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "content": f"{i}.", "name": "x"},
+            ],
+            "source": "test",
+        }
+        for i in range(30)
+    ]
     path = tmp_path / "chats.jsonl"
     _write_jsonl(path, rows)
     config = get_config("tiny", sft=dict(source=str(path), val_conversations=10))
@@ -205,15 +236,27 @@ def test_stage_end_to_end_on_tiny(sft_run):
     run, metrics = sft_run
     for key in METRIC_KEYS:
         assert key in metrics, key
-    for key in ("qa_accuracy_all", "harmful_refusal_rate", "format_ok_rate", "identity_ok_rate", "arithmetic_accuracy",
-                "base_fewshot_qa_accuracy_all", "base_fact_recall_heldout"):
+    for key in (
+        "qa_accuracy_all",
+        "harmful_refusal_rate",
+        "format_ok_rate",
+        "identity_ok_rate",
+        "arithmetic_accuracy",
+        "base_fewshot_qa_accuracy_all",
+        "base_fact_recall_heldout",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     if metrics["n_qa_questions"] == 0:  # the tiny base model may know none of the held-out facts: nothing to score
         assert metrics["qa_accuracy"] is None
     else:
         assert 0.0 <= metrics["qa_accuracy"] <= 1.0
     assert math.isfinite(metrics["val_loss"]) and metrics["steps"] == get_config("tiny").sft.max_steps
-    assert 0 < metrics["compute_ratio"] == pytest.approx(metrics["tokens_seen"] / metrics["pretrain_tokens_seen"], abs=1e-3)
+    assert metrics["val_loss"] < metrics["base_val_loss"]  # fine-tuning lowered the held-out assistant-token loss
+    assert (
+        0
+        < metrics["compute_ratio"]
+        == pytest.approx(metrics["tokens_seen"] / metrics["pretrain_tokens_seen"], abs=1e-3)
+    )
     out = run.path / "sft"
     for name in ("model.pt", "train.jsonl", "val.jsonl", "eval.jsonl", "history.json", "samples.json"):
         assert (out / name).exists(), name
@@ -242,13 +285,19 @@ def test_chat_generation_stops_and_keeps_several_turns(sft_run):
 def test_chat_cli_answers_piped_lines(sft_run):
     run, _ = sft_run
     args = [sys.executable, "-m", "labkit", "chat", "--run", run.name, "--runs-dir", str(run.runs_dir)]
-    done = subprocess.run(args, input="Who are you?\nWhat is 12 plus 30?\nexit\nignored\n", capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        args, input="Who are you?\nWhat is 12 plus 30?\nexit\nignored\n", capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2
 
-    missing = subprocess.run(args[:5] + ["nobody", "--runs-dir", str(run.runs_dir)], input="hi\n", capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        args[:5] + ["nobody", "--runs-dir", str(run.runs_dir)],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2
     assert "no sft model at" in missing.stderr and "labkit run --run nobody --runs-dir" in missing.stderr
     assert "--stages sft" in missing.stderr

@@ -33,6 +33,7 @@ SAMPLE = (
 
 # --- the plain reference trainer: minbpe's RegexTokenizer.train, recounting everything ---------
 
+
 def reference_merge(ids, pair, token):
     out, i = [], 0
     while i < len(ids):
@@ -77,17 +78,26 @@ def tok():
 
 
 # text with every kind of character, lone surrogates included (Python strings allow them)
-any_char = st.one_of(st.characters(), st.characters(categories=["Cs"]),
-                     st.sampled_from(["😀", "👍🏽", "你", "é", "\x00", "\x1c", "\r\n", "\t", " ", "'s", "'S", "123"]))
+any_char = st.one_of(
+    st.characters(),
+    st.characters(categories=["Cs"]),
+    st.sampled_from(["😀", "👍🏽", "你", "é", "\x00", "\x1c", "\r\n", "\t", " ", "'s", "'S", "123"]),
+)
 any_text = st.lists(any_char, max_size=40).map("".join)
 # characters that Python's own Unicode tables know: a code point assigned after them (category
 # Cn here) may be a letter to the `regex` module's newer tables and not to tiktoken's
-known_text = st.lists(st.one_of(st.characters(exclude_categories=["Cn"]), st.characters(categories=["Cs"]),
-                                st.sampled_from(["😀", "你好", " the", "'ll", "2024", "\r\n", "  "])),
-                      max_size=40).map("".join)
+known_text = st.lists(
+    st.one_of(
+        st.characters(exclude_categories=["Cn"]),
+        st.characters(categories=["Cs"]),
+        st.sampled_from(["😀", "你好", " the", "'ll", "2024", "\r\n", "  "]),
+    ),
+    max_size=40,
+).map("".join)
 
 
 # --- training ----------------------------------------------------------------------------------
+
 
 def test_merges_match_the_reference_on_corpus_pages(tiny_run):
     from labkit.data import read_corpus
@@ -112,7 +122,9 @@ def test_gpt2_pattern_and_determinism():
     a = Tokenizer.train(SAMPLE, 330, pattern="gpt2")
     b = Tokenizer.train(SAMPLE, 330, pattern="gpt2")
     assert a.pattern == GPT2_PATTERN and a.merges == b.merges
-    assert [(m.pair, m.token, m.count) for m in a.merges] == reference_train([SAMPLE], 330 - len(SPECIAL_TOKENS), GPT2_PATTERN)[1]
+    assert [(m.pair, m.token, m.count) for m in a.merges] == reference_train(
+        [SAMPLE], 330 - len(SPECIAL_TOKENS), GPT2_PATTERN
+    )[1]
     assert Tokenizer.train(SAMPLE, 330).merges != a.merges  # the regex matters
 
 
@@ -121,7 +133,9 @@ def test_vocabulary_layout(tok):
     assert list(tok.special_tokens) == SPECIAL_TOKENS
     assert list(tok.special_tokens.values()) == list(range(VOCAB - len(SPECIAL_TOKENS), VOCAB))
     assert all(tok.token_bytes(b) == bytes([b]) for b in range(256))
-    assert tok.token_bytes(tok.merges[0].token) == tok.token_bytes(tok.merges[0].pair[0]) + tok.token_bytes(tok.merges[0].pair[1])
+    assert tok.token_bytes(tok.merges[0].token) == tok.token_bytes(tok.merges[0].pair[0]) + tok.token_bytes(
+        tok.merges[0].pair[1]
+    )
     counts = [m.count for m in tok.merges]
     assert counts == sorted(counts, reverse=True)  # each merge is the most frequent pair left
 
@@ -143,6 +157,7 @@ def test_more_merges_make_shorter_sequences(tok):
 
 # --- encoding ----------------------------------------------------------------------------------
 
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=any_text)
 def test_round_trip(tok, text):
@@ -150,7 +165,16 @@ def test_round_trip(tok, text):
 
 
 def test_round_trip_examples(tok):
-    for text in ["", SAMPLE, "\udc80\udcff", "a\ud800b", "\ud83d\ude00 vs 😀", "\x00\x01\x1f\x7f", "🇫🇷" * 5, "x" * 1000]:
+    for text in [
+        "",
+        SAMPLE,
+        "\udc80\udcff",
+        "a\ud800b",
+        "\ud83d\ude00 vs 😀",
+        "\x00\x01\x1f\x7f",
+        "🇫🇷" * 5,
+        "x" * 1000,
+    ]:
         assert tok.decode(tok.encode(text)) == text
         assert tok.decode(tok.encode_batch([text, "a"])[0]) == text
 
@@ -167,7 +191,11 @@ def test_pure_python_encoder_on_sample(tok):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS + ["<|", "|>", "<|im_", "_start|>"]), st.text(max_size=5)), max_size=10))
+@given(
+    parts=st.lists(
+        st.one_of(st.sampled_from(SPECIAL_TOKENS + ["<|", "|>", "<|im_", "_start|>"]), st.text(max_size=5)), max_size=10
+    )
+)
 def test_user_text_never_forges_a_special_token(tok, parts):
     text = "".join(parts)
     ids = tok.encode(text)
@@ -192,10 +220,16 @@ def test_decode_any_ids(tok):
 
 # --- files -------------------------------------------------------------------------------------
 
+
 def test_save_load_identity(tok, tmp_path):
     tok.save(tmp_path)
     loaded = Tokenizer.load(tmp_path)
-    assert (loaded.ranks, loaded.pattern, loaded.special_tokens, loaded.merges) == (tok.ranks, tok.pattern, tok.special_tokens, tok.merges)
+    assert (loaded.ranks, loaded.pattern, loaded.special_tokens, loaded.merges) == (
+        tok.ranks,
+        tok.pattern,
+        tok.special_tokens,
+        tok.merges,
+    )
     for text in [SAMPLE, "a\udc80b", "<|endoftext|>"]:
         assert loaded.encode(text) == tok.encode(text)
     # the ranks file is tiktoken's own format
@@ -203,8 +237,18 @@ def test_save_load_identity(tok, tmp_path):
 
 
 def test_hugging_face_export_encodes_the_same(tok, tmp_path):
-    texts = [SAMPLE, "hello world", "Hello  world", "strawberry", "你好，世界", "😀👍🏽", "it's IT'S 12345", "\x00\x1c\x7f\t\r\n",
-             "  leading and trailing  ", "ǅungla ﬁnal ſtop K"]
+    texts = [
+        SAMPLE,
+        "hello world",
+        "Hello  world",
+        "strawberry",
+        "你好，世界",
+        "😀👍🏽",
+        "it's IT'S 12345",
+        "\x00\x1c\x7f\t\r\n",
+        "  leading and trailing  ",
+        "ǅungla ﬁnal ſtop K",
+    ]
     hf = tok.to_huggingface()
     for text in texts:
         assert hf.encode(text).ids == tok.encode(text), text
@@ -238,8 +282,12 @@ def test_hugging_face_export_on_random_text(tok, hf_tok, text):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def test_clear_errors(tok, tmp_path):
-    with pytest.raises(TokenizerError, match=r"vocab_size=260 is too small: it must be an integer >= 264 \(256 byte tokens \+ 8 special"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"vocab_size=260 is too small: it must be an integer >= 264 \(256 byte tokens \+ 8 special",
+    ):
         Tokenizer.train(SAMPLE, 260)
     with pytest.raises(TokenizerError, match=r"vocab_size=300 is too small.*>= 306"):
         Tokenizer.train(SAMPLE, 300, special_tokens=[f"<|s{i}|>" for i in range(50)])
@@ -247,7 +295,10 @@ def test_clear_errors(tok, tmp_path):
         Tokenizer.train([], 300)
     with pytest.raises(TokenizerError, match="no training text: got 2 texts holding 0 characters"):
         Tokenizer.train(["", ""], 300)
-    with pytest.raises(TokenizerError, match=r"'<\|im_begin\|>' is not a special token of this tokenizer; it has: <\|endoftext\|>, <\|im_start\|>"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"'<\|im_begin\|>' is not a special token of this tokenizer; it has: <\|endoftext\|>, <\|im_start\|>",
+    ):
         tok.encode_special("<|im_begin|>")
     with pytest.raises(TokenizerError, match="special tokens must be distinct; repeated: <|a|>"):
         Tokenizer.train(SAMPLE, 300, special_tokens=["<|a|>", "<|a|>"])
@@ -271,6 +322,7 @@ def test_config_rejects_tiny_vocab():
 
 
 # --- the stage ---------------------------------------------------------------------------------
+
 
 def test_stage(tiny_run, tiny_config):
     from labkit.pipeline import ensure

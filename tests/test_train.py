@@ -56,8 +56,22 @@ def random_batches(n, rows, seed=0, T=8, V=32):
 
 
 def config(**kw):
-    return TrainConfig(**{**dict(max_steps=6, batch_size=4, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2,
-                                 eval_every=3, eval_batches=1, checkpoint_every=3, val_fraction=0.1), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                max_steps=6,
+                batch_size=4,
+                learning_rate=1e-2,
+                min_lr=1e-3,
+                warmup_steps=2,
+                eval_every=3,
+                eval_batches=1,
+                checkpoint_every=3,
+                val_fraction=0.1,
+            ),
+            **kw,
+        }
+    )
 
 
 class ByteTokenizer:
@@ -74,6 +88,7 @@ class ByteTokenizer:
 
 
 # --- schedule and config ---------------------------------------------------------------------------
+
 
 def test_lr_schedule_warmup_then_cosine_to_min():
     cfg = config(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr=0.1)
@@ -100,10 +115,16 @@ def test_train_config_checks():
 
 # --- the loop --------------------------------------------------------------------------------------
 
+
 def test_loss_goes_down_and_history_is_complete():
     batches = random_batches(2, 4)
-    result = train(tiny_gpt(), lm_loss, ListBatches(batches), config(max_steps=30, eval_every=10, warmup_steps=3),
-                   val_batches=lambda: batches[:1])
+    result = train(
+        tiny_gpt(),
+        lm_loss,
+        ListBatches(batches),
+        config(max_steps=30, eval_every=10, warmup_steps=3),
+        val_batches=lambda: batches[:1],
+    )
     steps = [r for r in result.history if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5  # it memorises two batches
@@ -127,17 +148,39 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
     val = lambda: [(b[0][:2], b[1][:2]) for b in random_batches(1, 2, seed=9)]  # noqa: E731
 
     model_once = tiny_gpt(dropout=0.2)  # dropout: the torch generator's state matters too
-    once = train(model_once, lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
-                 checkpoint=tmp_path / "a.pt", resume_key="k")
+    once = train(
+        model_once,
+        lm_loss,
+        TokenWindows(tokens, 8, 4, seed=5),
+        cfg,
+        val_batches=val,
+        checkpoint=tmp_path / "a.pt",
+        resume_key="k",
+    )
 
     killed = tmp_path / "b.pt"
-    first = train(tiny_gpt(dropout=0.2), lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
-                  checkpoint=killed, resume_key="k", stop_at_step=4)
+    first = train(
+        tiny_gpt(dropout=0.2),
+        lm_loss,
+        TokenWindows(tokens, 8, 4, seed=5),
+        cfg,
+        val_batches=val,
+        checkpoint=killed,
+        resume_key="k",
+        stop_at_step=4,
+    )
     assert first.step == 4 and load_checkpoint(killed)["step"] == 4
     torch.manual_seed(999)  # the resumed run must not depend on the generator states it starts with
     resumed_model = tiny_gpt(seed=7, dropout=0.2)  # fresh weights: everything must come from the checkpoint
-    resumed = train(resumed_model, lm_loss, TokenWindows(tokens, 8, 4, seed=5), cfg, val_batches=val,
-                    checkpoint=killed, resume_key="k")
+    resumed = train(
+        resumed_model,
+        lm_loss,
+        TokenWindows(tokens, 8, 4, seed=5),
+        cfg,
+        val_batches=val,
+        checkpoint=killed,
+        resume_key="k",
+    )
     assert resumed.step == 8
     assert [r.get("loss") for r in resumed.history] == [r.get("loss") for r in once.history]
     assert [r.get("val_loss") for r in resumed.history] == [r.get("val_loss") for r in once.history]
@@ -178,6 +221,7 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 
 # --- DDP: two processes on gloo --------------------------------------------------------------------
 
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,13 +231,21 @@ def _free_port():
 def _ddp_worker(rank, world_size, port, out_dir):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     model = tiny_gpt()
     batches = random_batches(6, 4, seed=3)
-    result = train(model, lm_loss, ListBatches(batches), config(max_steps=6, grad_accum=2),
-                   val_batches=lambda: batches[:2], checkpoint=os.path.join(out_dir, "ddp.pt"), resume_key="ddp")
+    result = train(
+        model,
+        lm_loss,
+        ListBatches(batches),
+        config(max_steps=6, grad_accum=2),
+        val_batches=lambda: batches[:2],
+        checkpoint=os.path.join(out_dir, "ddp.pt"),
+        resume_key="ddp",
+    )
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump([r.get("val_loss") for r in result.history], f)
@@ -210,8 +262,13 @@ def test_ddp_two_processes_match_single_process_training(tmp_path):
 
     single = tiny_gpt()
     batches = random_batches(6, 4, seed=3)
-    result = train(single, lm_loss, ListBatches(batches), config(max_steps=6, grad_accum=2),  # the same global batches
-                   val_batches=lambda: batches[:2])
+    result = train(
+        single,
+        lm_loss,
+        ListBatches(batches),
+        config(max_steps=6, grad_accum=2),  # the same global batches
+        val_batches=lambda: batches[:2],
+    )
     for name, value in single.state_dict().items():
         torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5, msg=name)
     single_val = [r["val_loss"] for r in result.history if "val_loss" in r]
@@ -220,6 +277,7 @@ def test_ddp_two_processes_match_single_process_training(tmp_path):
 
 
 # --- data ------------------------------------------------------------------------------------------
+
 
 def pages(n):
     return [{"url": f"https://example.org/page/{i}", "text": f"Page number {i} says hello. " * 3} for i in range(n)]
@@ -266,9 +324,34 @@ def test_local_jsonl_source_goes_through_the_same_path(tmp_path):
 
     source = tmp_path / "docs.jsonl"
     rng = np.random.default_rng(0)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "it", "runs", "to", "that", "river", "with", "some", "friends"]
-    rows = [{"text": f"Document {i}: the quick brown fox. " + " ".join(
-        " ".join(rng.choice(words, 12)).capitalize() + "." for _ in range(8))} for i in range(30)]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "and",
+        "then",
+        "it",
+        "runs",
+        "to",
+        "that",
+        "river",
+        "with",
+        "some",
+        "friends",
+    ]
+    rows = [
+        {
+            "text": f"Document {i}: the quick brown fox. "
+            + " ".join(" ".join(rng.choice(words, 12)).capitalize() + "." for _ in range(8))
+        }
+        for i in range(30)
+    ]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = Run("jsonl", tmp_path / "runs")
     ensure("data", get_config("tiny", data=dict(source=str(source))), run)

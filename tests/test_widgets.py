@@ -7,7 +7,11 @@ from labkit.data import read_pages, read_world
 def test_page_browser_filters_and_highlights(tiny_run):
     pages = read_pages(tiny_run)
     browser = widgets.page_browser(pages)
-    (genre, reason), (index, count), view = browser.children[0].children, browser.children[1].children, browser.children[2]
+    (genre, reason), (index, count), view = (
+        browser.children[0].children,
+        browser.children[1].children,
+        browser.children[2],
+    )
     genre.value = "worksheet"
     assert count.value == f"{sum(p['genre'] == 'worksheet' for p in pages)} pages match"
     assert "/sheet/" in view.value
@@ -20,8 +24,15 @@ def test_page_browser_filters_and_highlights(tiny_run):
 
 
 def test_page_html_escapes_text_and_shows_the_redaction():
-    page = {"url": "u", "genre": "news", "label": "clean", "removed_by": None, "reason": None,
-            "text": "<b>hi</b> mail ada@x.org", "redactions": [[15, 25, "email", "ada@x.org"]]}
+    page = {
+        "url": "u",
+        "genre": "news",
+        "label": "clean",
+        "removed_by": None,
+        "reason": None,
+        "text": "<b>hi</b> mail ada@x.org",
+        "redactions": [[15, 25, "email", "ada@x.org"]],
+    }
     shown = widgets.page_html(page)
     assert "&lt;b&gt;hi&lt;/b&gt;" in shown and "ada@x.org" in shown and "&lt;EMAIL&gt;" in shown
 

@@ -1,0 +1,167 @@
+"""The presets: named bundles of sizes for the fields of `labkit.config.Config`.
+
+- `tiny`: every stage in seconds (unit tests, and CI's notebook run);
+- `cpu` (the default): every notebook in a few minutes on a 2-core laptop;
+- `gpu`: a real single-GPU run, a GPT-2-small-class model;
+- `gpu-check`: `gpu` cut to a few steps per stage, to prove every GPU path in minutes.
+
+A preset gives only the values that differ from the dataclasses' defaults (which are `cpu`'s).
+"""
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        data=dict(n_people=30, median_pages=2.0, max_pages_per_person=12, filler_ratio=0.5),
+        tokenizer=dict(vocab_size=300),
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
+        train=dict(
+            max_steps=30,
+            batch_size=8,
+            learning_rate=1e-2,
+            min_lr=1e-3,
+            warmup_steps=5,
+            eval_every=10,
+            eval_batches=2,
+            checkpoint_every=10,
+            val_fraction=0.1,
+        ),
+        sft=dict(
+            n_conversations=200,
+            val_conversations=20,
+            heldout_people=0.3,
+            max_steps=10,
+            batch_size=8,
+            learning_rate=3e-3,
+            min_lr=3e-4,
+            warmup_steps=2,
+            eval_every=5,
+            max_new_tokens=16,
+        ),
+        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, hacking_steps=3),
+        reward_model=dict(steps=6, batch_size=8),
+        dpo=dict(steps=4, batch_size=4),
+        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2),
+        grpo=dict(
+            cold_start_steps=3,
+            n_heldout=3,
+            num_generations=4,
+            prompts_per_step=2,
+            max_steps=3,
+            warmup_steps=1,
+            max_new_tokens=16,
+            eval_every=2,
+        ),
+        halluc=dict(
+            n_samples=2,
+            max_new_tokens=12,
+            idk_conversations=60,
+            idk_steps=4,
+            tool_conversations=60,
+            tool_steps=4,
+            batch_size=8,
+            learning_rate=3e-3,
+            min_lr=3e-4,
+            warmup_steps=1,
+            search_results=1,
+            result_chars=60,
+        ),
+    ),
+    "cpu": dict(
+        train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
+        rlhf=dict(hacking_steps=60),
+        reward_model=dict(steps=100, batch_size=16),
+        dpo=dict(steps=60),
+        ppo=dict(steps=30),
+    ),
+    "gpu": dict(
+        max_batch=128,
+        data=dict(n_people=5000, median_pages=4.0, max_pages_per_person=200),
+        tokenizer=dict(vocab_size=32768),
+        model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+        train=dict(
+            max_steps=2000,
+            batch_size=32,
+            grad_accum=4,
+            learning_rate=6e-4,
+            min_lr=6e-5,
+            warmup_steps=200,
+            beta2=0.95,
+            eval_every=250,
+            eval_batches=20,
+            checkpoint_every=500,
+            val_fraction=0.01,
+            compile=True,
+        ),
+        sft=dict(
+            n_conversations=50000,
+            val_conversations=1000,
+            heldout_people=0.1,
+            max_steps=1500,
+            batch_size=64,
+            learning_rate=1e-4,
+            min_lr=1e-5,
+            warmup_steps=100,
+            eval_every=250,
+            max_new_tokens=128,
+        ),
+        rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, hacking_steps=500),
+        reward_model=dict(steps=1000, batch_size=64, learning_rate=1e-5),
+        dpo=dict(steps=1000, batch_size=32, learning_rate=5e-7),
+        ppo=dict(steps=500, batch_size=64, minibatches=4, micro_batch_size=16, learning_rate=1e-6),
+        grpo=dict(
+            tasks="one_digit,addition,multiplication,word_problem,larger,count_letter",
+            n_heldout=200,
+            cold_start_steps=300,
+            cold_start_learning_rate=1e-4,
+            num_generations=16,
+            prompts_per_step=32,
+            max_steps=500,
+            learning_rate=1e-5,
+            temperature=1.0,
+            rewards="correct=1.0,format=0.2,close=0.5",
+            warmup_steps=20,
+            max_new_tokens=256,
+            eval_every=50,
+            micro_batch_size=32,
+        ),
+        halluc=dict(
+            n_samples=8,
+            max_new_tokens=48,
+            idk_conversations=20000,
+            idk_steps=600,
+            tool_conversations=30000,
+            tool_steps=1000,
+            batch_size=64,
+            learning_rate=1e-4,
+            min_lr=1e-5,
+            warmup_steps=50,
+            search_results=3,
+            result_chars=600,
+        ),
+    ),
+}
+
+
+# `gpu` cut to a few steps per stage, with its model, batch shapes, micro-batches and precision:
+# a GPU lent for a few minutes proves bf16, torch.compile, the memory plan and MFU on every path.
+PRESETS["gpu-check"] = {
+    **PRESETS["gpu"],
+    "train": dict(
+        PRESETS["gpu"]["train"], max_steps=20, warmup_steps=5, eval_every=10, eval_batches=2, checkpoint_every=20
+    ),
+    "sft": dict(
+        PRESETS["gpu"]["sft"], n_conversations=2000, val_conversations=100, max_steps=10, warmup_steps=2, eval_every=5
+    ),
+    "rlhf": dict(PRESETS["gpu"]["rlhf"], n_prompts=64, n_eval=32, hacking_steps=2),
+    "reward_model": dict(PRESETS["gpu"]["reward_model"], steps=10),
+    "dpo": dict(PRESETS["gpu"]["dpo"], steps=10),
+    "ppo": dict(PRESETS["gpu"]["ppo"], steps=2),
+    "grpo": dict(PRESETS["gpu"]["grpo"], n_heldout=16, cold_start_steps=5, max_steps=2, eval_every=1, warmup_steps=1),
+    "halluc": dict(
+        PRESETS["gpu"]["halluc"],
+        idk_conversations=500,
+        idk_steps=10,
+        tool_conversations=500,
+        tool_steps=10,
+        warmup_steps=2,
+    ),
+}
