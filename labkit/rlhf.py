@@ -158,22 +158,7 @@ def build(config, run, made_from: str) -> dict:
     save_model(run.stage_dir("dpo") / "model.pt", dpo)  # where `labkit chat --model dpo` finds it
 
     prompts = [rankings.prompts[pid] for pid in ranked if pid not in heldout]
-    torch.manual_seed(config.seed)
-    policy, ref, value_model = copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(reward_model)
-    history = ppo_train(
-        policy,
-        ref,
-        value_model,
-        reward_model,
-        tokenizer,
-        prompts,
-        config,
-        device,
-        run=run,
-        checkpoint=out / "ppo" / "train_state.pt",
-        resume_key=key + "-ppo",
-    )
-    write_json(out / "ppo" / "history.json", history)
+    policy, history = ppo_from_sft(sft, reward_model, tokenizer, prompts, config, run, out / "ppo", key + "-ppo")
     save_model(run.stage_dir("ppo") / "model.pt", policy)  # where `labkit chat --model ppo` finds it
 
     world = read_world(run)
@@ -199,16 +184,17 @@ def build(config, run, made_from: str) -> dict:
         ppo_train_score_last=round(history[-1]["score"], 4),
     )
     if r.hacking_steps:
-        metrics.update(reward_hacking(sft, reward_model, tokenizer, prompts, config, run, out / "hacking", device, key))
+        metrics.update(reward_hacking(sft, reward_model, tokenizer, prompts, config, run, out / "hacking", key))
     metrics.update(device=device, seconds=round(time.time() - start, 2))
     return metrics
 
 
-def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: Path, device: str, key: str) -> dict:
-    """PPO again from the SFT model with no KL penalty and `hacking_steps` batches: the reward
-    model's score keeps rising while the simulated labeler's judgement of the same answers falls."""
+def ppo_from_sft(sft, reward_model, tokenizer, prompts, config, run, folder: Path, resume_key: str, **options):
+    """PPO from the SFT model: the policy and the frozen reference start as copies of it, the value
+    model as a copy of the reward model. Resumable from `folder`, where its history is written."""
     torch.manual_seed(config.seed)
     policy, ref, value_model = copy.deepcopy(sft), copy.deepcopy(sft), copy.deepcopy(reward_model)
+    device = str(next(sft.parameters()).device)
     history = ppo_train(
         policy,
         ref,
@@ -218,14 +204,31 @@ def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: P
         prompts,
         config,
         device,
-        kl_coef=0.0,
-        steps=config.rlhf.hacking_steps,
         run=run,
         checkpoint=folder / "train_state.pt",
-        resume_key=key + "-hacking",
-        desc="ppo, no KL",
+        resume_key=resume_key,
+        **options,
     )
     write_json(folder / "history.json", history)
+    return policy, history
+
+
+def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: Path, key: str) -> dict:
+    """PPO again from the SFT model with no KL penalty and `hacking_steps` batches: the reward
+    model's score keeps rising while the simulated labeler's judgement of the same answers falls."""
+    _, history = ppo_from_sft(
+        sft,
+        reward_model,
+        tokenizer,
+        prompts,
+        config,
+        run,
+        folder,
+        key + "-hacking",
+        kl_coef=0.0,
+        steps=config.rlhf.hacking_steps,
+        desc="ppo, no KL",
+    )
     part = max(1, len(history) // 5)
     mean = lambda rows, name: round(sum(row[name] for row in rows) / len(rows), 4)  # noqa: E731
     return dict(
