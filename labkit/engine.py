@@ -70,7 +70,7 @@ class KVCache:
         self.keys = None  # [n_layer, B, n_head, max_length, head_size], allocated at the first update
         self.values = None
         self.length = 0
-        self._mask = None  # (length, T, rows) -> the attention mask of the current step
+        self._mask = None  # ((length, T), the attention mask of the current step); `keep` clears it
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.keys is None:
@@ -108,7 +108,7 @@ class KVCache:
         no softmax row is empty."""
         if self.pad is None:
             return None
-        if self._mask is not None and self._mask[0] == (self.length, T, self.pad.size(0)):
+        if self._mask is not None and self._mask[0] == (self.length, T):
             return self._mask[1]  # every layer asks the same question within one step
         device = self.pad.device
         keys = torch.arange(self.length + T, device=device)
@@ -117,7 +117,7 @@ class KVCache:
         real = keys[None, :] >= self.pad[:, None]  # [B, L]
         itself = keys[None, :] == queries[:, None]
         mask = (causal[None] & (real[:, None, :] | itself[None])).unsqueeze(1)
-        self._mask = ((self.length, T, self.pad.size(0)), mask)
+        self._mask = ((self.length, T), mask)
         return mask
 
 
@@ -204,8 +204,8 @@ def generate(
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        for start in range(0, len(order), max_batch):
-            chunk = order[start : start + max_batch]
+        for part in chunks(len(order), max_batch):
+            chunk = order[part]
             new = generate_batch(
                 model,
                 [rows[r] for r in chunk],
@@ -259,11 +259,11 @@ def generate_batch(
     return new_tokens
 
 
-def fit(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
-    """(prompt, new tokens) that fit in the context: the reply gets at most half of it, and a
+def fit(prompts: list[list[int]], max_new_tokens: int, block_size: int) -> tuple[list[list[int]], int]:
+    """(prompts, new tokens) that fit in the context: the reply gets at most half of it, and a
     prompt too long for the rest keeps its last tokens (the question's end and the template)."""
     budget = max(1, min(max_new_tokens, block_size // 2))
-    return prompt[-(block_size - budget) :], budget
+    return [prompt[-(block_size - budget) :] for prompt in prompts], budget
 
 
 # --- 2. scoring ----------------------------------------------------------------------------------
@@ -316,18 +316,18 @@ def logprobs(model, batch: Completions, temperature: float = 1.0) -> torch.Tenso
 @torch.no_grad()
 def score(
     model,
-    prompts: list[list[int]],
-    completions: list[list[int]],
+    prompts: list[list[int]] | Completions,
+    completions: list[list[int]] | None = None,
     *,
     temperature: float = 1.0,
     max_batch: int = MAX_BATCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of many completions, `max_batch` rows per forward pass.
-    Returns (logps [N, T], mask [N, T]) with T the longest completion, on the model's device."""
-    batch = pack(prompts, completions, next(model.parameters()).device)
-    logps = torch.cat(
-        [logprobs(model, batch.rows(part), temperature).float() for part in chunks(len(prompts), max_batch)]
-    )
+    """Per-token log-probabilities of many completions after their prompts (or of a batch `pack`
+    made already), `max_batch` rows per forward pass. Returns (logps [N, T], mask [N, T]) with T
+    the longest completion, on the model's device."""
+    batch = prompts if isinstance(prompts, Completions) else pack(prompts, completions, next(model.parameters()).device)
+    parts = chunks(batch.ids.size(0), max_batch)
+    logps = torch.cat([logprobs(model, batch.rows(part), temperature).float() for part in parts])
     return logps, batch.mask
 
 
@@ -370,14 +370,11 @@ def replies(
     otherwise); a conversation too long for the context keeps its end."""
     from .chat import render_prompt
 
-    block = model.config.block_size
-    fitted = [fit(render_prompt(m, tokenizer), max_new_tokens, block) for m in conversations]
-    if not fitted:
+    prompts, budget = fit([render_prompt(m, tokenizer) for m in conversations], max_new_tokens, model.config.block_size)
+    if not prompts:
         return []
     sampling.setdefault("temperature", 0.0)
-    outputs = generate(
-        model, [p for p, _ in fitted], fitted[0][1], stop_tokens=reply_stops(tokenizer), max_batch=max_batch, **sampling
-    )
+    outputs = generate(model, prompts, budget, stop_tokens=reply_stops(tokenizer), max_batch=max_batch, **sampling)
     return [decode_reply(ids, tokenizer) for ids in outputs]
 
 

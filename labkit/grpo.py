@@ -146,11 +146,11 @@ def sample_groups(
     """G sampled replies to each task, all in one batched generation: one dict per sample with the
     task, prompt and reply ids, text, and whether it ended. Samples come task by task (the group
     layout of the advantages)."""
-    fitted = [fit(prompt_ids(task, tokenizer), cfg.max_new_tokens, model.config.block_size) for task in tasks]
+    prompts, budget = fit([prompt_ids(task, tokenizer) for task in tasks], cfg.max_new_tokens, model.config.block_size)
     rows = generate(
         model,
-        [p for p, _ in fitted],
-        fitted[0][1],
+        prompts,
+        budget,
         temperature=cfg.temperature,
         num_samples=cfg.num_generations,
         stop_tokens=reply_stops(tokenizer),
@@ -159,7 +159,7 @@ def sample_groups(
     )
     samples = []
     for i, ids in enumerate(rows):
-        task, prompt = tasks[i // cfg.num_generations], fitted[i // cfg.num_generations][0]
+        task, prompt = tasks[i // cfg.num_generations], prompts[i // cfg.num_generations]
         reply = decode_reply(ids, tokenizer)
         samples.append(dict(task=task, prompt=prompt, ids=ids, text=reply.text, ended=reply.ended))
     return samples
@@ -182,15 +182,8 @@ def greedy_replies(
     """Greedy replies to many tasks, in batches: text, ended, tokens."""
     if not tasks:
         return []
-    fitted = [fit(prompt_ids(t, tokenizer, prefill), max_new_tokens, model.config.block_size) for t in tasks]
-    outputs = generate(
-        model,
-        [p for p, _ in fitted],
-        fitted[0][1],
-        temperature=0,
-        stop_tokens=reply_stops(tokenizer),
-        max_batch=max_batch,
-    )
+    prompts, budget = fit([prompt_ids(t, tokenizer, prefill) for t in tasks], max_new_tokens, model.config.block_size)
+    outputs = generate(model, prompts, budget, temperature=0, stop_tokens=reply_stops(tokenizer), max_batch=max_batch)
     replies = [decode_reply(ids, tokenizer) for ids in outputs]
     return [dict(reply=f"{prefill} {r.text}" if prefill else r.text, ended=r.ended, tokens=r.tokens) for r in replies]
 
@@ -268,16 +261,15 @@ def grpo_step(
 ) -> dict:
     """Optimizer steps (`num_iterations` of them) on one batch of scored groups; returns stats.
     Every log-probability is taken at the sampling temperature (the KL to the reference too)."""
-    prompts, completions = [s["prompt"] for s in samples], [s["ids"] for s in samples]
     device = next(model.parameters()).device
-    batch = pack(prompts, completions, device)
+    batch = pack([s["prompt"] for s in samples], [s["ids"] for s in samples], device)
     advantages = torch.tensor([s["advantage"] for s in samples], device=device)
     old_logps = ref_logps = None
     with autocast(str(device), dtype):
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, fixed while we take several steps
-            old_logps, _ = score(model, prompts, completions, temperature=cfg.temperature, max_batch=max_batch)
+            old_logps, _ = score(model, batch, temperature=cfg.temperature, max_batch=max_batch)
         if cfg.beta != 0.0:
-            ref_logps, _ = score(ref_model, prompts, completions, temperature=cfg.temperature, max_batch=max_batch)
+            ref_logps, _ = score(ref_model, batch, temperature=cfg.temperature, max_batch=max_batch)
     stats = defaultdict(float)
     model.train()
     for _ in range(cfg.num_iterations):

@@ -159,11 +159,8 @@ def probe(
     and measure how often they make the same claim (consistency)."""
     if not rows:
         return []
-    block = model.config.block_size
-    fitted = [
-        fit(render_prompt([{"role": "user", "content": r["question"]}], tokenizer), max_new_tokens, block) for r in rows
-    ]
-    prompts, budget = [p for p, _ in fitted], fitted[0][1]
+    questions = [render_prompt([{"role": "user", "content": r["question"]}], tokenizer) for r in rows]
+    prompts, budget = fit(questions, max_new_tokens, model.config.block_size)
     replies = [
         decode_reply(ids, tokenizer)
         for ids in generate(
@@ -418,9 +415,8 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         "halluc: I don't know",
     )
     save_model(out / "idk" / "model.pt", idk_model, dict(step=idk_result.step))
-    save_model(
-        out / "model.pt", idk_model, dict(step=idk_result.step)
-    )  # `labkit chat --model halluc` (plain chat, no tool)
+    # `labkit chat --model halluc` finds it here (plain chat, no tool)
+    save_model(out / "model.pt", idk_model, dict(step=idk_result.step))
     after = probe(idk_model, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
     write_jsonl(out / "probe_idk.jsonl", after)
 

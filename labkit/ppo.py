@@ -159,12 +159,11 @@ def rollout(
     r, p, max_batch = config.rlhf, config.ppo, config.max_batch
     device = next(policy.parameters()).device
     block = policy.config.block_size
-    fitted = [fit(render_prompt(q["messages"], tokenizer), r.max_new_tokens, block) for q in prompts]
-    prompt_ids = [ids for ids, _ in fitted]
+    prompt_ids, budget = fit([render_prompt(q["messages"], tokenizer) for q in prompts], r.max_new_tokens, block)
     answers = generate(
         policy,
         prompt_ids,
-        fitted[0][1],
+        budget,
         temperature=r.temperature,
         stop_tokens=reply_stops(tokenizer),
         seed=seed,
@@ -174,8 +173,8 @@ def rollout(
     mask = batch.mask
     ends = torch.tensor([len(q) + len(a) - 1 for q, a in zip(prompt_ids, answers)], device=device)
     with autocast(str(device), dtype):
-        old_logprobs, _ = score(policy, prompt_ids, answers, temperature=r.temperature, max_batch=max_batch)
-        ref_logprobs, _ = score(ref, prompt_ids, answers, temperature=r.temperature, max_batch=max_batch)
+        old_logprobs, _ = score(policy, batch, temperature=r.temperature, max_batch=max_batch)
+        ref_logprobs, _ = score(ref, batch, temperature=r.temperature, max_batch=max_batch)
         parts = chunks(len(prompts), max_batch)
         values = torch.cat([batch.rows(c).at_positions(value_model(batch.ids[c])).float() for c in parts]) * mask
         scores = torch.cat([reward_model.score(batch.ids[c], ends[c]).float() for c in parts])

@@ -261,15 +261,12 @@ def eval_prompts(world, n: int, seed: int, heldout_people: float) -> list[dict]:
     return [dict(kind=r["kind"], messages=r["messages"][:1], truth=r.get("truth"), name=r.get("name")) for r in rows]
 
 
-def prompt_tokens(prompt: dict, tokenizer, max_new_tokens: int, block_size: int) -> list[int]:
-    """The rendered prompt, ending with the assistant's header, cut from the left to leave room
-    for `max_new_tokens` (as `engine.fit` does for every reply)."""
-    return fit(render_prompt(prompt["messages"], tokenizer), max_new_tokens, block_size)[0]
-
-
-def reply_tokens(reply: str, ended: bool, tokenizer) -> list[int]:
-    """A stored reply as the model reads it: its text, then <|im_end|> if it ended."""
-    return tokenizer.encode(reply) + ([tokenizer.encode_special("<|im_end|>")] if ended else [])
+def prompt_and_reply(prompt: dict, reply: str, ended: bool, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) as the reward model and DPO read a stored reply: its text, then
+    <|im_end|> if it ended, cut to half the context; the rendered prompt cut from the left to fit the rest."""
+    completion = tokenizer.encode(reply) + ([tokenizer.encode_special("<|im_end|>")] if ended else [])
+    completion = completion[: block_size // 2]
+    return render_prompt(prompt["messages"], tokenizer)[-(block_size - len(completion)) :], completion
 
 
 def sample_completions(
@@ -283,9 +280,9 @@ def sample_completions(
     max_batch: int = 64,
 ) -> list[dict]:
     """K sampled completions of each prompt (text and whether it ended), added to the prompt rows."""
-    block = model.config.block_size
-    ids = [prompt_tokens(p, tokenizer, max_new_tokens, block) for p in prompts]
-    budget = fit([], max_new_tokens, block)[1]
+    ids, budget = fit(
+        [render_prompt(p["messages"], tokenizer) for p in prompts], max_new_tokens, model.config.block_size
+    )
     samples = [
         decode_reply(s, tokenizer)
         for s in generate(
@@ -337,14 +334,11 @@ def is_heldout(pid: str, share: float) -> bool:
 def pair_examples(pairs, tokenizer, block_size: int) -> list[tuple[list[int], list[int], list[int], list[int]]]:
     """(prompt, chosen, rejected) -> (chosen prompt, chosen completion, rejected prompt, rejected completion)
     ids, each completion cut to half the context and its prompt cut from the left to fit the rest."""
-    out = []
-    for prompt, chosen, rejected in pairs:
-        row = []
-        for i in (chosen, rejected):
-            completion = reply_tokens(prompt["completions"][i], prompt["ended"][i], tokenizer)[: block_size // 2]
-            row += [render_prompt(prompt["messages"], tokenizer)[-(block_size - len(completion)) :], completion]
-        out.append(tuple(row))
-    return out
+
+    def read(prompt, i):
+        return prompt_and_reply(prompt, prompt["completions"][i], prompt["ended"][i], tokenizer, block_size)
+
+    return [(*read(prompt, chosen), *read(prompt, rejected)) for prompt, chosen, rejected in pairs]
 
 
 def collate_pairs(examples, pad_id: int) -> dict:

@@ -24,6 +24,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -58,19 +59,8 @@ def lm_loss(model, batch):
 
 
 def make_model(config: Config, vocab_size: int) -> GPT:
-    m = config.model
     torch.manual_seed(config.seed)
-    return GPT(
-        GPTConfig(
-            block_size=m.block_size,
-            vocab_size=vocab_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_embd=m.n_embd,
-            dropout=m.dropout,
-            bias=m.bias,
-        )
-    )
+    return GPT(GPTConfig(vocab_size=vocab_size, **asdict(config.model)))  # the model section's fields are GPTConfig's
 
 
 def build(config: Config, run: Run, made_from: str) -> dict:
@@ -276,14 +266,8 @@ def fact_recall(model, tokenizer, world: World, max_new_tokens: int = 12, max_ba
     eot = tokenizer.special_tokens[EOT]
     probes = [(person, fact, fact_prompt(person, fact)) for person in world.people for fact in FACTS]
     # a prompt too long for the context keeps its end
-    prompts = [
-        fit([eot] + tokenizer.encode(prompt), max_new_tokens, model.config.block_size) for _, _, prompt in probes
-    ]
-    answers = (
-        generate(model, [p for p, _ in prompts], prompts[0][1], temperature=0, stop_tokens=(eot,), max_batch=max_batch)
-        if probes
-        else []
-    )
+    prompts, budget = fit([[eot] + tokenizer.encode(p) for *_, p in probes], max_new_tokens, model.config.block_size)
+    answers = generate(model, prompts, budget, temperature=0, stop_tokens=(eot,), max_batch=max_batch) if probes else []
     rows = []
     for (person, fact, prompt), ids in zip(probes, answers):
         answer = tokenizer.decode(ids[: ids.index(eot)] if eot in ids else ids)

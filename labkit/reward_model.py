@@ -18,8 +18,9 @@ import torch
 from torch.nn import functional as F
 
 from .checkpoint import save_model
+from .engine import chunks, pack
 from .model import ScalarModel
-from .preferences import PairBatches, pair_examples, prompt_tokens, reply_tokens
+from .preferences import PairBatches, pair_examples, prompt_and_reply
 from .run import write_json
 from .train import fine_tuning, to_device, train
 
@@ -77,20 +78,16 @@ def reward_scores(
     reward_model: ScalarModel, tokenizer, prompts: list[dict], replies: list[dict], max_batch: int = 64
 ) -> list[float]:
     """The reward model's score of each (prompt, reply) (reply: a dict with reply and ended)."""
+    if not prompts:
+        return []
     device = next(reward_model.parameters()).device
     block = reward_model.config.block_size
-    rows = []
-    for prompt, reply in zip(prompts, replies):
-        completion = reply_tokens(reply["reply"], reply["ended"], tokenizer)[: block // 2]
-        rows.append(prompt_tokens(prompt, tokenizer, len(completion), block) + completion)
-    pad = tokenizer.encode_special("<|endoftext|>")
-    scores = []
-    for i in range(0, len(rows), max_batch):
-        chunk = rows[i : i + max_batch]
-        width = max(len(r) for r in chunk)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
-        scores += reward_model.score(ids, torch.tensor([len(r) - 1 for r in chunk], device=device)).tolist()
-    return scores
+    rows = [prompt_and_reply(p, r["reply"], r["ended"], tokenizer, block) for p, r in zip(prompts, replies)]
+    batch = pack([p for p, _ in rows], [c for _, c in rows], device, tokenizer.encode_special("<|endoftext|>"))
+    last = torch.tensor([len(p) + len(c) - 1 for p, c in rows], device=device)
+    return torch.cat(
+        [reward_model.score(batch.ids[part], last[part]) for part in chunks(len(rows), max_batch)]
+    ).tolist()
 
 
 def train_reward_model(

@@ -248,9 +248,8 @@ def answer_with_search(
     special = tokenizer.encode_special
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, (block - 24) // 3))
-    keep = max(
-        1, block - 2 * max_new_tokens - 24
-    )  # a long question keeps its end; room for the call, the tool turn, the answer
+    # a long question keeps its end; room for the call, the tool turn, the answer
+    keep = max(1, block - 2 * max_new_tokens - 24)
     prompts = [render_prompt([{"role": "user", "content": q}], tokenizer)[-keep:] for q in questions]
     if not prompts:
         return []
@@ -282,9 +281,8 @@ def answer_with_search(
             row["tool_result"] = result
             context = prompt + first["kept"]
             continued = context + tool_turn(result, tokenizer, block - max_new_tokens - len(context))
-            row["prompt_ids"] = continued[
-                -(block - max_new_tokens) :
-            ]  # a long call keeps its end, as a long question does
+            # a long call keeps its end, as a long question does
+            row["prompt_ids"] = continued[-(block - max_new_tokens) :]
             second_prompts.append(row["prompt_ids"])
         rows.append(row)
     seconds = iter(

@@ -27,7 +27,6 @@ Writes to `runs/<run>/sft/`:
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections import defaultdict
@@ -52,7 +51,7 @@ from .engine import chat, fit, generate, replies
 from .pretrain import BUCKET_NAMES, few_shot_prompt, load_base
 from .rewards import extract_answer
 from .run import Run, read_json, write_json, write_jsonl
-from .train import train
+from .train import fine_tuning, train
 
 IGNORE = -1  # the model's cross-entropy skips targets equal to this
 FEW_SHOTS = 3
@@ -148,16 +147,14 @@ def finetune(
     examples, _ = encode_conversations(conversations, tokenizer, block, renderer)
     if not examples:
         raise ConfigError(f"no {desc} conversation has an assistant token within block_size={block}")
-    cfg = dataclasses.replace(
+    cfg = fine_tuning(
         config.train,
-        max_steps=steps,
+        steps=steps,
         batch_size=batch_size,
-        grad_accum=1,
         learning_rate=learning_rate,
         min_lr=min_lr,
         warmup_steps=min(warmup_steps, steps),
         eval_every=steps,
-        checkpoint_every=steps,
     )
     result = train(
         model,
@@ -217,13 +214,12 @@ def base_answers(
             (question.replace(q["name"], p.name), ANSWERS[q["fact"]][0].format(**vars(p), first=p.name.split()[0]))
             for p in shot_people
         ]
-        prompts.append(
-            fit([eot] + tokenizer.encode(few_shot_prompt(shots, question)), max_new_tokens, base.config.block_size)[0]
-        )
+        prompts.append([eot] + tokenizer.encode(few_shot_prompt(shots, question)))
     if not prompts:
         return []
+    prompts, budget = fit(prompts, max_new_tokens, base.config.block_size)
     answers = []
-    for ids in generate(base, prompts, max_new_tokens, temperature=0, stop_tokens=(eot,), max_batch=max_batch):
+    for ids in generate(base, prompts, budget, temperature=0, stop_tokens=(eot,), max_batch=max_batch):
         text = tokenizer.decode(ids[: ids.index(eot)] if eot in ids else ids)
         answers.append(text.split("\n")[0].strip())
     return answers
@@ -331,16 +327,14 @@ def knowledge_metrics(qa: list[dict], recall: list[dict]) -> dict:
 def train_config(config: Config) -> TrainConfig:
     """Pretraining's optimizer settings with SFT's own length, batch and learning rate."""
     s = config.sft
-    return dataclasses.replace(
+    return fine_tuning(
         config.train,
-        max_steps=s.max_steps,
+        steps=s.max_steps,
         batch_size=s.batch_size,
-        grad_accum=1,
         learning_rate=s.learning_rate,
         min_lr=s.min_lr,
         warmup_steps=s.warmup_steps,
         eval_every=s.eval_every,
-        checkpoint_every=s.eval_every,
     )
 
 

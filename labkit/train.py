@@ -394,18 +394,28 @@ def _log(run, metrics: dict, step: int) -> None:
         run.log(metrics, step=step)
 
 
-def fine_tuning(cfg: TrainConfig, *, steps: int, batch_size: int, learning_rate: float) -> TrainConfig:
+def fine_tuning(
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    min_lr: float | None = None,
+    warmup_steps: int | None = None,
+    eval_every: int | None = None,
+) -> TrainConfig:
     """Pretraining's optimizer settings (betas, weight decay, clipping, precision) with a later
-    model's length, batch and learning rate: cosine to a tenth, evaluated and saved 5 times."""
-    every = max(1, steps // 5)
+    model's length, batch and learning rates. Unless given: cosine down to a tenth of the peak,
+    pretraining's warmup (at most a tenth of the steps), evaluated and saved 5 times."""
+    every = eval_every or max(1, steps // 5)
     return dataclasses.replace(
         cfg,
         max_steps=steps,
         batch_size=batch_size,
         grad_accum=1,
         learning_rate=learning_rate,
-        min_lr=learning_rate / 10,
-        warmup_steps=min(cfg.warmup_steps, steps // 10),
+        min_lr=learning_rate / 10 if min_lr is None else min_lr,
+        warmup_steps=min(cfg.warmup_steps, steps // 10) if warmup_steps is None else warmup_steps,
         eval_every=every,
         checkpoint_every=every,
     )

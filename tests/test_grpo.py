@@ -396,9 +396,8 @@ def test_cold_start_teaches_the_worked_solutions(tiny_tokenizer, tmp_path):
     warm = grpo.cold_start(model, tiny_tokenizer, stream, config, "cpu", run, tmp_path / "cold.pt", "cold")
     assert warm["steps"] == 12 and 1 <= warm["problems"] <= 81  # one-digit sums: 81 problems, a fifth held out
     assert solution_logp() > untouched + 1.0
-    assert stream.next(1) == tasks.TaskStream(["one_digit"], seed=0).next(
-        1
-    )  # its own stream: GRPO's order is unchanged
+    # its own stream: GRPO's order is unchanged
+    assert stream.next(1) == tasks.TaskStream(["one_digit"], seed=0).next(1)
 
 
 def test_config_checks():

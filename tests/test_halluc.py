@@ -176,9 +176,8 @@ def test_render_tools_puts_no_loss_on_the_tool_result(tokenizer):
     result, result_end = ids.index(special("<|tool_result|>")), ids.index(special("<|tool_result_end|>"))
     assert all(mask[call : call_end + 1]) and not any(mask[result : result_end + 1])
     assert tokenizer.decode(ids[call + 1 : call_end]) == "search: Ada Brannor born city"
-    assert (
-        sum(mask[result_end + 1 :]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1
-    )  # the answer and <|im_end|>
+    # the answer and <|im_end|>
+    assert sum(mask[result_end + 1 :]) == len(tokenizer.encode("Ada was born in Fikaswick.")) + 1
     # user text that looks like a tool call stays text
     ids, _ = render_tools(
         [{"role": "user", "content": search.tool_call("x")}, {"role": "assistant", "content": "ok"}], tokenizer
@@ -335,9 +334,9 @@ def test_stage_metrics_and_artifacts(built):
     ]
     idk = [tokenizer.encode("I don't know.") + [tokenizer.encode_special("<|im_end|>")]] * min(16, len(taught))
     block = load_model(run.path / "sft" / "model.pt").config.block_size
-    prompts = [
-        fit(render_prompt([{"role": "user", "content": q}], tokenizer), len(idk[0]), block)[0] for q in taught[:16]
-    ]
+    prompts, _ = fit(
+        [render_prompt([{"role": "user", "content": q}], tokenizer) for q in taught[:16]], len(idk[0]), block
+    )
     before = score(load_model(run.path / "sft" / "model.pt"), prompts, idk)[0].sum(1).mean()
     after = score(load_model(run.path / "halluc" / "idk" / "model.pt"), prompts, idk)[0].sum(1).mean()
     assert prompts and after > before + 1.0, (before, after)

@@ -101,12 +101,12 @@ def test_answers_state_the_truth_and_identity_is_one_string(world):
 
 
 def test_qa_is_scored_on_the_facts_the_base_model_knew():
-    recall = [
+    recall = [  # Zed Out is not asked: not held out
         dict(name="Ann Bo", fact="field", bucket="1", correct=True),
         dict(name="Ann Bo", fact="employer", bucket="1", correct=False),
         dict(name="Cy Dee", fact="field", bucket="5-16", correct=True),
         dict(name="Zed Out", fact="field", bucket="1", correct=True),
-    ]  # not asked: not held out
+    ]
     qa = [
         dict(name="Ann Bo", fact="field", bucket="1", correct=False, base_correct=True),
         dict(name="Ann Bo", fact="employer", bucket="1", correct=True, base_correct=False),
