@@ -15,6 +15,8 @@ training checkpoint, so a resumed run sees exactly the batches the uninterrupted
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,26 @@ class TokenFiles:
         return np.memmap(path, dtype=self.dtype, mode="r")
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides every id a tokenizer gives: its tokens (the merges, in rank order), its
+    pre-split pattern and its special tokens. Two tokenizers of one vocabulary size differ here."""
+    digest = hashlib.sha256(tokenizer.pattern.encode())
+    for token, rank in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
+        digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+    digest.update(json.dumps(sorted(tokenizer.special_tokens.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def corpus_fingerprint(pages: list[dict]) -> str:
+    """A hash of every page's URL and text: any change to the corpus gives new token files."""
+    digest = hashlib.sha256()
+    for page in pages:
+        for part in (page["url"], document_text(page)):
+            data = part.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:16]
+
+
 def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fraction: float) -> TokenFiles:
     """Tokenize `pages` (dicts with url and text) once into `out_dir/train.bin` and `val.bin`.
 
@@ -62,16 +84,7 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
     """
     out_dir = Path(out_dir)
     eot = tokenizer.special_tokens[EOT]
-    made_from = fingerprint(
-        [
-            len(pages),
-            pages[0]["url"] if pages else None,
-            sum(len(p["text"]) for p in pages),
-            tokenizer.n_vocab,
-            sorted(tokenizer.special_tokens.items()),
-            val_fraction,
-        ]
-    )
+    made_from = fingerprint([corpus_fingerprint(pages), tokenizer_fingerprint(tokenizer), val_fraction])
     meta_path = out_dir / "tokens.json"
     if meta_path.exists() and (meta := read_json(meta_path)).get("made_from") == made_from:
         return TokenFiles(out_dir / "train.bin", out_dir / "val.bin", meta)

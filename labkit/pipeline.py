@@ -5,8 +5,9 @@ or "module:function" in STAGE_SPECS; `made_from` is the stage's fingerprint, han
 a stage can key its resumable checkpoints by it (stages never import this module). It is
 complete when its
 `metrics.json` exists and carries the fingerprint of the configuration it was made from:
-the stage's own config sections, the seed, and its inputs' fingerprints. Change `vocab_size`
-and the tokenizer (and everything after it) is rebuilt; change nothing and it is reused.
+the stage's own config sections, the seed, the labkit version that builds it, and its inputs'
+fingerprints. Change `vocab_size` and the tokenizer (and everything after it) is rebuilt; install
+a new labkit and every stage is rebuilt; change nothing and it is reused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 
 from tqdm.auto import tqdm
 
+from . import __version__
 from .config import STAGES, Config, ConfigError
 from .run import Run, fingerprint
 
@@ -38,7 +40,7 @@ def _check(stage: str) -> None:
 def stage_fingerprint(stage: str, config: Config) -> str:
     _, sections, inputs = STAGE_SPECS[stage]
     made_from = {s: getattr(config, s).__dict__ for s in sections}
-    return fingerprint([stage, config.seed, made_from, [stage_fingerprint(i, config) for i in inputs]])
+    return fingerprint([stage, __version__, config.seed, made_from, [stage_fingerprint(i, config) for i in inputs]])
 
 
 def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]:

@@ -297,6 +297,8 @@ def ppo_train(
     for q in list(ref.parameters()) + list(reward_model.parameters()):
         q.requires_grad_(False)
     trained = nn.ModuleDict(dict(policy=policy, value=value_model))
+    # a value model copied from a reward model an earlier run froze must still learn
+    trained.requires_grad_(True)
     optimizer = make_optimizer(
         trained, dataclasses.replace(config.train, learning_rate=p.learning_rate, weight_decay=0.0), device
     )

@@ -154,8 +154,7 @@ def finetune(
         learning_rate=learning_rate,
         min_lr=min_lr,
         warmup_steps=min(warmup_steps, steps),
-        eval_every=steps,
-    )
+    )  # checkpointed 5 times: a fine-tuning killed near its end resumes near its end
     result = train(
         model,
         sft_loss,

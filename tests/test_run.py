@@ -107,3 +107,38 @@ def test_a_notebook_in_notebooks_reuses_what_the_cli_built_from_the_root(monkeyp
     printed = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
     assert f"run folder: {default_runs_dir() / 'shared'}" in printed
     assert metrics.stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+def test_a_changed_tokenizer_remakes_the_token_files_in_the_same_run(tiny_run, tiny_config, tmp_path):
+    """In one run folder: the base stage built with the gpt4 pattern, then again with gpt2 at the same
+    vocabulary size. Tokenizer and base are rebuilt, and pretraining reads tokens of the new tokenizer."""
+    import shutil
+
+    import numpy as np
+
+    from labkit.config import get_config
+    from labkit.data import read_corpus
+    from labkit.dataloader import EOT, document_text
+    from labkit.pipeline import ensure, plan
+    from labkit.tokenizer import Tokenizer
+
+    run = Run("pattern", tmp_path)
+    shutil.copytree(tiny_run.path / "data", run.path / "data")  # the same corpus, built once
+    ensure("base", tiny_config, run)
+    gpt2 = get_config("tiny", tokenizer=dict(pattern="gpt2"))
+    assert plan("base", gpt2, run) == ["tokenizer", "base"]
+    ensure("base", gpt2, run)
+    tokenizer = Tokenizer.load(run.path / "tokenizer")
+    ids = np.asarray(np.memmap(run.path / "base" / "train.bin", dtype=np.uint16, mode="r"))
+    starts = np.flatnonzero(ids == tokenizer.special_tokens[EOT])
+    page = ids[starts[0] + 1 : starts[1]].tolist()
+    texts = {document_text(p) for p in read_corpus(run)}
+    assert tokenizer.decode(page) in texts and tokenizer.encode(tokenizer.decode(page)) == page
+
+
+def test_another_labkit_version_rebuilds_every_stage(tiny_run, tiny_config, monkeypatch):
+    from labkit import pipeline
+
+    assert pipeline.plan("data", tiny_config, tiny_run) == []
+    monkeypatch.setattr(pipeline, "__version__", "99.0")
+    assert pipeline.plan("data", tiny_config, tiny_run) == ["data"]

@@ -79,6 +79,8 @@ class ByteTokenizer:
 
     n_vocab = 257
     special_tokens = {EOT: 256}
+    pattern = ""  # no pre-split
+    ranks = {bytes([b]): b for b in range(256)}
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -299,6 +301,31 @@ def test_token_files_memmap_and_heldout_split(tmp_path):
     # tokenized once: a second call reuses the files
     mtime = files.train.stat().st_mtime_ns
     assert tokenize_corpus(corpus, ByteTokenizer(), tmp_path, 0.2).train.stat().st_mtime_ns == mtime
+
+
+def test_token_files_are_remade_for_another_tokenizer_or_corpus_of_the_same_size(tmp_path):
+    """Token files are keyed by the tokenizer itself (merges, pattern, special tokens) and by every
+    page's text: a tokenizer of the same vocabulary size, or a page changed at the same length, remakes them."""
+    from labkit.tokenizer import Tokenizer
+
+    corpus = [dict(p, text=p["text"] + f" It's item {i}'s 2nd line.") for i, p in enumerate(pages(40))]
+    texts = [document_text(p) for p in corpus]
+    gpt4, gpt2 = (Tokenizer.train(texts, 300, pattern=name) for name in ("gpt4", "gpt2"))
+    assert gpt4.n_vocab == gpt2.n_vocab and gpt4.encode(texts[0]) != gpt2.encode(texts[0])
+
+    def first_train_page(files, tokenizer):
+        ids = np.asarray(files.tokens("train"))
+        end = np.flatnonzero(ids == tokenizer.special_tokens[EOT])[1]
+        return ids[1:end].tolist()
+
+    first = next(p for p in corpus if not in_share(p["url"], 0.2))
+    files = tokenize_corpus(corpus, gpt4, tmp_path, 0.2)
+    assert first_train_page(files, gpt4) == gpt4.encode(document_text(first))
+    files = tokenize_corpus(corpus, gpt2, tmp_path, 0.2)
+    assert first_train_page(files, gpt2) == gpt2.encode(document_text(first))
+    edited = [dict(p, text=p["text"].replace("hello", "howdy")) for p in corpus]
+    files = tokenize_corpus(edited, gpt2, tmp_path, 0.2)
+    assert first_train_page(files, gpt2) == gpt2.encode(document_text(first).replace("hello", "howdy"))
 
 
 def test_windows_are_shifted_by_one_and_seeded():
