@@ -63,20 +63,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from .pipeline import ensure
+    from .distributed import is_main_process, teardown, world_size
+    from .pipeline import check_world_size, ensure
     from .report import write_report
     from .run import Run, load_run
 
     config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
     stages = cfg.parse_stages(args.stages)
+    check_world_size(stages, config, world_size())
     run = Run(args.run, args.runs_dir)
-    print(
-        f"labkit: preset {config.preset}, run folder {run.path.resolve()}, stages {', '.join(stages)}", file=sys.stderr
-    )
+    main = is_main_process()  # under torchrun, only rank 0 prints and writes
+    if main:
+        print(
+            f"labkit: preset {config.preset}, run folder {run.path.resolve()}, stages {', '.join(stages)}",
+            file=sys.stderr,
+        )
     for stage in stages:
         ensure(stage, config, run, force=args.force)
-    print(write_report(load_run(args.run, args.runs_dir)))
-    print(f"labkit: report card written to {run.path.resolve() / 'report.md'}", file=sys.stderr)
+    if main:
+        print(write_report(load_run(args.run, args.runs_dir)))
+        print(f"labkit: report card written to {run.path.resolve() / 'report.md'}", file=sys.stderr)
+    teardown()
 
 
 def _report(args) -> None:

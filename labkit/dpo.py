@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from .distributed import is_main_process
 from .engine import Completions, logprobs, score
 from .preferences import PairBatches, pair_examples
 from .run import write_json
@@ -83,5 +84,6 @@ def train_dpo(sft, tokenizer, train_pairs, config, run, folder: Path, device: st
         desc="dpo",
     )
     policy.eval()
-    write_json(folder / "history.json", result.history)
+    if is_main_process():
+        write_json(folder / "history.json", result.history)
     return policy, result.history

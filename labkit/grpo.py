@@ -54,6 +54,7 @@ import torch
 from .chat import render, render_prompt
 from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
 from .config import Config, ConfigError, GRPOConfig, resolve_device
+from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .rewards import combine, parse_weights
 from .run import Run, atomic_write, notify, write_json
@@ -497,10 +498,13 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     stream, heldout = load_tasks(config, world)
     weights = parse_weights(g.rewards)
 
-    sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch)
+    main = is_main_process()  # every process runs the cold start (DDP); GRPO and the measuring are rank 0's
+    sft_rows, sft = pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if main else (None, None)
     warm = cold_start(
         model, tokenizer, stream, config, device, run, out / "cold_start_state.pt", made_from + "-cold-start"
     )
+    if not main:
+        return {}
     # without a cold start GRPO starts from the SFT model: no need to measure it twice
     before_rows, before = (
         pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"] else (sft_rows, sft)

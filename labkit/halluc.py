@@ -46,9 +46,10 @@ from .chat import render_prompt, render_tools
 from .checkpoint import load_model, model_path, save_model
 from .config import Config, ConfigError, resolve_device
 from .conversations import ANSWERS, IDK_ANSWERS, QUESTIONS, make_conversations, mentions, refuses, split_people
+from .distributed import barrier, is_main_process
 from .engine import decode_reply, fit, generate, reply_stops, score
 from .pretrain import BUCKET_NAMES
-from .run import Run, write_jsonl
+from .run import Run, read_jsonl, write_jsonl
 from .search import answer_with_search, load_index, search_query, tool_conversations
 from .sft import finetune as sft_finetune
 from .world import FACTS, Person, World, bucket
@@ -386,21 +387,29 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     tokenizer = Tokenizer.load(run.path / "tokenizer")
     sft_path = model_path(run, "sft")
     sft = load_model(sft_path, device)
-    key, batch = made_from, config.max_batch
+    key, batch, main = made_from, config.max_batch, is_main_process()
     train_people, _ = split_people(world, config.sft.heldout_people)
     questions = probe_questions(heldout_people(world, config), config.seed)
 
-    # the probe: the SFT assistant on held-out people (and people with no page)
-    before = probe(sft, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
-    write_jsonl(out / "probe_before.jsonl", before)
+    # under torchrun, the probes and the files are rank 0's; every process fine-tunes (DDP)
+    if main:
+        # the probe: the SFT assistant on held-out people (and people with no page)
+        before = probe(sft, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
+        write_jsonl(out / "probe_before.jsonl", before)
 
-    # mitigation 1: "I don't know" wherever it was wrong about training people
-    probed_train = probe(
-        sft, tokenizer, probe_questions(train_people, config.seed, False, "train"), h.max_new_tokens, max_batch=batch
-    )
-    write_jsonl(out / "probe_train.jsonl", probed_train)
-    idk_rows = idk_conversations(probed_train, world, h.idk_conversations, config.seed, config.sft.heldout_people)
-    write_jsonl(out / "idk_train.jsonl", idk_rows)
+        # mitigation 1: "I don't know" wherever it was wrong about training people
+        probed_train = probe(
+            sft,
+            tokenizer,
+            probe_questions(train_people, config.seed, False, "train"),
+            h.max_new_tokens,
+            max_batch=batch,
+        )
+        write_jsonl(out / "probe_train.jsonl", probed_train)
+        idk_rows = idk_conversations(probed_train, world, h.idk_conversations, config.seed, config.sft.heldout_people)
+        write_jsonl(out / "idk_train.jsonl", idk_rows)
+    barrier()
+    idk_rows = idk_rows if main else read_jsonl(out / "idk_train.jsonl")  # the others read what rank 0 wrote
     idk_model = load_model(sft_path, device)
     idk_result, n_idk = finetune(
         idk_model,
@@ -414,18 +423,20 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         key + "-idk",
         "halluc: I don't know",
     )
-    save_model(out / "idk" / "model.pt", idk_model, dict(step=idk_result.step))
-    # `labkit chat --model halluc` finds it here (plain chat, no tool)
-    save_model(out / "model.pt", idk_model, dict(step=idk_result.step))
-    after = probe(idk_model, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
-    write_jsonl(out / "probe_idk.jsonl", after)
+    if main:
+        save_model(out / "idk" / "model.pt", idk_model, dict(step=idk_result.step))
+        # `labkit chat --model halluc` finds it here (plain chat, no tool)
+        save_model(out / "model.pt", idk_model, dict(step=idk_result.step))
+        after = probe(idk_model, tokenizer, questions, h.max_new_tokens, h.n_samples, h.temperature, config.seed, batch)
+        write_jsonl(out / "probe_idk.jsonl", after)
 
     # mitigation 2: the search tool
     index = load_index(run, config)
     tool_rows = tool_conversations(
         world, index, h.tool_conversations, config.seed, config.sft.heldout_people, h.result_chars
     )
-    write_jsonl(out / "tool_train.jsonl", tool_rows)
+    if main:
+        write_jsonl(out / "tool_train.jsonl", tool_rows)
     tool_model = load_model(sft_path, device)
     tool_result, n_tool = finetune(
         tool_model,
@@ -439,6 +450,8 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         key + "-search",
         "halluc: search",
     )
+    if not main:
+        return {}
     save_model(out / "search" / "model.pt", tool_model, dict(step=tool_result.step))
     searched = probe_with_search(
         tool_model, tokenizer, index, questions, h.max_new_tokens, h.result_chars, max_batch=batch

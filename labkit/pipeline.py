@@ -8,16 +8,22 @@ complete when its
 the stage's own config sections, the seed, the labkit version that builds it, and its inputs'
 fingerprints. Change `vocab_size` and the tokenizer (and everything after it) is rebuilt; install
 a new labkit and every stage is rebuilt; change nothing and it is reused.
+
+Under torchrun (labkit/distributed.py) rank 0 plans, builds the stages that train nothing alone
+and writes every stage's metrics and wandb run; the stages in TRAINED_TOGETHER are built by every
+process, whose training loops share out each batch. After each stage all processes meet at a
+barrier, so the next one reads what rank 0 wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import STAGES, Config, ConfigError
+from .config import STAGES, Config, ConfigError, resolve_device
 from .run import Run, fingerprint
 
 # stage -> (module, config sections it reads, stages it reads from)
@@ -30,6 +36,30 @@ STAGE_SPECS = {
     "rlhf": ("labkit.rlhf", ("rlhf", "reward_model", "dpo", "ppo"), ("sft",)),
     "halluc": ("labkit.halluc", ("halluc",), ("sft",)),
 }
+
+
+# the stages every process builds under torchrun (their training loops go through DDP), and the
+# batch sizes each process takes an equal share of
+TRAINED_TOGETHER = {
+    "base": ("train.batch_size",),
+    "sft": ("sft.batch_size",),
+    "rlhf": ("reward_model.batch_size", "dpo.batch_size"),
+    "grpo": ("sft.batch_size",),  # the cold start
+    "halluc": ("halluc.batch_size",),
+}
+
+
+def check_world_size(stages, config: Config, world_size: int) -> None:
+    """Every batch the stages share out splits evenly over the processes, before any work starts."""
+    for stage in stages:
+        for name in TRAINED_TOGETHER.get(stage, ()):
+            section, field = name.split(".")
+            size = getattr(getattr(config, section), field)
+            if size % world_size:
+                raise ConfigError(
+                    f"{name}={size} does not split over {world_size} processes (torchrun --nproc_per_node="
+                    f"{world_size}); allowed: a multiple of {world_size}, or another number of processes"
+                )
 
 
 def _check(stage: str) -> None:
@@ -58,18 +88,31 @@ def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
     """Make `stage` complete in `run`, building its missing inputs first; return its metrics."""
     import torch
 
-    todo = plan(stage, config, run, force)
-    for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2):
+    from .distributed import barrier, broadcast, setup_distributed
+
+    processes = setup_distributed(resolve_device(config.device))
+    main = processes.is_main
+    # rank 0's plan: the others would look at a folder that rank 0 may be changing
+    todo = broadcast(plan(stage, config, run, force) if main else None)
+    check_world_size(todo, config, processes.world_size)
+    for name in tqdm(todo, desc=f"building {stage}", disable=len(todo) < 2 or not main):
+        if not main and name not in TRAINED_TOGETHER:
+            barrier()  # rank 0 builds it alone
+            continue
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         module, _, function = STAGE_SPECS[name][0].partition(":")
         build = getattr(importlib.import_module(module), function or "build")
-        run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
+        if main:
+            run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
         made_from = stage_fingerprint(name, config)
-        with run.tracking(name, config.to_dict()) as tracker:
+        with run.tracking(name, config.to_dict()) if main else contextlib.nullcontext() as tracker:
             metrics = build(config, run, made_from)
             if torch.cuda.is_available():  # the memory plan, checked: the most this stage held at once
                 metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            tracker.summary.update(metrics)
-        run.write_metrics(name, metrics, made_from)
+            if main:
+                tracker.summary.update(metrics)
+        if main:
+            run.write_metrics(name, metrics, made_from)
+        barrier()  # the next stage, on every process, reads what rank 0 wrote
     return run.metrics(stage)

@@ -33,10 +33,11 @@ from torch.nn import functional as F
 from .checkpoint import load_model, save_model
 from .config import Config, resolve_device
 from .dataloader import EOT, TokenWindows, sequential_batches, tokenize_run
+from .distributed import is_main_process, main_first
 from .engine import fit, generate
 from .model import GPT, GPTConfig
 from .run import Run, write_json
-from .train import autocast, autocast_dtype, is_main_process, peak_flops, train
+from .train import autocast, autocast_dtype, peak_flops, train
 from .world import BUCKETS, FACTS, World, bucket, made_up_word
 
 BUCKET_NAMES = [label for _, _, label in BUCKETS]
@@ -71,7 +72,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     start = time.time()
     out, device = run.stage_dir("base"), resolve_device(config.device)
     tokenizer = Tokenizer.load(run.path / "tokenizer")
-    files = tokenize_run(run, tokenizer, out, config.train.val_fraction)
+    files = main_first(tokenize_run, run, tokenizer, out, config.train.val_fraction)  # rank 0 writes, the others read
     train_ids, val_ids = files.tokens("train"), files.tokens("val")
     model = make_model(config, tokenizer.n_vocab)
     block, cfg = model.config.block_size, config.train
@@ -105,12 +106,11 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         desc="pretraining",
     )
     model.eval()
-    if is_main_process():
-        save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
-        write_json(out / "history.json", result.history)
-        write_json(
-            out / "samples.json", [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r]
-        )
+    if not is_main_process():  # the files and the measuring are rank 0's
+        return {}
+    save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
+    write_json(out / "history.json", result.history)
+    write_json(out / "samples.json", [dict(step=r["step"], text=r["sample"]) for r in result.history if "sample" in r])
 
     val_loss, val_bpb = evaluate_bpb(model, tokenizer, val_ids, cfg.batch_size, device, autocast_dtype(cfg, device))
     metrics = dict(
@@ -138,8 +138,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     world = read_world(run)
     if world is not None:  # real datasets have no world to check facts against
         probes = fact_recall(model, tokenizer, world, max_batch=config.max_batch)
-        if is_main_process():
-            write_json(out / "fact_recall.json", probes)
+        write_json(out / "fact_recall.json", probes)
         metrics.update(summarize_recall(probes))
     metrics["seconds"] = round(time.time() - start, 2)
     return metrics

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from .checkpoint import save_model
+from .distributed import is_main_process
 from .engine import chunks, pack
 from .model import ScalarModel
 from .preferences import PairBatches, pair_examples, prompt_and_reply
@@ -118,6 +119,8 @@ def train_reward_model(
         desc="reward model",
     )
     model.eval()
+    if not is_main_process():  # the same weights on every process; the files and the measuring are rank 0's
+        return model, {}
     save_model(folder / "model.pt", model, dict(step=result.step))
     write_json(folder / "history.json", result.history)
     return model, dict(

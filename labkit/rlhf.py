@@ -41,6 +41,7 @@ import torch
 
 from .checkpoint import save_model
 from .config import ConfigError, resolve_device
+from .distributed import is_main_process, main_first
 from .dpo import train_dpo
 from .engine import replies
 from .ppo import check_config, ppo_train
@@ -76,6 +77,15 @@ def open_rankings(run, config, device: str = "cpu") -> Rankings:
     model, tokenizer = load_assistant(run, device)
     out = run.stage_dir("rlhf")
     return Rankings(out / RANKINGS, prepare_prompts(model, tokenizer, world, config, out))
+
+
+def ranked_prompts(run, config, device: str = "cpu") -> Rankings:
+    """`open_rankings`, with every prompt nobody ranked ranked by the simulated labeler when the
+    config says so."""
+    rankings = open_rankings(run, config, device)
+    if config.rlhf.simulated_labeler:
+        fill_with_simulated_labeler(rankings)
+    return rankings
 
 
 def rankings_fingerprint(rankings: Rankings) -> str:
@@ -128,10 +138,9 @@ def build(config, run, made_from: str) -> dict:
     r = config.rlhf
     device = resolve_device(config.device)
     out = run.stage_dir("rlhf")
-    rankings = open_rankings(run, config, device)
+    # rank 0 samples the prompts and ranks them; the other processes then read its files
+    rankings = main_first(ranked_prompts, run, config, device)
     sft, tokenizer = load_assistant(run, device)
-    if r.simulated_labeler:
-        fill_with_simulated_labeler(rankings)
     ranked = [pid for pid in rankings.order if pid in rankings.records]
     heldout = [pid for pid in ranked if is_heldout(pid, r.heldout_prompts)]
     train_pairs, heldout_pairs = rankings.pairs([p for p in ranked if p not in heldout]), rankings.pairs(heldout)
@@ -155,6 +164,8 @@ def build(config, run, made_from: str) -> dict:
     metrics.update(rm_metrics)
 
     dpo, _ = train_dpo(sft, tokenizer, train_pairs, config, run, out / "dpo", device, key + "-dpo")
+    if not is_main_process():  # PPO, its files and the measuring are rank 0's (see the README's GPU section)
+        return {}
     save_model(run.stage_dir("dpo") / "model.pt", dpo)  # where `labkit chat --model dpo` finds it
 
     prompts = [rankings.prompts[pid] for pid in ranked if pid not in heldout]

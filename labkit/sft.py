@@ -47,6 +47,7 @@ from .conversations import (
     refuses,
     split_people,
 )
+from .distributed import is_main_process
 from .engine import chat, fit, generate, replies
 from .pretrain import BUCKET_NAMES, few_shot_prompt, load_base
 from .rewards import extract_answer
@@ -102,6 +103,11 @@ def sft_loss(model, batch):
     x, y = batch
     _, loss = model(x, y)
     return loss, {}
+
+
+def assistant_tokens(batch) -> torch.Tensor:
+    """The targets `sft_loss` averages over: a batch's assistant tokens."""
+    return (batch[1] != IGNORE).sum()
 
 
 def encode_conversations(conversations: list[dict], tokenizer, block_size: int, renderer=render) -> tuple[list, dict]:
@@ -165,6 +171,7 @@ def finetune(
         resume_key=resume_key,
         run=run,
         desc=desc,
+        loss_terms=assistant_tokens,
     )
     model.eval()
     return result, len(examples)
@@ -346,9 +353,10 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     out, device = run.stage_dir("sft"), resolve_device(config.device)
     model, tokenizer = load_base(run, device)
     world = read_world(run)
-    train_rows, val_rows = load_conversations(config, world)
-    write_jsonl(out / "train.jsonl", train_rows)
-    write_jsonl(out / "val.jsonl", val_rows)
+    train_rows, val_rows = load_conversations(config, world)  # the same on every process
+    if is_main_process():
+        write_jsonl(out / "train.jsonl", train_rows)
+        write_jsonl(out / "val.jsonl", val_rows)
     block, pad = model.config.block_size, tokenizer.encode_special("<|endoftext|>")
     train_examples, train_stats = encode_conversations(train_rows, tokenizer, block)
     val_examples, _ = encode_conversations(val_rows, tokenizer, block)
@@ -378,8 +386,11 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         run=run,
         on_eval=sample_at_eval,
         desc="sft",
+        loss_terms=assistant_tokens,
     )
     model.eval()
+    if not is_main_process():  # the files and the measuring are rank 0's
+        return {}
     save_model(out / "model.pt", model, dict(step=result.step, tokens_seen=result.tokens_seen))
     write_json(out / "history.json", result.history)
 

@@ -15,9 +15,11 @@ the loop does the rest, the way nanoGPT does it:
 - atomic checkpoints (labkit/checkpoint.py) holding everything the next step depends on (weights, optimizer moments,
   step, every random generator, the batch source's position): a run killed at any moment
   resumes from its last checkpoint and ends with the same weights as a run never killed;
-- several processes through `torchrun` and PyTorch DDP: each process reads RANK, WORLD_SIZE
-  and LOCAL_RANK, takes its share of every batch, and gradients are averaged across processes
-  after backward, so every process holds the same weights; only rank 0 writes.
+- several processes through `torchrun` and PyTorch DDP (labkit/distributed.py): each process
+  takes its equal share of every global batch, and the gradients are averaged across processes
+  on the last micro-batch of a step. The gradient of the mean loss over the global batch is the
+  mean of the shards' gradients, so N processes take the same steps as one process on the whole
+  batch, and every process holds the same weights; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
+from .distributed import Distributed, setup_distributed
 from .run import notify
 
 
@@ -105,35 +107,6 @@ def autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "cpu") -> Distributed:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA,
-    gloo on CPU). A plain `python` run is one process of rank 0."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return Distributed(rank, local_rank, world_size)
-
-
-def is_main_process() -> bool:
-    """True unless this is a torchrun process other than rank 0 (only rank 0 writes files)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def shard(batch, rank: int, world_size: int):
     """This process's rows of a global batch (tensors, or tuples / dicts of them, batch dim first)."""
     if world_size == 1:
@@ -190,6 +163,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
 # --- the loop ------------------------------------------------------------------------------------
 
 
+class LossOf(torch.nn.Module):
+    """A model and its loss as one module, the one DDP wraps. DDP averages gradients only for
+    what runs inside its own forward: a loss that called `ddp.module.score(...)` would train each
+    process on its own shard, silently. Here DDP's forward is `loss_fn(model, batch)`, and
+    `loss_fn` gets the model itself, whatever it calls (`score`, `hidden_states`, ...)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -243,14 +230,15 @@ def train(
     on_eval: Callable[[dict], None] | None = None,
     stop_at_step: int | None = None,
     desc: str = "training",
+    loss_terms: Callable[[object], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps; return the step count and history.
 
-    loss_fn(model, batch) -> (loss tensor, metrics dict of floats); it must call `model(...)`
-    (under DDP that call is what syncs the gradients).
+    loss_fn(model, batch) -> (loss tensor: a mean over the batch's rows, or over what `loss_terms`
+    counts; metrics dict of floats); it gets the model itself, never a DDP wrapper.
     batches: `.next()` gives the next global micro-batch (tensors or tuples / dicts of them,
-    batch dimension first); if it has `state_dict` / `load_state_dict` its position is
-    checkpointed.
+    batch dimension first; under torchrun each process takes its share of the rows); if it has
+    `state_dict` / `load_state_dict` its position is checkpointed.
     val_batches: a function returning an iterable of batches, the same ones each time.
     checkpoint: the training checkpoint's path; if it exists and carries `resume_key`, training
     resumes from it; it is written every `cfg.checkpoint_every` steps and at the end.
@@ -262,6 +250,10 @@ def train(
     drawing plots) never changes the training.
     stop_at_step: stop early after this step (a run "killed" there, for tests); the learning
     rate schedule still runs to max_steps.
+    loss_terms(batch): how many terms the batch's mean loss averages over, for a loss where that
+    varies from row to row (SFT's assistant tokens). Under torchrun each process's loss is then
+    weighted by its share of the global batch's terms, so the step is the one-process step: the
+    mean over all the batch's terms, not the mean of the processes' means.
     """
     check_config(cfg)
     dist_info = setup_distributed(device)
@@ -290,9 +282,9 @@ def train(
         set_rng_state(state["rng"])
 
     compiled = torch.compile(raw) if cfg.compile and torch.device(device).type == "cuda" else raw
-    trained = compiled
+    trained = LossOf(compiled, loss_fn)  # compiled before DDP wraps it, as nanoGPT does
     if dist_info.world_size > 1:
-        trained = DDP(compiled, device_ids=[dist_info.local_rank] if torch.device(device).type == "cuda" else None)
+        trained = DDP(trained, device_ids=[dist_info.local_rank] if torch.device(device).type == "cuda" else None)
 
     def save():
         if dist_info.is_main and checkpoint is not None:
@@ -348,10 +340,13 @@ def train(
             batch = batches.next()
             tokens_seen += _first_tensor(batch).numel()
             batch = to_device(shard(batch, dist_info.rank, dist_info.world_size), device)
-            # under DDP, gradients are averaged across processes only on the last micro-batch
-            sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
-            with contextlib.nullcontext() if sync else trained.no_sync(), autocast(device, dtype):
-                loss, metrics = loss_fn(trained, batch)
+            weight = 1.0
+            if dist_info.world_size > 1:  # average gradients across processes on the last micro-batch only
+                trained.require_backward_grad_sync = micro == cfg.grad_accum - 1
+                weight = _share_of_terms(loss_terms, batch, dist_info.world_size)
+            with autocast(device, dtype):
+                loss, metrics = trained(batch)
+            loss = loss * weight
             (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
             for k, v in metrics.items():
@@ -361,9 +356,8 @@ def train(
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if dist_info.world_size > 1:  # report the loss averaged over processes (gloo has no AVG)
-            dist.all_reduce(step_loss)
-            step_loss /= dist_info.world_size
+        if dist_info.world_size > 1:  # the loss and metrics of the global batch: the processes' mean
+            step_loss, step_metrics = _mean_over_processes(step_loss, step_metrics, dist_info.world_size)
         row = dict(step=step + 1, loss=step_loss.item(), lr=lr, grad_norm=grad_norm.item(), **step_metrics)
         step += 1
         train_seconds += time.perf_counter() - start
@@ -387,6 +381,23 @@ def train(
             save()
     bar.close()
     return TrainResult(step, tokens_seen, train_seconds, history)
+
+
+def _share_of_terms(loss_terms, batch, world_size: int):
+    """This process's terms (of `loss_terms`) over the mean per process: 1 for equal shares."""
+    if loss_terms is None:  # every row one term, and every process as many rows
+        return 1.0
+    mine = torch.as_tensor(loss_terms(batch), dtype=torch.float32, device=_first_tensor(batch).device)
+    total = mine.clone()
+    dist.all_reduce(total)
+    return mine * world_size / total
+
+
+def _mean_over_processes(loss: torch.Tensor, metrics: dict, world_size: int) -> tuple[torch.Tensor, dict]:
+    values = torch.tensor([loss.item(), *metrics.values()], dtype=torch.float64, device=loss.device)
+    dist.all_reduce(values)  # a sum: gloo has no average
+    values /= world_size
+    return values[0], dict(zip(metrics, values[1:].tolist()))
 
 
 def _log(run, metrics: dict, step: int) -> None:
