@@ -7,6 +7,10 @@ complete when its
 `metrics.json` exists and carries the fingerprint of the configuration it was made from:
 the stage's own config sections, the seed, and its inputs' fingerprints. Change `vocab_size`
 and the tokenizer (and everything after it) is rebuilt; change nothing and it is reused.
+
+A stage that also learns from files a person edits (rlhf: the rankings) names in MADE_FROM_FILES
+a function `(config, run) -> JSON-able` that sums up their content; that summary is part of the
+stage's fingerprint, so `labkit run` rebuilds the stage after a new ranking, as a notebook does.
 """
 
 from __future__ import annotations
@@ -29,16 +33,23 @@ STAGE_SPECS = {
     "halluc": ("labkit.halluc", ("halluc",), ("sft",)),
 }
 
+# stage -> (module, function) summing up the content of the files it learns from besides its inputs' models
+MADE_FROM_FILES = {"rlhf": ("labkit.rlhf", "made_from_files")}
+
 
 def _check(stage: str) -> None:
     if stage not in STAGE_SPECS:
         raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
 
 
-def stage_fingerprint(stage: str, config: Config) -> str:
+def stage_fingerprint(stage: str, config: Config, run: Run) -> str:
     _, sections, inputs = STAGE_SPECS[stage]
     made_from = {s: getattr(config, s).__dict__ for s in sections}
-    return fingerprint([stage, config.seed, made_from, [stage_fingerprint(i, config) for i in inputs]])
+    parts = [stage, config.seed, made_from, [stage_fingerprint(i, config, run) for i in inputs]]
+    if stage in MADE_FROM_FILES:
+        module, function = MADE_FROM_FILES[stage]
+        parts.append(getattr(importlib.import_module(module), function)(config, run))
+    return fingerprint(parts)
 
 
 def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]:
@@ -47,7 +58,7 @@ def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]
     todo: list[str] = []
     for dependency in STAGE_SPECS[stage][2]:
         todo += [s for s in plan(dependency, config, run) if s not in todo]
-    if force or todo or not run.is_complete(stage, stage_fingerprint(stage, config)):
+    if force or todo or not run.is_complete(stage, stage_fingerprint(stage, config, run)):
         todo.append(stage)
     return todo
 
@@ -63,7 +74,7 @@ def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
         module, _, function = STAGE_SPECS[name][0].partition(":")
         build = getattr(importlib.import_module(module), function or "build")
         run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
-        made_from = stage_fingerprint(name, config)
+        made_from = stage_fingerprint(name, config, run)
         with run.tracking(name, config.to_dict()) as tracker:
             metrics = build(config, run, made_from)
             if torch.cuda.is_available():  # the memory plan, checked: the most this stage held at once
