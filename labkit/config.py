@@ -149,7 +149,9 @@ class RLHFConfig:
         32, low=1, high=4096, help="longest completion; one that has not reached <|im_end|> by then is cut"
     )
     simulated_labeler: bool = param(
-        True, help="the simulated labeler ranks every prompt a person has not ranked (headless runs need it)"
+        True,
+        help="training uses the simulated labeler's ranking of every prompt a person has not ranked (headless runs "
+        "need it); False: only a person's rankings",
     )
     heldout_prompts: float = param(
         0.15, low=0.05, high=0.9, help="share of ranked prompts held out to measure the reward model's pair accuracy"

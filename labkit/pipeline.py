@@ -13,6 +13,10 @@ Under torchrun (labkit/distributed.py) rank 0 plans, builds the stages that trai
 and writes every stage's metrics and wandb run; the stages in TRAINED_TOGETHER are built by every
 process, whose training loops share out each batch. After each stage all processes meet at a
 barrier, so the next one reads what rank 0 wrote.
+
+A stage that also learns from files a person edits (rlhf: the rankings) names in MADE_FROM_FILES
+a function `(config, run) -> JSON-able` that sums up their content; that summary is part of the
+stage's fingerprint, so `labkit run` rebuilds the stage after a new ranking, as a notebook does.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ STAGE_SPECS = {
     "rlhf": ("labkit.rlhf", ("rlhf", "reward_model", "dpo", "ppo"), ("sft",)),
     "halluc": ("labkit.halluc", ("halluc",), ("sft",)),
 }
+
+# stage -> (module, function) summing up the content of the files it learns from besides its inputs' models
+MADE_FROM_FILES = {"rlhf": ("labkit.rlhf", "made_from_files")}
 
 
 # the stages every process builds under torchrun (their training loops go through DDP), and the
@@ -67,10 +74,14 @@ def _check(stage: str) -> None:
         raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
 
 
-def stage_fingerprint(stage: str, config: Config) -> str:
+def stage_fingerprint(stage: str, config: Config, run: Run) -> str:
     _, sections, inputs = STAGE_SPECS[stage]
     made_from = {s: getattr(config, s).__dict__ for s in sections}
-    return fingerprint([stage, __version__, config.seed, made_from, [stage_fingerprint(i, config) for i in inputs]])
+    parts = [stage, __version__, config.seed, made_from, [stage_fingerprint(i, config, run) for i in inputs]]
+    if stage in MADE_FROM_FILES:
+        module, function = MADE_FROM_FILES[stage]
+        parts.append(getattr(importlib.import_module(module), function)(config, run))
+    return fingerprint(parts)
 
 
 def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]:
@@ -79,7 +90,7 @@ def plan(stage: str, config: Config, run: Run, force: bool = False) -> list[str]
     todo: list[str] = []
     for dependency in STAGE_SPECS[stage][2]:
         todo += [s for s in plan(dependency, config, run) if s not in todo]
-    if force or todo or not run.is_complete(stage, stage_fingerprint(stage, config)):
+    if force or todo or not run.is_complete(stage, stage_fingerprint(stage, config, run)):
         todo.append(stage)
     return todo
 
@@ -105,7 +116,7 @@ def ensure(stage: str, config: Config, run: Run, force: bool = False) -> dict:
         build = getattr(importlib.import_module(module), function or "build")
         if main:
             run.metrics_path(name).unlink(missing_ok=True)  # incomplete until the new metrics land
-        made_from = stage_fingerprint(name, config)
+        made_from = stage_fingerprint(name, config, run)
         with run.tracking(name, config.to_dict()) if main else contextlib.nullcontext() as tracker:
             metrics = build(config, run, made_from)
             if torch.cuda.is_available():  # the memory plan, checked: the most this stage held at once

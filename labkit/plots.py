@@ -145,17 +145,21 @@ def ppo_curves(history: list[dict], title: str = "PPO") -> go.Figure:
     from plotly.subplots import make_subplots
 
     panels = [
-        ("score", "reward-model score"),
-        ("kl", "KL to reference (nats per answer)"),
-        ("response_length", "answer length (tokens)"),
-        ("clipfrac", "clipped tokens (fraction)"),
+        ("score", "reward-model score", "score"),
+        ("kl", "KL to reference (nats per answer)", "nats"),
+        ("response_length", "answer length (tokens)", "tokens"),
+        ("clipfrac", "clipped tokens (fraction)", "fraction of tokens"),
     ]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=[label for _, label in panels])
+    fig = make_subplots(
+        rows=2, cols=2, subplot_titles=[label for _, label, _ in panels], vertical_spacing=0.22, horizontal_spacing=0.12
+    )
     steps = [row["step"] for row in history]
-    for col, (key, label) in enumerate(panels, start=1):
-        fig.add_scatter(x=steps, y=[row[key] for row in history], mode="lines+markers", name=label, row=1, col=col)
-        fig.update_xaxes(title_text="PPO step (batches of rollouts)", row=1, col=col)
-    return _layout(fig, title, "PPO step (batches of rollouts)", "", showlegend=False, height=320)
+    for i, (key, label, unit) in enumerate(panels):
+        at = dict(row=i // 2 + 1, col=i % 2 + 1)
+        fig.add_scatter(x=steps, y=[row[key] for row in history], mode="lines+markers", name=label, **at)
+        fig.update_xaxes(title_text="PPO step (batches of rollouts)", dtick=1 if len(steps) <= 10 else None, **at)
+        fig.update_yaxes(title_text=unit, **at)
+    return _layout(fig, title, "PPO step (batches of rollouts)", "score", showlegend=False, height=560)
 
 
 def reward_hacking(history: list[dict], title: str = "Reward hacking: PPO with no KL penalty") -> go.Figure:

@@ -24,11 +24,11 @@ import torch
 
 from .chat import render_prompt
 from .engine import decode_reply, fit, generate, pack, reply_stops
-from .run import in_share, read_jsonl, write_jsonl
+from .run import atomic_write, in_share, read_jsonl, write_jsonl
 
 
 class RankingError(ValueError):
-    """A ranking that cannot be stored: an unknown prompt or completion, or a person's ranking in the way."""
+    """A ranking that cannot be stored or taken back: an unknown prompt or completion, nothing to undo."""
 
 
 HUMAN, SIMULATED = "human", "simulated"
@@ -44,17 +44,35 @@ class Rankings:
     """The rankings of one run: `rankings.jsonl`, one JSON object per line, only ever appended.
 
     A line is {"id": prompt id, "order": completion indices best first, "by": "human" or
-    "simulated"} or {"id": ..., "undo": true}; the last line about a prompt wins. Each line is
-    written, flushed and fsynced before `add` returns, so a crash or a kernel restart loses
-    nothing already ranked. Reading keeps every good line and reports the others in `problems`
-    (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
+    "simulated"} (other fields are kept as they are) or {"id": ..., "undo": true}, which takes
+    back the last ranking of that prompt by a person. A prompt may hold both kinds: the simulated
+    labeler's is a default, and a person's replaces it for training (`records`, one per prompt)
+    while both stay in the file. The person's rankings, in the order made, are the history that
+    undo walks back: it is read from the file, so it survives a kernel restart.
+
+    Each line is written, flushed and fsynced before `add` returns, so a crash or a kernel restart
+    loses nothing already ranked. Reading keeps every good line and reports the others in
+    `problems` (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
     """
 
-    def __init__(self, path: str | Path, prompts: list[dict]):
+    def __init__(self, path: str | Path, prompts: list[dict], prompts_file: str | Path | None = None):
         self.path = Path(path)
         self.prompts = {p["id"]: p for p in prompts}
         self.order = [p["id"] for p in prompts]
-        self.records: dict[str, dict] = {}
+        self.prompts_file = prompts_file  # where `prompts` were read: a person's ranking must be of those texts
+        self.prompts_seen = self._prompts_stamp()
+        self.reload()
+
+    def _prompts_stamp(self):
+        stat = os.stat(self.prompts_file) if self.prompts_file and os.path.exists(self.prompts_file) else None
+        return stat and (stat.st_mtime_ns, stat.st_size)
+
+    def reload(self) -> None:
+        """Read the file afresh (after another process or a stage build wrote to it)."""
+        self.records: dict[str, dict] = {}  # what training learns from: a person's ranking, else the labeler's
+        self.simulated: dict[str, dict] = {}  # the simulated labeler's ranking of each prompt
+        self.by_person: dict[str, list[dict]] = {}  # each prompt's rankings by a person, standing, latest last
+        self.person_history: list[str] = []  # prompts in the order a person ranked them: what undo takes back
         self.problems: list[str] = []
         if self.path.exists():
             self._read()
@@ -89,13 +107,18 @@ class Rankings:
             except RankingError as error:
                 self.problems.append(f"{self.path} line {number}: {error}; it was skipped")
             else:
-                if record.get("undo"):
-                    self.records.pop(record["id"], None)
+                if not record.get("undo"):
+                    self._store(record)
+                elif self.by_person.get(record["id"]):
+                    self._take_back(record["id"])
                 else:
-                    self.records[record["id"]] = record
+                    self.problems.append(
+                        f"{self.path} line {number}: an undo of prompt {record['id']!r}, which has no ranking "
+                        f"by a person to take back; it was skipped"
+                    )
             good_end += len(line) + 1
         for problem in self.problems:
-            warnings.warn(problem, stacklevel=3)
+            warnings.warn(problem, stacklevel=4)
 
     def _check(self, record: dict) -> None:
         if not isinstance(record, dict) or "id" not in record:
@@ -123,6 +146,33 @@ class Rankings:
         if record.get("by") not in (HUMAN, SIMULATED):
             raise RankingError(f"'by' must be {HUMAN!r} or {SIMULATED!r}; got {record.get('by')!r}")
 
+    def _store(self, record: dict) -> None:
+        pid = record["id"]
+        if record["by"] == HUMAN:
+            self.by_person.setdefault(pid, []).append(record)
+            self.person_history.append(pid)
+        else:
+            self.simulated[pid] = record
+        self._settle(pid)
+
+    def _take_back(self, pid: str) -> dict:
+        record = self.by_person[pid].pop()
+        if not self.by_person[pid]:
+            del self.by_person[pid]
+        last = len(self.person_history) - 1 - self.person_history[::-1].index(pid)
+        del self.person_history[last]
+        self._settle(pid)
+        return record
+
+    def _settle(self, pid: str) -> None:
+        """The record training uses for `pid`: the person's latest ranking, else the labeler's."""
+        if self.by_person.get(pid):
+            self.records[pid] = self.by_person[pid][-1]
+        elif pid in self.simulated:
+            self.records[pid] = self.simulated[pid]
+        else:
+            self.records.pop(pid, None)
+
     def _append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab+") as f:
@@ -135,31 +185,44 @@ class Rankings:
             os.fsync(f.fileno())
 
     def add(self, pid: str, order: list[int], by: str = HUMAN) -> dict:
-        """Store a ranking (completion numbers, best first) the moment it is made."""
+        """Store a ranking (completion numbers, best first) the moment it is made. A person's
+        ranking replaces the simulated labeler's for training; the labeler's never replaces a person's."""
         record = dict(id=pid, order=[int(i) for i in order], by=by)
         self._check(record)
-        if by == SIMULATED and self.records.get(pid, {}).get("by") == HUMAN:
-            raise RankingError(f"prompt {pid!r} was ranked by a person; an automatic ranking never replaces it")
+        if self._prompts_stamp() != self.prompts_seen:
+            raise RankingError(
+                f"{self.prompts_file} changed since these rankings were opened (its completions were sampled "
+                f"again: a new SFT model or new settings); nothing was stored: open the rankings again"
+            )
         self._append(record)
-        self.records[pid] = record
+        self._store(record)
         return record
 
-    def undo(self, pid: str) -> None:
-        """Forget the ranking of `pid` (durably: an 'undo' line is appended)."""
-        if pid not in self.records:
-            raise RankingError(f"prompt {pid!r} has no ranking to undo")
+    def undo(self, pid: str | None = None) -> dict:
+        """Take back a person's last ranking (of `pid`, or else of any prompt), durably: an 'undo'
+        line is appended. The prompt falls back to the simulated labeler's ranking, if it has one.
+        Returns the ranking taken back."""
+        if pid is None and not self.person_history:
+            raise RankingError("nothing to undo: no prompt has a ranking by a person")
+        pid = self.person_history[-1] if pid is None else pid
+        if not self.by_person.get(pid):
+            raise RankingError(f"prompt {pid!r} has no ranking by a person to undo")
         self._append(dict(id=pid, undo=True))
-        del self.records[pid]
+        return self._take_back(pid)
 
-    def unranked(self) -> list[str]:
-        return [pid for pid in self.order if pid not in self.records]
+    def ranked(self, simulated: bool = True) -> list[str]:
+        """The prompts training learns from, in order: every ranked one, or (`simulated` False)
+        only those a person ranked."""
+        return [pid for pid in self.order if pid in self.by_person or (simulated and pid in self.records)]
 
-    def next_unranked(self, after: str | None = None) -> str | None:
-        """The first unranked prompt (after `after`, when given): where a session resumes."""
+    def next_to_rank(self, after: str | None = None) -> str | None:
+        """The next prompt no person has ranked (after `after`, wrapping round; the labeler's
+        rankings do not count): where a person resumes. None when a person ranked them all."""
         start = self.order.index(after) + 1 if after in self.order else 0
-        return next((pid for pid in self.order[start:] if pid not in self.records), None)
+        return next((pid for pid in self.order[start:] + self.order[:start] if pid not in self.by_person), None)
 
     def count(self, by: str | None = None) -> int:
+        """Prompts ranked (`by` None), ranked by a person, or ranked only by the simulated labeler."""
         return sum(1 for r in self.records.values() if by is None or r["by"] == by)
 
     def pairs(self, pids) -> list[tuple[dict, int, int]]:
@@ -215,12 +278,12 @@ def simulated_ranking(prompt: dict) -> list[int]:
 
 
 def fill_with_simulated_labeler(rankings: Rankings) -> int:
-    """Rank every prompt nobody has ranked; a person's rankings are left as they are."""
-    done = 0
-    for pid in rankings.unranked():
+    """Rank every prompt the simulated labeler has not ranked yet. A person's ranking of a prompt
+    still wins for training; the labeler's is kept beside it, the default should the person undo."""
+    todo = [pid for pid in rankings.order if pid not in rankings.simulated]
+    for pid in todo:
         rankings.add(pid, simulated_ranking(rankings.prompts[pid]), by=SIMULATED)
-        done += 1
-    return done
+    return len(todo)
 
 
 def compare(prompt: dict, a: dict, b: dict) -> float:
@@ -306,21 +369,63 @@ def sample_completions(
     ]
 
 
-def prepare_prompts(model, tokenizer, world, config, folder: Path) -> list[dict]:
-    """The run's prompts with their K completions, in `prompts.jsonl`. Prompts sampled before are
-    kept as they are (their rankings stay valid); only new prompts get completions."""
+def prepare_prompts(model, tokenizer, world, config, folder: Path, source: str) -> list[dict]:
+    """The run's prompts with their K completions, in `prompts.jsonl`, each marked with the
+    `source` it was sampled from (the SFT model and the sampling settings). Prompts sampled from
+    this source before are kept as they are (their rankings stay valid); the others get fresh
+    completions, and their old ones go to the archive with every ranking made of them."""
     r = config.rlhf
     path = folder / "prompts.jsonl"
-    kept = {p["id"]: p for p in read_jsonl(path)} if path.exists() else {}
+    rows = read_jsonl(path) if path.exists() else []
+    kept = {p["id"]: p for p in rows if p.get("sampled_from") == source}
     wanted = ranking_prompts(world, r.n_prompts, config.seed, config.sft.heldout_people)
     new = [p for p in wanted if p["id"] not in kept]
     if new:
         for p in sample_completions(
             model, tokenizer, new, r.k, r.max_new_tokens, r.temperature, config.seed, config.max_batch
         ):
-            kept[p["id"]] = p
+            kept[p["id"]] = dict(p, sampled_from=source)
+    stale = [p for p in rows if p.get("sampled_from") != source]
+    if stale:
+        archive(folder, stale)
+    if new or stale:
         write_jsonl(path, list(kept.values()))
     return [kept[p["id"]] for p in wanted]
+
+
+ARCHIVE = "archive"
+
+
+def archive(folder: Path, stale: list[dict]) -> list[Path]:
+    """Move prompts whose completions came from another source, and every line of the rankings
+    about them, to `archive/<their source>/` (prompts.jsonl, rankings.jsonl): kept, never deleted,
+    and out of the way of the completions that replace them (prompt ids stay the same)."""
+    rankings_path = folder / RANKINGS
+    lines = rankings_path.read_bytes().splitlines(keepends=True) if rankings_path.exists() else []
+
+    def about(line: bytes) -> str | None:
+        try:
+            return json.loads(line).get("id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None  # not a ranking this code can read: it stays where it is
+
+    by_source: dict[str, list[dict]] = {}
+    for p in stale:
+        by_source.setdefault(p.get("sampled_from") or "unknown", []).append(p)
+    moved, written = set(), []
+    for source, prompts in by_source.items():
+        ids = {p["id"] for p in prompts}
+        target, n = folder / ARCHIVE / source, 1
+        while target.exists():  # the same source archived before: a folder of its own, nothing overwritten
+            n += 1
+            target = folder / ARCHIVE / f"{source}-{n}"
+        write_jsonl(target / "prompts.jsonl", prompts)
+        kept_lines = [line for line in lines if about(line) in ids]
+        atomic_write(target / RANKINGS, b"".join(line.rstrip(b"\n") + b"\n" for line in kept_lines))
+        moved |= ids
+        written.append(target)
+    atomic_write(rankings_path, b"".join(line for line in lines if about(line) not in moved))
+    return written
 
 
 def is_heldout(pid: str, share: float) -> bool:

@@ -17,8 +17,9 @@ This file is the stage: it runs the three, then measures the SFT, PPO and DPO as
 held-out prompts (reward-model scores, the simulated labeler's judgement, win rates).
 
 Writes to `runs/<run>/rlhf/`:
-  prompts.jsonl      the prompts to rank and their K completions (kept once sampled)
+  prompts.jsonl      the prompts to rank and their K completions (kept while the SFT model is the same)
   rankings.jsonl     one ranking per line, appended and fsynced the moment it is made
+  archive/<source>/  completions sampled from an earlier SFT model, with every ranking made of them
   rm/model.pt        the reward model; rm/history.json
   dpo/history.json   DPO's loss and implicit rewards per step
   ppo/history.json   PPO's score, KL, answer length, clip fraction (and the labeler's judgement) per step
@@ -60,10 +61,23 @@ from .preferences import (
 from .reward_model import reward_scores, train_reward_model
 from .run import fingerprint, read_jsonl, write_json, write_jsonl
 
+PPO_LOOP, HACKING_LOOP = "ppo", "ppo, no KL"  # the loops' names, for `labkit.run.watch`
+
+
+def completions_source(run, config) -> str | None:
+    """What the completions to rank are sampled from: the SFT model (its stage's fingerprint) and
+    the sampling settings. Completions from another source are sampled again (the old ones and
+    their rankings go to the archive). None while the SFT stage is not built."""
+    sft = run.metrics("sft")
+    if sft is None:
+        return None
+    r = config.rlhf
+    return fingerprint([sft["fingerprint"], r.k, r.max_new_tokens, r.temperature])
+
 
 def open_rankings(run, config, device: str = "cpu") -> Rankings:
-    """The run's prompts (sampling their K completions from the SFT model the first time) and
-    rankings, for the ranking widget and the stage."""
+    """The run's prompts (sampling their K completions from the SFT model the first time, and
+    again when that model changed) and rankings, for the ranking widget and the stage."""
     from .data import read_world
     from .sft import load_assistant
 
@@ -76,7 +90,8 @@ def open_rankings(run, config, device: str = "cpu") -> Rankings:
         )
     model, tokenizer = load_assistant(run, device)
     out = run.stage_dir("rlhf")
-    return Rankings(out / RANKINGS, prepare_prompts(model, tokenizer, world, config, out))
+    prompts = prepare_prompts(model, tokenizer, world, config, out, completions_source(run, config))
+    return Rankings(out / RANKINGS, prompts, prompts_file=out / "prompts.jsonl")
 
 
 def ranked_prompts(run, config, device: str = "cpu") -> Rankings:
@@ -88,23 +103,17 @@ def ranked_prompts(run, config, device: str = "cpu") -> Rankings:
     return rankings
 
 
-def rankings_fingerprint(rankings: Rankings) -> str:
-    return fingerprint(sorted((pid, r["order"], r["by"]) for pid, r in rankings.records.items()))
-
-
-def rankings_changed(run, config) -> bool:
-    """True when the rankings differ from those the built stage learned from (a person ranked more):
-    the notebook then rebuilds the stage."""
-    metrics = run.metrics("rlhf")
-    if metrics is None or not (run.stage_dir("rlhf") / "prompts.jsonl").exists():
-        return False
-    prompts = read_jsonl(run.stage_dir("rlhf") / "prompts.jsonl")
-    with warnings.catch_warnings():
+def made_from_files(config, run) -> list:
+    """What the stage learns from beyond its settings and the SFT model, for the pipeline's key:
+    where the completions come from, and each prompt's ranking by a person. (The simulated
+    labeler's rankings follow from the completions, so they add nothing.) Rankings of completions
+    that will be sampled again do not count: they go to the archive before training."""
+    source, folder = completions_source(run, config), run.path / "rlhf"
+    rows = read_jsonl(folder / "prompts.jsonl") if source and (folder / "prompts.jsonl").exists() else []
+    with warnings.catch_warnings():  # the stage reports a bad line when it opens the rankings
         warnings.simplefilter("ignore")
-        rankings = Rankings(run.stage_dir("rlhf") / RANKINGS, prompts)
-    return any(r["by"] == HUMAN for r in rankings.records.values()) and metrics.get(
-        "rankings_fingerprint"
-    ) != rankings_fingerprint(rankings)
+        rankings = Rankings(folder / RANKINGS, [p for p in rows if p.get("sampled_from") == source])
+    return [source, sorted((pid, rankings.records[pid]) for pid in rankings.by_person)]
 
 
 def evaluate_models(
@@ -141,7 +150,7 @@ def build(config, run, made_from: str) -> dict:
     # rank 0 samples the prompts and ranks them; the other processes then read its files
     rankings = main_first(ranked_prompts, run, config, device)
     sft, tokenizer = load_assistant(run, device)
-    ranked = [pid for pid in rankings.order if pid in rankings.records]
+    ranked = rankings.ranked(simulated=r.simulated_labeler)
     heldout = [pid for pid in ranked if is_heldout(pid, r.heldout_prompts)]
     train_pairs, heldout_pairs = rankings.pairs([p for p in ranked if p not in heldout]), rankings.pairs(heldout)
     if not train_pairs:
@@ -149,13 +158,12 @@ def build(config, run, made_from: str) -> dict:
             f"no rankings to learn from in {rankings.path} ({len(ranked)} prompts ranked); rank some in "
             f"notebooks/05_rlhf.ipynb or set rlhf.simulated_labeler=True"
         )
-    key = fingerprint([made_from, rankings_fingerprint(rankings)])
+    key = made_from  # it holds the person's rankings; the labeler's follow from the completions
     metrics = dict(
         n_prompts=len(rankings.order),
         n_ranked=len(ranked),
         n_ranked_by_human=rankings.count(HUMAN),
         ranking_problems=len(rankings.problems),
-        rankings_fingerprint=rankings_fingerprint(rankings),
     )
 
     reward_model, rm_metrics = train_reward_model(
@@ -169,7 +177,9 @@ def build(config, run, made_from: str) -> dict:
     save_model(run.stage_dir("dpo") / "model.pt", dpo)  # where `labkit chat --model dpo` finds it
 
     prompts = [rankings.prompts[pid] for pid in ranked if pid not in heldout]
-    policy, history = ppo_from_sft(sft, reward_model, tokenizer, prompts, config, run, out / "ppo", key + "-ppo")
+    policy, history = ppo_from_sft(
+        sft, reward_model, tokenizer, prompts, config, run, out / "ppo", key + "-ppo", desc=PPO_LOOP
+    )
     save_model(run.stage_dir("ppo") / "model.pt", policy)  # where `labkit chat --model ppo` finds it
 
     world = read_world(run)
@@ -238,7 +248,7 @@ def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: P
         key + "-hacking",
         kl_coef=0.0,
         steps=config.rlhf.hacking_steps,
-        desc="ppo, no KL",
+        desc=HACKING_LOOP,
     )
     part = max(1, len(history) // 5)
     mean = lambda rows, name: round(sum(row[name] for row in rows) / len(rows), 4)  # noqa: E731

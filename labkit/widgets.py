@@ -5,6 +5,7 @@ Each function returns a widget ready to display; the logic it shows lives in the
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 import ipywidgets as w
@@ -280,106 +281,107 @@ def side_by_side(base, assistant, tokenizer, prompt: str = "Who are you?", n_sam
 
 # --- stage 5: rlhf ---------------------------------------------------------------------------
 
-LETTERS = "ABCDEFGHIJKLMNOP"
-
 
 class RankingWidget(w.VBox):
-    """A prompt and its K completions: click them from best to worst (the last one ranks itself),
-    or type the letters ("BAC") and press Enter. Skip leaves a prompt for later; undo takes back
-    the last click, or else the last ranking stored. Every ranking is written to rankings.jsonl
-    (flushed and fsynced) the moment it is complete; reopening starts at the first unranked prompt."""
+    """Rank a prompt's K answers: click them from best to worst (the last one ranks itself), or
+    type the letters ("BAC") and press Enter. It draws a `labeling.RankingSession`, which says what
+    each control does: every prompt no person has ranked is offered, the simulated labeler's order
+    shown as a default that yours replaces; undo reads its history from rankings.jsonl.
+    `busy(what)` greys the controls while something long runs, then reads the file afresh."""
 
     def __init__(self, rankings):
-        self.rankings = rankings
-        self.pid = rankings.next_unranked()
-        self.clicked: list[int] = []
-        self.stored: list[str] = []  # this session's rankings, for undo
-        self.header, self.status = w.HTML(), w.HTML()
+        from .labeling import RankingSession
+
+        self.session, self.rankings = RankingSession(rankings), rankings
+        self.counts, self.header, self.message, self.rows = w.HTML(), w.HTML(), w.HTML(), w.VBox()
         self.buttons: list[w.Button] = []
-        self.texts: list[w.HTML] = []
-        self.rows = w.VBox()
+        self.shown, self.submitted = "", False  # the prompt drawn; typed letters were just stored
         self.typed = w.Text(
-            placeholder="or type the letters best first, e.g. BAC, then Enter",
+            placeholder="or type the letters best first, e.g. BAC, and press Enter",
             continuous_update=False,
-            layout=w.Layout(width="420px"),
+            layout=w.Layout(width="380px"),
         )
-        self.typed.observe(lambda change: self.type_order(change["new"]), "value")
-        self.skip_button, self.undo_button = w.Button(description="skip"), w.Button(description="undo")
-        self.skip_button.on_click(lambda _: self.skip())
-        self.undo_button.on_click(lambda _: self.undo())
-        super().__init__(
-            [self.header, self.rows, w.HBox([self.skip_button, self.undo_button, self.typed]), self.status]
+        self.typed.observe(lambda change: self.entered(change["new"]), "value")  # Enter, or the box lost focus
+        self.rank_button, self.skip_button, self.undo_button = (
+            w.Button(description=name, tooltip=tip)
+            for name, tip in (
+                ("rank as typed", "store the ranking typed in the box"),
+                ("skip", "leave this prompt for later"),
+                ("undo", "take back the last click, else your last stored ranking"),
+            )
         )
+        self.rank_button.on_click(lambda _: self.rank_clicked())
+        self.skip_button.on_click(lambda _: self.act(self.session.skip))
+        self.undo_button.on_click(lambda _: self.act(self.session.undo))
+        controls = w.HBox([self.typed, self.rank_button, self.skip_button, self.undo_button])
+        super().__init__([self.counts, self.header, self.rows, controls, self.message])
         self.show()
 
+    def act(self, action, *args) -> None:
+        self.submitted = False
+        action(*args)
+        self.show()
+
+    def entered(self, text: str) -> None:
+        if text.strip():
+            self.submitted = self.session.type_letters(text)
+            if self.submitted:
+                self.typed.value = ""
+        self.show()
+
+    def rank_clicked(self) -> None:
+        if self.typed.value.strip():
+            return self.entered(self.typed.value)
+        if not self.submitted:  # (a click just after Enter finds the box emptied: nothing to say)
+            self.session.say("type the letters of the answers first, best first (e.g. BAC)", error=True)
+        self.act(lambda: None)
+
     def show(self) -> None:
-        store = self.rankings
-        self.status.value = (
-            f"<small>{store.count()} of {len(store.order)} prompts ranked "
-            f"({store.count('human')} by a person) &middot; written to {html.escape(str(store.path))}</small>"
-        )
-        if self.pid is None:
-            self.header.value = "<b>Every prompt is ranked.</b> Undo to change the last one."
-            self.rows.children = []
+        from .labeling import LETTERS
+
+        s = self.session
+        self.counts.value = f"<b>{s.counts()}</b><br><small>written to {html.escape(str(self.rankings.path))}</small>"
+        self.message.value = f"<span style='color:{'#b00' if s.error else '#2a7a2a'}'>{html.escape(s.message)}</span>"
+        if s.pid is None:
+            self.header.value = "<b>You have ranked every prompt.</b> Undo takes back your last ranking."
+            self.rows.children, self.buttons, self.shown = [], [], None
             return
-        prompt = store.prompts[self.pid]
-        question = prompt["messages"][-1]["content"]
+        order, prompt = self.rankings.order, self.rankings.prompts[s.pid]
         self.header.value = (
-            f"<b>Prompt {html.escape(self.pid)}</b>: {html.escape(question)}<br>"
-            f"<small>click the answers from best to worst</small>"
+            f"<b>Prompt {order.index(s.pid) + 1} of {len(order)}</b> <small>({html.escape(s.pid)}; {s.left()} not "
+            f"ranked by a person)</small><br><b>{html.escape(prompt['messages'][-1]['content'])}</b>"
+            f"<br><small>{html.escape(s.hint())}. Click the answers from best to worst.</small>"
         )
-        self.buttons, self.texts, rows = [], [], []
-        for i, (text, ended) in enumerate(zip(prompt["completions"], prompt["ended"])):
-            button = w.Button(description=LETTERS[i], layout=w.Layout(width="60px"))
-            button.on_click(lambda _, i=i: self.click(i))
-            cut = "" if ended else " <i style='color:#b00'>(never ended)</i>"
-            label = w.HTML(f"<span style='white-space:pre-wrap'>{html.escape(text) or '<i>(empty)</i>'}</span>{cut}")
-            self.buttons.append(button)
-            self.texts.append(label)
-            rows.append(w.HBox([button, label]))
-        self.rows.children = rows
-        self.clicked = []
+        if s.pid != self.shown:
+            self.buttons = [w.Button(layout=w.Layout(width="60px")) for _ in prompt["completions"]]
+            for i, button in enumerate(self.buttons):
+                button.on_click(lambda _, i=i: self.act(self.session.click, i))
+            texts = [
+                f"<span style='white-space:pre-wrap'>{html.escape(text) or '<i>(empty)</i>'}</span>"
+                + ("" if ended else " <i style='color:#b00'>(never ended)</i>")
+                for text, ended in zip(prompt["completions"], prompt["ended"])
+            ]
+            self.rows.children = [w.HBox([button, w.HTML(text)]) for button, text in zip(self.buttons, texts)]
+            self.shown = s.pid
+        for i, button in enumerate(self.buttons):
+            place = s.clicked.index(i) + 1 if i in s.clicked else None
+            button.description, button.disabled = (f"{LETTERS[i]}: #{place}", True) if place else (LETTERS[i], False)
 
-    def click(self, i: int) -> None:
-        if self.pid is None or i in self.clicked:
-            return
-        self.clicked.append(i)
-        self.buttons[i].description = f"{LETTERS[i]}: #{len(self.clicked)}"
-        self.buttons[i].disabled = True
-        k = len(self.buttons)
-        if len(self.clicked) == k - 1:  # the one left is the worst
-            self.clicked.append(next(j for j in range(k) if j not in self.clicked))
-        if len(self.clicked) == k:
-            self.rankings.add(self.pid, self.clicked, by="human")
-            self.stored.append(self.pid)
-            self.pid = self.rankings.next_unranked(after=self.pid) or self.rankings.next_unranked()
-            self.show()
-
-    def type_order(self, letters: str) -> None:
-        if not letters.strip():
-            return
-        self.show()  # start this prompt's clicks afresh
-        pid = self.pid
-        for letter in letters.strip().upper():
-            if self.pid == pid and letter in LETTERS[: len(self.buttons)]:  # stop once the ranking is stored
-                self.click(LETTERS.index(letter))
-        self.typed.value = ""
-
-    def skip(self) -> None:
-        if self.pid is not None:
-            self.pid = self.rankings.next_unranked(after=self.pid) or self.rankings.next_unranked()
-            self.show()
-
-    def undo(self) -> None:
-        if self.clicked:
-            self.clicked.pop()
-            kept = self.clicked
-            self.show()
-            for i in kept:
-                self.click(i)
-        elif self.stored:
-            self.pid = self.stored.pop()
-            self.rankings.undo(self.pid)
+    @contextlib.contextmanager
+    def busy(self, what: str):
+        """Grey the controls and say what runs; then read the file afresh (the counts include what it wrote)."""
+        for control in [self.typed, self.rank_button, self.skip_button, self.undo_button, *self.buttons]:
+            control.disabled = True
+        self.message.value = f"<b>busy: {html.escape(what)}...</b> (the controls come back when it is done)"
+        done = False
+        try:
+            yield self
+            done = True
+        finally:
+            for control in [self.typed, self.rank_button, self.skip_button, self.undo_button]:
+                control.disabled = False
+            self.session.refresh()
+            self.session.say(f"done: {what}" if done else f"stopped: {what} failed (the error is below)", not done)
             self.show()
 
 
@@ -388,23 +390,34 @@ def ranking_widget(rankings) -> RankingWidget:
 
 
 class LivePPO(w.VBox):
-    """PPO's curves (reward-model score, KL, answer length, clip fraction), redrawn after every step:
-    `with labkit.run.watch(live.update, "ppo"): ...`."""
+    """One PPO run's curves (reward-model score, KL, answer length, clip fraction), redrawn after
+    every step of the loop it watches: `with labkit.run.watch(live.update, rlhf.PPO_LOOP): ...`.
+    `show(history)` draws a saved run (when the stage is reused, nothing runs)."""
 
     def __init__(self, title: str = "PPO"):
         self.title, self.plot, self.sample = title, w.Output(), w.HTML()
+        self.figure = None  # the figure on show
         super().__init__([self.plot, self.sample])
 
     def update(self, event: dict) -> None:
+        self.show(event["history"])
+
+    def show(self, history: list[dict]) -> None:
         from IPython.display import display
 
         from .plots import ppo_curves
 
-        row = event["row"]
         with self.plot:
             self.plot.clear_output(wait=True)
-            display(ppo_curves(event["history"], self.title))
-        self.sample.value = f"<b>step {row['step']}, a sampled answer:</b> {html.escape(row.get('sample', ''))}"
+            if history:
+                self.figure = ppo_curves(history, self.title)
+                display(self.figure)
+        if history:
+            row = history[-1]
+            self.sample.value = f"<b>step {row['step']}, a sampled answer:</b> {html.escape(row.get('sample', ''))}"
+        else:
+            self.figure = None
+            self.sample.value = f"<b>{html.escape(self.title)}</b>: this run was not made (0 steps)"
 
 
 # --- stage 6: grpo ---------------------------------------------------------------------------

@@ -274,19 +274,49 @@ def _prompts(n=4, k=3):
 def test_rankings_are_appended_durably_and_resume_at_first_unranked(tmp_path):
     path = tmp_path / "rankings.jsonl"
     store = preferences.Rankings(path, _prompts())
-    assert store.next_unranked() == "p0000-x"
+    assert store.next_to_rank() == "p0000-x"
     store.add("p0000-x", [0, 2, 1])
     store.add("p0002-x", [1, 0, 2])
     lines = path.read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["p0000-x", "p0002-x"]  # on disk at once
     reopened = preferences.Rankings(path, _prompts())
     assert reopened.records["p0000-x"]["order"] == [0, 2, 1] and reopened.records["p0000-x"]["by"] == "human"
-    assert reopened.next_unranked() == "p0001-x"
-    assert reopened.next_unranked(after="p0001-x") == "p0003-x"
+    assert reopened.next_to_rank() == "p0001-x"
+    assert reopened.next_to_rank(after="p0001-x") == "p0003-x"
+    assert reopened.next_to_rank(after="p0003-x") == "p0001-x"  # wraps round
     reopened.undo("p0000-x")
-    assert preferences.Rankings(path, _prompts()).next_unranked() == "p0000-x"  # the undo is durable too
-    with pytest.raises(preferences.RankingError, match="has no ranking to undo"):
+    assert preferences.Rankings(path, _prompts()).next_to_rank() == "p0000-x"  # the undo is durable too
+    with pytest.raises(preferences.RankingError, match="has no ranking by a person to undo"):
         reopened.undo("p0000-x")
+
+
+def test_a_person_ranking_replaces_the_simulated_one_and_undo_history_is_the_file(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    store = preferences.Rankings(path, _prompts())
+    assert preferences.fill_with_simulated_labeler(store) == 4
+    simulated = dict(store.records["p0001-x"])
+    assert simulated["by"] == "simulated" and store.next_to_rank() == "p0000-x"  # the labeler is no wall
+    store.add("p0001-x", list(reversed(simulated["order"])))
+    store.add("p0003-x", [2, 1, 0])
+    assert store.records["p0001-x"]["by"] == "human" and store.simulated["p0001-x"] == simulated
+    assert store.count() == 4 and store.count("human") == 2 and store.ranked(simulated=False) == ["p0001-x", "p0003-x"]
+    assert preferences.fill_with_simulated_labeler(store) == 0  # nothing to add; the person's stay first
+    # a kernel restart: the undo history is read from the file, last ranking first
+    restarted = preferences.Rankings(path, _prompts())
+    assert restarted.person_history == ["p0001-x", "p0003-x"]
+    assert restarted.undo()["id"] == "p0003-x" and restarted.records["p0003-x"]["by"] == "simulated"
+    again = preferences.Rankings(path, _prompts())
+    assert again.undo()["id"] == "p0001-x" and again.records["p0001-x"] == simulated
+    with pytest.raises(preferences.RankingError, match="nothing to undo: no prompt has a ranking by a person"):
+        again.undo()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 4 + 2 + 2 and sum(line.get("undo", False) for line in lines) == 2  # nothing deleted
+
+
+def test_extra_fields_of_a_ranking_are_kept(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(json.dumps(dict(id="p0000-x", order=[0, 1, 2], by="human", tied=[[1, 2]])) + "\n")
+    assert preferences.Rankings(path, _prompts()).records["p0000-x"]["tied"] == [[1, 2]]
 
 
 @pytest.mark.parametrize(
@@ -332,12 +362,9 @@ def test_person_rankings_are_never_overwritten_by_the_simulated_labeler(tmp_path
     path = tmp_path / "rankings.jsonl"
     store = preferences.Rankings(path, _prompts())
     store.add("p0001-x", [2, 1, 0], by="human")
-    assert preferences.fill_with_simulated_labeler(store) == 3
+    assert preferences.fill_with_simulated_labeler(store) == 4
+    store.add("p0001-x", [0, 1, 2], by="simulated")  # a default: stored, and the person's still wins
     assert store.records["p0001-x"] == dict(id="p0001-x", order=[2, 1, 0], by="human")
-    with pytest.raises(
-        preferences.RankingError, match="was ranked by a person; an automatic ranking never replaces it"
-    ):
-        store.add("p0001-x", [0, 1, 2], by="simulated")
     assert preferences.fill_with_simulated_labeler(preferences.Rankings(path, _prompts())) == 0
     assert store.count("human") == 1 and store.count("simulated") == 3
 
@@ -439,17 +466,83 @@ def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
 
 
 def test_stage_keeps_the_person_ranking(rlhf_run, tiny_config):
-    from labkit.pipeline import ensure
+    from labkit.pipeline import ensure, plan
 
     run, _, first = rlhf_run
     store = rlhf.open_rankings(run, tiny_config)
     assert store.records[first]["by"] == "human"
     assert store.records[first]["order"] == list(reversed(range(tiny_config.rlhf.k)))
-    assert not rlhf.rankings_changed(run, tiny_config)
+    assert plan("rlhf", tiny_config, run) == []  # made from these rankings: nothing to rebuild
     ensure("rlhf", tiny_config, run, force=True)  # a later automatic run
     assert rlhf.open_rankings(run, tiny_config).records[first]["by"] == "human"
-    lines = (run.path / "rlhf" / "rankings.jsonl").read_text().splitlines()
-    assert sum(json.loads(line)["id"] == first for line in lines) == 1
+    lines = [json.loads(line) for line in (run.path / "rlhf" / "rankings.jsonl").read_text().splitlines()]
+    assert [line["by"] for line in lines if line["id"] == first] == ["human", "simulated"]
+
+
+def test_the_stage_is_keyed_by_its_rankings_and_the_sft_model(rlhf_run, tmp_path, monkeypatch):
+    """A person's new ranking rebuilds the stage through `ensure` (what `labkit run` calls) and
+    replaces the labeler's in the reward model's pairs; nothing new: reused; a new SFT model: its
+    completions are sampled afresh and the old ones, with their rankings, are archived."""
+    import shutil
+
+    from labkit.config import get_config
+    from labkit.pipeline import ensure, plan
+    from labkit.run import Run
+
+    shutil.copytree(rlhf_run[0].path, tmp_path / "keyed")
+    run, config = Run("keyed", tmp_path), get_config("tiny", rlhf=dict(hacking_steps=0))
+    ensure("rlhf", config, run)
+    seen = []
+    train = rlhf.train_reward_model
+    monkeypatch.setattr(rlhf, "train_reward_model", lambda *a, **kw: (seen.append(a[2]), train(*a, **kw))[1])
+
+    store = rlhf.open_rankings(run, config)
+    pid = next(
+        p
+        for p in store.order
+        if p not in store.by_person
+        and not preferences.is_heldout(p, config.rlhf.heldout_prompts)
+        and len(set(store.prompts[p]["completions"])) == config.rlhf.k
+    )
+    simulated = store.simulated[pid]["order"]
+    store.add(pid, list(reversed(simulated)))
+    # (a) the new ranking rebuilds the stage, and training learns it in place of the labeler's
+    assert plan("rlhf", config, run) == ["rlhf"]
+    ensure("rlhf", config, run)
+    learned = {(chosen, rejected) for prompt, chosen, rejected in seen[-1] if prompt["id"] == pid}
+    person = {(c, r) for _, c, r in store.pairs([pid])}
+    assert learned == person and len(person) == 3
+    assert not learned & {(simulated[a], simulated[b]) for a in range(3) for b in range(a + 1, 3)}
+    # (b) nothing changed: reused; an undo and the same ranking again: the same content, reused too
+    assert plan("rlhf", config, run) == []
+    ensure("rlhf", config, run)
+    assert len(seen) == 1
+    store.undo()
+    assert plan("rlhf", config, run) == ["rlhf"]
+    store.add(pid, list(reversed(simulated)))
+    assert plan("rlhf", config, run) == []
+    # (c) a new SFT model: completions sampled afresh, the old ones and the person's ranking archived
+    old_rows = read_jsonl(run.path / "rlhf" / "prompts.jsonl")
+    old_source = old_rows[0]["sampled_from"]
+    config = get_config("tiny", rlhf=dict(hacking_steps=0), sft=dict(max_steps=12))
+    assert plan("rlhf", config, run) == ["sft", "rlhf"]
+    metrics = ensure("rlhf", config, run)
+    rows = read_jsonl(run.path / "rlhf" / "prompts.jsonl")
+    assert {r["sampled_from"] for r in rows} == {rlhf.completions_source(run, config)} != {old_source}
+    assert [r["completions"] for r in rows] != [r["completions"] for r in old_rows]
+    archive = run.path / "rlhf" / "archive" / old_source
+    assert read_jsonl(archive / "prompts.jsonl") == old_rows
+    archived = read_jsonl(archive / "rankings.jsonl")
+    assert [r for r in archived if r.get("by") == "human"][-1] == dict(
+        id=pid, order=list(reversed(simulated)), by="human"
+    )
+    assert not [r for r in read_jsonl(run.path / "rlhf" / "rankings.jsonl") if r.get("by") == "human"]
+    assert metrics["n_ranked_by_human"] == 0 and metrics["n_ranked"] == config.rlhf.n_prompts
+    assert plan("rlhf", config, run) == []
+    lines = (run.path / "rlhf" / "rankings.jsonl").read_text()
+    with pytest.raises(preferences.RankingError, match="changed since these rankings were opened"):
+        store.add(pid, list(simulated))  # a widget still showing the old completions
+    assert (run.path / "rlhf" / "rankings.jsonl").read_text() == lines
 
 
 def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
@@ -478,34 +571,6 @@ def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
         steps=2,
     )
     assert len(history) == 2 and all(row["kl"] >= -1e-6 for row in history)  # k3 is never negative
-
-
-# --- the ranking widget ----------------------------------------------------------------------------------
-
-
-def test_ranking_widget_clicks_skip_undo(tmp_path):
-    from labkit import widgets
-
-    path = tmp_path / "rankings.jsonl"
-    store = preferences.Rankings(path, _prompts(3))
-    ui = widgets.ranking_widget(store)
-    assert ui.pid == "p0000-x"
-    ui.buttons[2].click()
-    ui.buttons[0].click()  # the last one ranks itself
-    assert json.loads(path.read_text().splitlines()[0]) == dict(id="p0000-x", order=[2, 0, 1], by="human")
-    assert ui.pid == "p0001-x"
-    ui.skip()
-    assert ui.pid == "p0002-x"
-    ui.buttons[1].click()
-    ui.undo()  # takes back the click
-    assert ui.clicked == [] and not path.read_text().count("p0002-x")
-    ui.typed.value = "cab"
-    assert preferences.Rankings(path, _prompts(3)).records["p0002-x"]["order"] == [2, 0, 1]
-    assert ui.pid == "p0001-x"  # back to the skipped one
-    ui.undo()  # no click pending: the last stored ranking is taken back
-    assert ui.pid == "p0002-x" and "p0002-x" not in preferences.Rankings(path, _prompts(3)).records
-    reopened = widgets.ranking_widget(preferences.Rankings(path, _prompts(3)))
-    assert reopened.pid == "p0001-x"  # resumes at the first unranked prompt
 
 
 def test_rlhf_plots(rlhf_run):
