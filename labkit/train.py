@@ -41,20 +41,6 @@ from .config import ConfigError, TrainConfig
 from .run import notify
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Checks that involve two fields (each field's own range is checked when it is set)."""
-    if cfg.min_lr > cfg.learning_rate:
-        raise ConfigError(
-            f"train.min_lr={cfg.min_lr} is larger than train.learning_rate={cfg.learning_rate}; "
-            f"allowed: min_lr <= learning_rate"
-        )
-    if cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps={cfg.warmup_steps} is larger than train.max_steps={cfg.max_steps}; "
-            f"allowed: warmup_steps <= max_steps"
-        )
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < cfg.warmup_steps:
@@ -263,7 +249,6 @@ def train(
     stop_at_step: stop early after this step (a run "killed" there, for tests); the learning
     rate schedule still runs to max_steps.
     """
-    check_config(cfg)
     dist_info = setup_distributed(device)
     if dist_info.world_size > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{dist_info.local_rank}"

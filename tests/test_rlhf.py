@@ -387,9 +387,8 @@ def test_simulated_labeler_rules():
 def test_bad_ppo_batch_is_refused(tiny_config):
     from labkit.config import ConfigError, get_config
 
-    config = get_config("tiny", ppo=dict(batch_size=5, minibatches=2))
-    with pytest.raises(ConfigError, match="ppo.batch_size=5 must be a multiple of ppo.minibatches=2"):
-        ppo.check_config(config.ppo)
+    with pytest.raises(ConfigError, match="ppo.batch_size=5 is not a multiple of ppo.minibatches=2"):
+        get_config("tiny", ppo=dict(batch_size=5, minibatches=2))
     with pytest.raises(ConfigError, match="ppo.kl_estimator='k2' is not allowed; allowed: k1, k3"):
         get_config("tiny", ppo=dict(kl_estimator="k2"))
 
