@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 
+from .errors import LabkitError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ChatError(ValueError):
+class ChatError(LabkitError):
     """A conversation that cannot be rendered."""
 
 

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 from . import config as cfg
-from .config import ConfigError
+from .errors import LabkitError
 
 RUNS_DIR_HELP = "folder holding run folders (default: $LABKIT_RUNS_DIR, else runs/ at the labkit checkout's root)"
 EPILOG = "fields for --set (FIELD=VALUE, any number of times):\n" + "\n".join(
@@ -71,6 +71,7 @@ def _run(args) -> None:
     config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
     stages = cfg.parse_stages(args.stages)
     check_world_size(stages, config, world_size())
+    cfg.check_config(config, stages)  # and the rules of the stages asked for, before any is built
     run = Run(args.run, args.runs_dir)
     main = is_main_process()  # under torchrun, only rank 0 prints and writes
     if main:
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"run": _run, "report": _report, "chat": _chat}[args.command](args)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"labkit {args.command}: error: {error}", file=sys.stderr)
+    except (LabkitError, FileNotFoundError) as error:  # bad input: one line, no traceback
+        message = " ".join(str(error).splitlines())
+        print(f"labkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,26 +3,28 @@
 A preset (labkit/presets.py) is a named bundle of values for these fields. Any field can be overridden, by keyword in Python
 (`get_config("cpu", seed=1, data={"n_people": 50})`), by `--set data.n_people=50` on the
 command line, or by a notebook's papermill parameters. Every override is checked at once:
-an unknown preset, field or stage, a value of the wrong type or out of range raises
-`ConfigError` with one message naming the field, the value and what is allowed.
+an unknown preset, field or stage, a value of the wrong type, out of range or not finite raises
+`ConfigError` with one message naming the field, the value and what is allowed. Then
+`check_config` checks the rules that tie fields together (min_lr <= learning_rate, a PPO batch
+that splits into minibatches, a reply budget that leaves room for the prompt, ...), so that a bad
+setting fails in the first second, not in its stage hours later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
 from .presets import PRESETS
+from .rules import REWARD_NAMES, TASK_NAMES, check_rules
 
 STAGES = ("data", "tokenizer", "base", "sft", "rlhf", "grpo", "halluc")
-
-
-class ConfigError(ValueError):
-    """A bad preset, field, value or stage name."""
 
 
 def param(default, *, low=None, high=None, choices=None, help=""):
@@ -231,8 +233,7 @@ class GRPOConfig:
         help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')",
     )
     tasks: str = param(
-        "larger",
-        help="comma-separated mini-web tasks to train and evaluate on; allowed: one_digit, addition, multiplication, word_problem, larger, count_letter",
+        "larger", help=f"comma-separated mini-web tasks to train and evaluate on; allowed: {', '.join(TASK_NAMES)}"
     )
     n_heldout: int = param(200, low=1, high=100_000, help="held-out problems per task, for pass@1 (greedy)")
     cold_start_steps: int = param(
@@ -249,7 +250,7 @@ class GRPOConfig:
     )
     rewards: str = param(
         "correct=1.0,format=0.2",
-        help="reward functions and weights, 'name=weight,...'; allowed names: see labkit.rewards.REWARDS",
+        help=f"reward functions and weights, 'name=weight,...'; allowed names: {', '.join(REWARD_NAMES)}",
     )
     num_generations: int = param(8, low=2, high=1024, help="G: samples per prompt, compared with each other")
     prompts_per_step: int = param(
@@ -369,7 +370,7 @@ def get_config(preset: str | None = None, **overrides) -> Config:
     config = Config(preset=preset)
     _apply(config, PRESETS[preset], "")
     _apply(config, overrides, "")
-    return config
+    return check_config(config)
 
 
 def parse_assignments(assignments: list[str]) -> dict:
@@ -398,6 +399,17 @@ def parse_stages(text: str | list[str] | None) -> list[str]:
     return [s for s in STAGES if s in names]
 
 
+def check_config(config: Config, stages: list[str] | None = None) -> Config:
+    """Every setting of every stage, checked before any stage runs (get_config calls this; so may a
+    stage handed a config built by hand): each field's type and range (floats finite), then every
+    rule that ties fields together (labkit/rules.py). With `stages` (what `labkit run --stages`
+    will build), also the rules of those stages. Returns `config`; a ConfigError names the
+    fields, their values and what is allowed."""
+    _check_fields(config, "")
+    check_rules(config, stages or ())
+    return config
+
+
 def describe(config_class=Config, prefix="") -> list[str]:
     """One line per field: dotted name and help (for --help and notebooks)."""
     lines, hints = [], _hints(config_class)
@@ -421,6 +433,21 @@ def resolve_device(device: str = "auto") -> str:
     if not available[device]:
         raise ConfigError(f"device={device!r} is not available on this machine; use 'auto' or 'cpu'")
     return device
+
+
+def _check_fields(obj, prefix: str) -> None:
+    """Each field of a config (built by get_config or by hand) has its type and is in its range."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        path, value, kind = prefix + f.name, getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            _check_fields(value, path + ".")
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        has_kind = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number}
+        if not has_kind.get(kind, isinstance(value, kind)):
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected {kind.__name__}")
+        _check(path, value, f.metadata)
 
 
 def _hints(cls) -> dict:
@@ -478,7 +505,10 @@ def _check(path: str, value: Any, meta) -> Any:
     low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{path}={value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    allowed = f">= {low}" if high is None else f"<= {high}" if low is None else f"between {low} and {high}"
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        bounds = "" if low is None and high is None else f", {allowed}"
+        raise ConfigError(f"{path}={value!r} is not a finite number; allowed: a finite number{bounds}")
     if (low is not None and value < low) or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"<= {high}" if low is None else f"between {low} and {high}"
         raise ConfigError(f"{path}={value!r} is out of range; allowed: {allowed}")
     return value

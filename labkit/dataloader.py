@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .run import Run, atomic_path, fingerprint, in_share, read_json, write_json
 
 EOT = "<|endoftext|>"
@@ -95,7 +96,7 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
     if val_fraction > 0 and not splits["val"] and len(splits["train"]) > 1:
         splits["val"].append(splits["train"].pop())  # a tiny corpus still gets a validation page
     if not splits["train"]:
-        raise ValueError(f"no pages left for training: {len(pages)} pages, val_fraction={val_fraction}")
+        raise ConfigError(f"no pages left for training: {len(pages)} pages, train.val_fraction={val_fraction}")
 
     dtype = token_dtype(tokenizer.n_vocab)
     meta = dict(
@@ -131,16 +132,17 @@ class TokenWindows:
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
-        if len(tokens) < block_size + 2:
-            raise ValueError(
-                f"the token stream holds {len(tokens)} tokens, fewer than block_size + 2 = {block_size + 2}; "
-                f"use more data or a smaller model.block_size"
+        if len(tokens) < block_size + 1:
+            raise ConfigError(
+                f"the token stream holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} "
+                f"(one window); use more data or a smaller model.block_size"
             )
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
+        # a window is tokens[i : i + block_size + 1], so i runs from 0 to len - block_size - 1 inclusive
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         return windows(self.tokens, starts, self.block_size)
 
     def state_dict(self) -> dict:

@@ -403,7 +403,7 @@ def chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, **sa
     the reply and the next user message to `messages` and call again. When the conversation no
     longer fits the context, its oldest turns are left out (a system message is kept).
     """
-    from .chat import render_prompt
+    from .chat import ChatError, render_prompt
 
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block // 2))
@@ -414,7 +414,7 @@ def chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, **sa
         messages = messages[:1] + messages[2:] if keep_system else messages[1:]
         prompt = render_prompt(messages, tokenizer)
     if len(prompt) >= block:
-        raise ValueError(
+        raise ChatError(
             f"the message is {len(prompt)} tokens with the template, more than the model's "
             f"block_size={block} leaves room for; write a shorter message"
         )

@@ -53,7 +53,7 @@ import torch
 
 from .chat import render, render_prompt
 from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
-from .config import Config, ConfigError, GRPOConfig, resolve_device
+from .config import Config, GRPOConfig, check_config, resolve_device
 from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .rewards import combine, parse_weights
@@ -470,15 +470,6 @@ def cold_start(
         renderer=render_end,
     )
     return dict(steps=result.step, problems=len({t["key"] for t in problems}), seconds=round(result.train_seconds, 2))
-
-
-def check_config(config: Config) -> None:
-    g = config.grpo
-    parse_weights(g.rewards)
-    if g.source == "mini-web":
-        parse_tasks(g.tasks)
-    if g.loss_type not in ("grpo", "bnpo", "dr_grpo"):
-        raise ConfigError(f"grpo.loss_type={g.loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
 
 
 def build(config: Config, run: Run, made_from: str) -> dict:

@@ -233,21 +233,13 @@ class GPT(nn.Module):
         GPT-2's checkpoints store the four projections as `Conv1D` ([in, out]), ours are
         `nn.Linear` ([out, in]), so those weights are transposed on the way in.
         """
-        hf = model_or_path
-        if not isinstance(hf, nn.Module):
-            from transformers import GPT2LMHeadModel
-
-            hf = GPT2LMHeadModel.from_pretrained(model_or_path, local_files_only=True)
-        c = hf.config
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(
-                f"from_hf: activation_function={c.activation_function!r} is not supported; "
-                f"labkit's GPT uses GPT-2's tanh GELU ('gelu_new')"
-            )
-        if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.layer_norm_epsilon != 1e-5:
-            raise ValueError(
-                "from_hf: only GPT-2's standard attention scaling and layer_norm_epsilon=1e-5 are supported"
-            )
+        is_model = isinstance(model_or_path, nn.Module)
+        if not is_model:
+            from transformers import GPT2Config, GPT2LMHeadModel
+        # the config first: a model labkit's GPT cannot hold is refused before any weight is read
+        c = model_or_path.config if is_model else GPT2Config.from_pretrained(model_or_path, local_files_only=True)
+        check_hf_config(c)
+        hf = model_or_path if is_model else GPT2LMHeadModel.from_pretrained(model_or_path, local_files_only=True)
         config = GPTConfig(
             block_size=c.n_positions,
             vocab_size=c.vocab_size,
@@ -272,6 +264,22 @@ class GPT(nn.Module):
                     tensor = tensor.t()
                 ours[name].copy_(tensor)
         return model
+
+
+def check_hf_config(c) -> None:
+    """Refuse a transformers GPT2Config whose model labkit's GPT cannot reproduce, saying why."""
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(
+            f"from_hf: activation_function={c.activation_function!r} is not supported; "
+            f"labkit's GPT uses GPT-2's tanh GELU ('gelu_new')"
+        )
+    if c.n_inner is not None and c.n_inner != 4 * c.n_embd:
+        raise ValueError(
+            f"from_hf: n_inner={c.n_inner} (the MLP's hidden width) is not 4 * n_embd = {4 * c.n_embd}; "
+            f"labkit's GPT has GPT-2's MLP, 4 * n_embd wide (n_inner=None or {4 * c.n_embd})"
+        )
+    if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.layer_norm_epsilon != 1e-5:
+        raise ValueError("from_hf: only GPT-2's standard attention scaling and layer_norm_epsilon=1e-5 are supported")
 
 
 class ScalarModel(nn.Module):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .chat import render_prompt
 from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError
+from .config import check_config
 from .engine import chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .run import notify
 from .train import autocast, autocast_dtype, make_optimizer
@@ -130,14 +130,6 @@ def ppo_value_loss(
 
 
 # --- one step -------------------------------------------------------------------------------------
-
-
-def check_config(p) -> None:
-    if p.batch_size % p.minibatches or p.batch_size // p.minibatches < 2:
-        raise ConfigError(
-            f"ppo.batch_size={p.batch_size} must be a multiple of ppo.minibatches={p.minibatches} "
-            f"with at least 2 rollouts per minibatch (whitening needs 2)"
-        )
 
 
 @torch.no_grad()
@@ -287,7 +279,7 @@ def ppo_train(
     from .preferences import labeler_score
 
     r, p = config.rlhf, config.ppo
-    check_config(p)
+    check_config(config)
     kl_coef = p.kl_coef if kl_coef is None else kl_coef
     steps = p.steps if steps is None else steps
     dtype = autocast_dtype(config.train, device)

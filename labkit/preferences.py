@@ -24,10 +24,11 @@ import torch
 
 from .chat import render_prompt
 from .engine import decode_reply, fit, generate, pack, reply_stops
+from .errors import LabkitError
 from .run import atomic_write, in_share, read_jsonl, write_jsonl
 
 
-class RankingError(ValueError):
+class RankingError(LabkitError):
     """A ranking that cannot be stored or taken back: an unknown prompt or completion, nothing to undo."""
 
 

@@ -3,8 +3,9 @@
 The lesson: when the answer can be checked (a sum, a count), the reward is a rule. DeepSeek-R1
 used two kinds: *accuracy* (is the final answer right?) and *format* (is the answer where the
 format says?). Each reward here is a plain callable `reward(completion, task) -> float`
-(the completion is the reply's text, the task the dict of labkit/tasks.py), registered by
-name in `REWARDS`; `combine` adds them up with weights, as TRL's `reward_weights` do.
+(the completion is the reply's text, the task the dict of labkit/tasks.py); `REWARDS` maps each
+name `grpo.rewards` may use (labkit/rules.py) to its function; `combine` adds them up with weights,
+as TRL's `reward_weights` do.
 
 A reward that raises, or returns something that is not a finite number, stops training with
 `RewardError` naming the reward and showing the sample: a silent NaN would poison every
@@ -18,26 +19,16 @@ import numbers
 import re
 from collections.abc import Callable
 
-from .config import ConfigError
+from .errors import LabkitError
+from .rules import REWARD_NAMES
+from .rules import parse_weights as parse_weights  # grpo.rewards' weights, for the stage and notebook 06
 
 ANSWER = re.compile(r"The answer is\s+(-?\d[\d,]*(?:\.\d+)?)")
 FINAL = re.compile(r"(?:^|[\s.])The answer is\s+-?\d[\d,]*(?:\.\d+)?\.?$")
 
-REWARDS: dict[str, Callable[[str, dict], float]] = {}
 
-
-class RewardError(RuntimeError):
+class RewardError(LabkitError):
     """A reward function failed (raised, or returned a non-number) on one sample."""
-
-
-def register(name: str):
-    """Add a reward function to the registry under `name`."""
-
-    def add(fn):
-        REWARDS[name] = fn
-        return fn
-
-    return add
 
 
 def normalize_number(text: str) -> str:
@@ -56,21 +47,18 @@ def extract_answer(completion: str) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
-@register("correct")
 def correct(completion: str, task: dict) -> float:
     """1 if the final answer equals the task's answer, else 0."""
     answer = extract_answer(completion)
     return float(answer is not None and answer == normalize_number(str(task["answer"])))
 
 
-@register("format")
 def format_ok(completion: str, task: dict) -> float:
     """1 if the reply ends with exactly one 'The answer is N.' (the stated format), else 0."""
     text = completion.strip()
     return float(FINAL.search(text) is not None and len(ANSWER.findall(text)) == 1)
 
 
-@register("close")
 def close(completion: str, task: dict) -> float:
     """Partial credit for a number near the answer: 1 - |error| / |answer| (at least 0). A dense
     signal for a model that is never exactly right yet (a rule too, but a softer one)."""
@@ -82,30 +70,16 @@ def close(completion: str, task: dict) -> float:
     return max(0.0, 1.0 - abs(value - truth) / max(1.0, abs(truth)))
 
 
-@register("shows_work")
 def shows_work(completion: str, task: dict) -> float:
     """1 if some working (a calculation or a spelled-out word) comes before the final answer."""
     before = completion.split("The answer is")[0]
     return float(bool(re.search(r"\d\s*[+\-x*=]\s*\d|\w, \w", before)))
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """'correct=1.0,format=0.2' -> {'correct': 1.0, 'format': 0.2}, refusing unknown names."""
-    weights = {}
-    for part in [p.strip() for p in text.split(",") if p.strip()]:
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if name not in REWARDS:
-            raise ConfigError(f"grpo.rewards: unknown reward {name!r}; allowed: {', '.join(REWARDS)}")
-        try:
-            weights[name] = float(value) if sep else 1.0
-        except ValueError:
-            raise ConfigError(
-                f"grpo.rewards: weight of {name!r} is {value!r}, not a number; write e.g. 'correct=1.0'"
-            ) from None
-    if not weights:
-        raise ConfigError(f"grpo.rewards={text!r} names no reward; allowed: {', '.join(REWARDS)}")
-    return weights
+# the names live in labkit/rules.py, which checks grpo.rewards before any stage runs
+REWARDS: dict[str, Callable[[str, dict], float]] = dict(
+    zip(REWARD_NAMES, (correct, format_ok, close, shows_work), strict=True)
+)
 
 
 def check_value(value, name: str, completion: str, task: dict) -> float:

@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_model
-from .config import ConfigError, resolve_device
+from .config import ConfigError, check_config, resolve_device
 from .distributed import is_main_process, main_first
 from .dpo import train_dpo
 from .engine import replies
-from .ppo import check_config, ppo_train
+from .ppo import ppo_train
 from .preferences import (
     HUMAN,
     RANKINGS,
@@ -81,7 +81,7 @@ def open_rankings(run, config, device: str = "cpu") -> Rankings:
     from .data import read_world
     from .sft import load_assistant
 
-    check_config(config.ppo)
+    check_config(config)
     world = read_world(run)
     if world is None:
         raise ConfigError(

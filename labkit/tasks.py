@@ -24,7 +24,9 @@ from __future__ import annotations
 import random
 import re
 
-from .config import ConfigError
+from .errors import ConfigError
+from .rules import TASK_NAMES
+from .rules import parse_tasks as parse_tasks  # grpo.tasks' names, for the stage and notebook 06
 from .run import in_share
 
 FORMAT = "The answer is N."
@@ -198,25 +200,8 @@ def count_letter(rng: random.Random, world=None) -> dict:
     )
 
 
-TASKS = {
-    "one_digit": one_digit,
-    "addition": addition,
-    "multiplication": multiplication,
-    "word_problem": word_problem,
-    "larger": larger,
-    "count_letter": count_letter,
-}
-
-
-def parse_tasks(text: str) -> list[str]:
-    """'addition,count_letter' -> ['addition', 'count_letter'], refusing unknown names."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"grpo.tasks={text!r} names no task; allowed: {', '.join(TASKS)}")
-    for name in names:
-        if name not in TASKS:
-            raise ConfigError(f"grpo.tasks: unknown task {name!r}; allowed: {', '.join(TASKS)}")
-    return list(dict.fromkeys(names))
+# the names live in labkit/rules.py, which checks grpo.tasks before any stage runs (it parses them, too)
+TASKS = dict(zip(TASK_NAMES, (one_digit, addition, multiplication, word_problem, larger, count_letter), strict=True))
 
 
 def draw(name: str, rng: random.Random, world=None, heldout: bool = False, tries: int = 1000) -> dict:
@@ -285,7 +270,7 @@ def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dic
     data = open_dataset(source, "grpo.source", split, name="main")
     missing = {"question", "answer"} - set(data.column_names)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "
             f"'question' and 'answer' (ending in '#### N'); its columns: {', '.join(data.column_names)}"
         )
@@ -296,7 +281,7 @@ def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dic
         try:
             answer = gsm8k_answer(row["answer"])
         except ValueError as error:
-            raise ValueError(f"grpo.source={source!r}, row {i}: {error}") from None
+            raise ConfigError(f"grpo.source={source!r}, row {i}: {error}") from None
         steps = re.sub(r"<<[^>]*>>", "", row["answer"].split("####")[0]).strip()  # drop the calculator annotations
         tasks.append(
             dict(
@@ -308,5 +293,5 @@ def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dic
             )
         )
     if not tasks:
-        raise ValueError(f"grpo.source={source!r} holds no problems")
+        raise ConfigError(f"grpo.source={source!r} holds no problems")
     return tasks

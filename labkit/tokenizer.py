@@ -49,6 +49,7 @@ import regex
 import tiktoken
 
 from .config import Config
+from .errors import LabkitError
 from .run import Run, atomic_write, read_json, write_json
 
 # The pre-split regexes of OpenAI's GPT-2 (r50k) and GPT-4 (cl100k) tokenizers, from tiktoken.
@@ -79,7 +80,7 @@ FORMAT = "labkit-bpe/1"
 _LONE_SURROGATES = re.compile("[\ud800-\udfff]+")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LabkitError):
     """A bad vocabulary size, training text, special token or tokenizer file."""
 
 

@@ -43,20 +43,6 @@ from .distributed import Distributed, setup_distributed
 from .run import notify
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Checks that involve two fields (each field's own range is checked when it is set)."""
-    if cfg.min_lr > cfg.learning_rate:
-        raise ConfigError(
-            f"train.min_lr={cfg.min_lr} is larger than train.learning_rate={cfg.learning_rate}; "
-            f"allowed: min_lr <= learning_rate"
-        )
-    if cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps={cfg.warmup_steps} is larger than train.max_steps={cfg.max_steps}; "
-            f"allowed: warmup_steps <= max_steps"
-        )
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if step < cfg.warmup_steps:
@@ -255,7 +241,6 @@ def train(
     weighted by its share of the global batch's terms, so the step is the one-process step: the
     mean over all the batch's terms, not the mean of the processes' means.
     """
-    check_config(cfg)
     dist_info = setup_distributed(device)
     if dist_info.world_size > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{dist_info.local_rank}"

@@ -14,6 +14,7 @@ def cpu_twin():
         tokenizer=dict(vocab_size=400),
         model=dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
         train=dict(compile=False),
+        grpo=dict(max_new_tokens=128),  # a reply gets at most half the context (gpu's 256 of 1024)
     )
 
 

@@ -406,7 +406,7 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="grpo.num_generations=1 is out of range"):
         get_config("tiny", grpo=dict(num_generations=1))
     with pytest.raises(ConfigError, match="unknown task 'sudoku'"):
-        grpo.check_config(get_config("tiny", grpo=dict(tasks="addition,sudoku")))
+        get_config("tiny", grpo=dict(tasks="addition,sudoku"))
 
 
 def test_stage_on_tiny(tiny_run, tiny_config):

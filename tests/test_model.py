@@ -181,3 +181,21 @@ def test_model_section_of_the_presets():
     assert dataclasses.asdict(get_config("gpu").model) == dict(
         n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True
     )
+
+
+def test_from_hf_refuses_another_mlp_width_before_reading_weights(tmp_path):
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_inner=48)
+    config.save_pretrained(tmp_path)  # a config and no weights: refused before any weight is looked for
+    message = r"n_inner=48 \(the MLP's hidden width\) is not 4 \* n_embd = 64; labkit's GPT has GPT-2's MLP"
+    with pytest.raises(ValueError, match=message):
+        GPT.from_hf(str(tmp_path))
+    hf = hf_gpt2(**SMALL)
+    hf.config.n_inner = 3 * SMALL["n_embd"]
+    with pytest.raises(ValueError, match=f"n_inner={3 * SMALL['n_embd']} .*n_inner=None or {4 * SMALL['n_embd']}"):
+        GPT.from_hf(hf)
+    hf.config.n_inner = 4 * SMALL["n_embd"]  # GPT-2's own width, written out, is fine
+    idx = torch.randint(0, SMALL["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_hf(hf)(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)

@@ -142,3 +142,18 @@ def test_another_labkit_version_rebuilds_every_stage(tiny_run, tiny_config, monk
     assert pipeline.plan("data", tiny_config, tiny_run) == []
     monkeypatch.setattr(pipeline, "__version__", "99.0")
     assert pipeline.plan("data", tiny_config, tiny_run) == ["data"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_run_files_get_the_users_umask(tmp_path, umask):
+    """An atomic write gives the file the mode open() would (0o666 less the umask), not mkstemp's 0o600."""
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "metrics.json", {"x": 1})
+        atomic_write(tmp_path / "model.bin", b"weights")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("made by open()")
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "model.bin", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

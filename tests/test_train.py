@@ -14,7 +14,7 @@ from labkit.config import ConfigError, TrainConfig, get_config
 from labkit.dataloader import EOT, TokenWindows, document_text, sequential_batches, tokenize_corpus
 from labkit.model import GPT, GPTConfig
 from labkit.run import in_share
-from labkit.train import check_config, lr_at, train
+from labkit.train import lr_at, train
 
 
 def tiny_gpt(seed=0, dropout=0.0):
@@ -102,11 +102,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
 
 
-def test_train_config_checks():
-    with pytest.raises(ConfigError, match=r"train.min_lr=0.5 is larger than train.learning_rate=0.1"):
-        check_config(config(learning_rate=0.1, min_lr=0.5))
-    with pytest.raises(ConfigError, match=r"warmup_steps=10 is larger than train.max_steps=5"):
-        check_config(config(max_steps=5, warmup_steps=10))
+def test_train_config_checks():  # the rules that tie two fields together: tests/test_config.py
     with pytest.raises(ConfigError, match=r"train.batch_size=0 is out of range; allowed: between 1 and 65536"):
         get_config("tiny", train=dict(batch_size=0))
     with pytest.raises(ConfigError, match=r"train.dtype='fp8' is not allowed; allowed: auto, float32, bfloat16"):
