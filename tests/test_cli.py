@@ -143,7 +143,8 @@ def test_a_broken_tokenizer_file_exits_2(sft_run, tmp_path):
 def test_no_rankings_to_learn_from_exits_2(sft_run, tmp_path):
     import shutil
 
-    shutil.copytree(sft_run / "tiny", tmp_path / "unranked")
+    # without the rlhf folder: other tests may have ranked prompts in the shared tiny run
+    shutil.copytree(sft_run / "tiny", tmp_path / "unranked", ignore=shutil.ignore_patterns("rlhf"))
     args = ["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--run", "unranked", "--stages", "rlhf"]
     done = labkit(*args, "--set", "rlhf.simulated_labeler=false")
     assert_one_line_error(done, "run", "no rankings to learn from in")
