@@ -365,8 +365,9 @@ def group_browser(groups: list[dict]) -> w.VBox:
         return w.VBox([w.HTML("no groups to show")])
     index = w.IntSlider(value=0, min=0, max=len(groups) - 1, description="group", style=LABEL)
     n_nothing = sum(teaches_nothing(g) for g in groups)
+    groups_word, verb = "group" if len(groups) == 1 else "groups", "teaches" if n_nothing == 1 else "teach"
     summary = w.HTML(
-        f"<small>{len(groups)} groups, of which {n_nothing} teach nothing (all samples scored the same)</small>"
+        f"<small>{n_nothing} of {len(groups)} {groups_word} {verb} nothing (all samples scored the same)</small>"
     )
     view = w.HTML()
 

@@ -233,7 +233,7 @@ def test_group_browser_marks_every_group_that_teaches_nothing():
         s["advantage"] = 0.0012
     browser = widgets.group_browser(groups + [old])
     (index, summary), view = browser.children[0].children, browser.children[1]
-    assert "4 groups, of which 3 teach nothing" in summary.value and labels_are_whole(browser)
+    assert "3 of 4 groups teach nothing" in summary.value and labels_are_whole(browser)
     for i, nothing in enumerate([True, False, True, True]):
         index.value = i
         assert ("this group teaches nothing" in view.value) == nothing
@@ -244,8 +244,10 @@ def test_group_browser_marks_every_group_that_teaches_nothing():
     assert "<b>+1.00</b>" not in view.value and "<b>+0.87</b>" in view.value  # (1.2 - 0.6) / std, Bessel's
 
 
-def test_group_browser_with_no_groups():
+def test_group_browser_with_one_group_or_none():
     assert "no groups" in widgets.group_browser([]).children[0].value
+    [summary] = controls(widgets.group_browser([scored_group(["no"] * 3)]), w.HTML)[:1]
+    assert "1 of 1 group teaches nothing" in summary.value
 
 
 # --- stage 7 ------------------------------------------------------------------------------------------
