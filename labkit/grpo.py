@@ -56,27 +56,13 @@ from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoi
 from .config import Config, GRPOConfig, check_config, resolve_device
 from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
+from .groups import group_view, score_groups
 from .rewards import combine, parse_weights
 from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
 from .train import autocast, autocast_dtype
 
-STD_EPS = 1e-4  # TRL's constant: advantages / (std + 1e-4)
-
-
 # --- the algorithm -----------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True):
-    """Rewards [B] (B = prompts * G, grouped prompt by prompt) -> (advantages [B], zero-variance
-    flag per group [B // G]). The std is the unbiased one (Bessel's correction), as TRL's `nanstd`."""
-    grouped = rewards.view(-1, group_size)
-    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
-    advantages = grouped - mean
-    if scale_rewards:
-        advantages = advantages / (std + STD_EPS)
-    zero_variance = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
-    return advantages.view(-1), zero_variance
 
 
 def grpo_loss(
@@ -164,17 +150,6 @@ def sample_groups(
         reply = decode_reply(ids, tokenizer)
         samples.append(dict(task=task, prompt=prompt, ids=ids, text=reply.text, ended=reply.ended))
     return samples
-
-
-def score_groups(samples: list[dict], weights: dict[str, float], group_size: int, scale_rewards: bool = True):
-    """Rewards and advantages of sampled groups, written into each sample dict; returns the
-    zero-variance flag per group."""
-    totals, per_reward = combine([s["text"] for s in samples], [s["task"] for s in samples], weights)
-    advantages, zero_variance = group_advantages(torch.tensor(totals, dtype=torch.float32), group_size, scale_rewards)
-    for i, s in enumerate(samples):
-        s["reward"], s["advantage"] = totals[i], advantages[i].item()
-        s["rewards"] = {name: values[i] for name, values in per_reward.items()}
-    return zero_variance
 
 
 def greedy_replies(
@@ -384,28 +359,6 @@ def train_grpo(
     return dict(history=history, groups=groups, seconds=seconds, step=step)
 
 
-def group_view(samples: list[dict], g: int, group_size: int) -> dict:
-    """One prompt's group, JSON-able: the prompt, the answer, and each sample's text, rewards, advantage."""
-    rows = samples[g * group_size : (g + 1) * group_size]
-    task = rows[0]["task"]
-    return dict(
-        task=task["task"],
-        prompt=task["prompt"],
-        answer=task["answer"],
-        samples=[
-            dict(
-                text=s["text"],
-                reward=s["reward"],
-                rewards=s["rewards"],
-                advantage=round(s["advantage"], 4),
-                tokens=len(s["ids"]),
-                ended=s["ended"],
-            )
-            for s in rows
-        ],
-    )
-
-
 def _mean(values) -> float:
     values = list(values)
     return round(sum(values) / max(1, len(values)), 4)
@@ -564,6 +517,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         immediate_pass_at_1_before_by_task=immediate_before["pass_at_1_by_task"],
         immediate_pass_at_1_after_by_task=immediate_after["pass_at_1_by_task"],
         zero_variance_group_fraction=round(sum(r["zero_variance_groups"] for r in history) / max(1, n_groups), 4),
+        zero_variance_groups=sum(r["zero_variance_groups"] for r in history),
         reward_first=history[0]["reward"] if history else None,
         reward_last=history[-1]["reward"] if history else None,
         kl_last=history[-1]["kl"] if history else None,

@@ -23,6 +23,34 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
     return fig
 
 
+def _whole_steps(fig: go.Figure, steps: list) -> go.Figure:
+    """Steps are whole numbers: on a short run, a tick at every step rather than at 0.5, 1.5, ..."""
+    if steps and max(steps) - min(steps) <= 10:
+        fig.update_xaxes(tick0=0, dtick=1)
+    return fig
+
+
+def _legend_above(fig: go.Figure, top: int = 100) -> go.Figure:
+    """The legend in a row between the title and the plot, where it covers no axis and leaves the
+    plot the figure's whole width."""
+    return fig.update_layout(
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0), margin=dict(t=top)
+    )
+
+
+def _value_labels(values: list, unit: str = "%", upright: bool = False) -> dict:
+    """A bar's value written above it: 0 too, so that an empty bar still says so. `upright` for
+    narrow bars (many in a group), so that neighbours' labels never run into each other."""
+    return dict(
+        text=[None if v is None else f"{v:.0f}{unit}" for v in values],
+        textposition="outside",
+        textangle=-90 if upright else 0,
+        constraintext="none",
+        cliponaxis=False,
+        textfont_size=11,
+    )
+
+
 # --- stage 1: data ---------------------------------------------------------------------------
 
 
@@ -38,7 +66,9 @@ def pages_per_person(world) -> go.Figure:
     """How many pages each person has, on a log scale: a few on dozens, many on one, some on none."""
     counts = [p.n_pages for p in world.people]
     fig = go.Figure(go.Histogram(x=counts, xbins=dict(start=-0.5, end=max(counts) + 0.5, size=1)))
-    fig.update_yaxes(type="log")
+    tallest = max(counts.count(n) for n in set(counts))
+    ticks = [m * 10**k for k in range(7) for m in (1, 2, 5) if m * 10**k <= 2 * tallest]
+    fig.update_yaxes(type="log", tickvals=ticks, ticktext=[f"{t:,}" for t in ticks])  # 20 reads 20, not "2"
     return _layout(fig, "Pages per person (heavy tail)", "pages about the person", "people (log scale)", bargap=0.1)
 
 
@@ -54,7 +84,7 @@ def vocab_growth(
             x=[r["vocab_size"] for r in rows],
             y=[r["bytes_per_token"] for r in rows],
             mode="lines+markers",
-            hovertemplate="%{x} tokens: %{y:.2f} bytes/token<extra></extra>",
+            hovertemplate="vocabulary of %{x}: %{y:.2f} bytes per token<extra></extra>",
         )
     )
     return _layout(fig, title, "vocabulary size (tokens, special tokens included)", "bytes per token (held-out text)")
@@ -72,6 +102,7 @@ def loss_curves(history: list[dict], title: str = "Pretraining: loss") -> go.Fig
         x=[r["step"] for r in train], y=[r["loss"] for r in train], mode="lines", name="train", line=dict(width=1)
     )
     fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], mode="lines+markers", name="validation")
+    _whole_steps(fig, [r["step"] for r in history])
     return _layout(fig, title, "optimizer step", "cross-entropy (nats per token)")
 
 
@@ -129,12 +160,11 @@ def qa_by_bucket(
     fig = go.Figure()
     for name, key, colour in series:
         if metrics.get(key):
-            buckets = list(metrics[key])
-            fig.add_bar(x=buckets, y=[100 * (v or 0.0) for v in metrics[key].values()], name=name, marker_color=colour)
-    fig.update_yaxes(range=[0, 105])
-    return _layout(
-        fig, title, "pages about the person on the mini-web", "questions answered right (%)", barmode="group"
-    )
+            values = [100 * (v or 0.0) for v in metrics[key].values()]
+            fig.add_bar(x=list(metrics[key]), y=values, name=name, marker_color=colour, **_value_labels(values))
+    fig.update_yaxes(range=[0, 112])
+    _layout(fig, title, "pages about the person on the mini-web", "questions answered right (%)", barmode="group")
+    return _legend_above(fig)
 
 
 # --- stage 5: rlhf ---------------------------------------------------------------------------
@@ -175,13 +205,19 @@ def reward_hacking(history: list[dict], title: str = "Reward hacking: PPO with n
     )
     fig.update_layout(
         yaxis2=dict(
-            title="labeler's judgement (0 wrong, 1 right and well formed)",
+            title="labeler: 0 wrong, 1 right and well formed",
             overlaying="y",
             side="right",
             range=[0, 1.05],
+            tickmode="linear",  # its own round ticks, not ones lined up with the left axis's grid
+            tick0=0,
+            dtick=0.25,
+            showgrid=False,
         )
     )
-    return _layout(fig, title, "PPO step (batches of rollouts)", "reward-model score / KL (nats)")
+    _whole_steps(fig, steps)
+    _layout(fig, title, "PPO step (batches of rollouts)", "reward-model score / KL (nats)", height=420)
+    return _legend_above(fig).update_layout(margin=dict(r=80))
 
 
 def dpo_curves(history: list[dict], title: str = "DPO: loss and implicit rewards") -> go.Figure:
@@ -229,44 +265,71 @@ def answers_table(
 
 
 def grpo_curves(history: list[dict], title: str = "GRPO: training on verifiable rewards") -> go.Figure:
-    """Four panels over optimizer steps: mean reward of the samples, pass@1 on held-out problems
-    (greedy), reply length of the samples, and KL to the SFT model."""
+    """Five panels over optimizer steps: the samples' mean reward (the weighted sum and each reward),
+    pass@1 on held-out problems (greedy), the share of groups that teach nothing (all G rewards
+    equal), the replies' length, and KL to the SFT model. The legend sits in the sixth place."""
     from plotly.subplots import make_subplots
 
     steps = [r["step"] for r in history]
     evals = [r for r in history if "pass_at_1" in r]
+    rewards = [k for k in (history[0] if history else {}) if k.startswith("reward_")]
     fig = make_subplots(
         rows=2,
-        cols=2,
+        cols=3,
+        specs=[[{}, {}, {}], [{}, {}, None]],
+        horizontal_spacing=0.09,
+        vertical_spacing=0.2,
         subplot_titles=(
             "mean reward of the G samples",
             "pass@1, held-out (greedy)",
-            "reply length of the samples",
+            "groups that teach nothing",
+            "reply length",
             "KL to the SFT model (k3)",
         ),
     )
-    fig.add_scatter(x=steps, y=[r["reward"] for r in history], mode="lines", name="reward (weighted sum)", row=1, col=1)
-    if history and "reward_correct" in history[0]:
-        fig.add_scatter(x=steps, y=[r["reward_correct"] for r in history], mode="lines", name="correct", row=1, col=1)
-    fig.add_scatter(
-        x=[r["step"] for r in evals],
-        y=[100 * r["pass_at_1"] for r in evals],
-        mode="lines+markers",
-        name="pass@1",
-        row=1,
-        col=2,
+
+    def line(row, col, ys, name, xs=steps, legend=True, **kw):
+        fig.add_scatter(x=xs, y=ys, name=name, showlegend=legend, row=row, col=col, **kw)
+
+    line(1, 1, [r["reward"] for r in history], "reward: weighted sum", mode="lines", line=dict(width=2.5))
+    for key in rewards:
+        line(
+            1, 1, [r[key] for r in history], f"reward: {key.removeprefix('reward_')}", mode="lines", line=dict(width=1)
+        )
+    evals_x = [r["step"] for r in evals]
+    line(1, 2, [100 * r["pass_at_1"] for r in evals], "pass@1", evals_x, False, mode="lines+markers")
+    line(
+        1,
+        3,
+        [100 * r["zero_variance_fraction"] for r in history],
+        "groups that teach nothing",
+        legend=False,
+        mode="lines",
     )
-    fig.add_scatter(x=steps, y=[r["response_tokens"] for r in history], mode="lines", name="reply length", row=2, col=1)
-    fig.add_scatter(x=steps, y=[r["kl"] for r in history], mode="lines", name="KL", row=2, col=2)
-    for col, row, label in (
-        (1, 1, "reward"),
-        (2, 1, "held-out problems solved (%)"),
-        (1, 2, "tokens"),
-        (2, 2, "nats per token"),
+    line(2, 1, [r["response_tokens"] for r in history], "reply length: the samples", mode="lines")
+    if evals and "heldout_response_tokens" in evals[0]:
+        heldout = [r["heldout_response_tokens"] for r in evals]
+        line(2, 1, heldout, "reply length: held-out, greedy", evals_x, mode="lines+markers")
+    line(2, 2, [r["kl"] for r in history], "KL", legend=False, mode="lines")
+    for row, col, label, percent in (
+        (1, 1, "reward", False),
+        (1, 2, "held-out problems solved (%)", True),
+        (1, 3, "groups, all G rewards equal (%)", True),
+        (2, 1, "tokens", False),
+        (2, 2, "nats per token", False),
     ):
-        fig.update_yaxes(title_text=label, row=row, col=col)
+        fig.update_yaxes(title_text=label, rangemode="tozero", row=row, col=col)
+        fig.update_yaxes(range=[0, 105] if percent else None, row=row, col=col)
         fig.update_xaxes(title_text="optimizer step", row=row, col=col)
-    fig.update_layout(template=TEMPLATE, title=title, height=600, showlegend=False, margin=dict(l=60, r=20, t=80, b=50))
+    fig.update_xaxes(matches="x")  # one step range in every panel
+    _whole_steps(fig, steps)
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        height=620,
+        margin=dict(l=60, r=20, t=80, b=50),
+        legend=dict(x=0.73, xanchor="left", y=0.38, yanchor="top", title_text="lines"),
+    )
     return fig
 
 
@@ -287,15 +350,10 @@ def pass_at_1_bars(
     fig = go.Figure()
     for key, name in bars:
         values = [100 * metrics[key][t] for t in tasks]
-        fig.add_bar(
-            x=[f"{t} (n={n[t]})" for t in tasks],
-            y=values,
-            name=name,
-            text=[f"{v:.0f}%" for v in values],
-            textposition="outside",
-        )
-    fig.update_yaxes(range=[0, 110])
-    return _layout(fig, title, "task (held-out problems)", "solved at the first greedy try (%)", barmode="group")
+        fig.add_bar(x=[f"{t} (n={n[t]})" for t in tasks], y=values, name=name, **_value_labels(values))
+    fig.update_yaxes(range=[0, 112])
+    _layout(fig, title, "task (held-out problems)", "solved at the first greedy try (%)", barmode="group")
+    return _legend_above(fig)
 
 
 def thinking_bars(
@@ -310,9 +368,10 @@ def thinking_bars(
         (f"immediate_pass_at_1_{when}_by_task", "answer at once ('The answer is' forced)"),
     ):
         values = [100 * metrics[key][t] for t in tasks]
-        fig.add_bar(x=tasks, y=values, name=name, text=[f"{v:.0f}%" for v in values], textposition="outside")
-    fig.update_yaxes(range=[0, 110])
-    return _layout(fig, title, "task", "held-out problems solved (%)", barmode="group")
+        fig.add_bar(x=tasks, y=values, name=name, **_value_labels(values))
+    fig.update_yaxes(range=[0, 112])
+    _layout(fig, title, "task", "held-out problems solved (%)", barmode="group")
+    return _legend_above(fig)
 
 
 # --- stage 7: hallucinations --------------------------------------------------------------------
@@ -322,7 +381,7 @@ HALLUC_BUCKETS = ("0", "1", "2-4", "5-16", "17+")
 
 def _bucket_labels(metrics: dict) -> list[str]:
     n = metrics["n_questions"]
-    return [f"{b} pages (n={n[b]})" for b in HALLUC_BUCKETS if n.get(b)]
+    return [f"{b} {'page' if b == '1' else 'pages'} (n={n[b]})" for b in HALLUC_BUCKETS if n.get(b)]
 
 
 def _bucket_values(per_bucket: dict, metrics: dict) -> list[float | None]:
@@ -345,21 +404,17 @@ def hallucination_bars(
         ("hallucination_rate_search", "with the search tool"),
     ):
         values = _bucket_values(metrics[key], metrics)
-        fig.add_bar(
-            x=_bucket_labels(metrics),
-            y=values,
-            name=name,
-            text=[None if v is None else f"{v:.0f}%" for v in values],
-            textposition="outside",
-        )
-    fig.update_yaxes(range=[0, 115])
-    return _layout(
+        fig.add_bar(x=_bucket_labels(metrics), y=values, name=name, **_value_labels(values, upright=True))
+    fig.update_yaxes(range=[0, 118])
+    _layout(
         fig,
         title,
         "pages about the person in the corpus (questions asked)",
         "answers that are false (%)",
         barmode="group",
+        bargroupgap=0.08,
     )
+    return _legend_above(fig)
 
 
 def accuracy_bars(metrics: dict, title: str = "Right answers by page frequency: recall against lookup") -> go.Figure:
@@ -377,17 +432,17 @@ def accuracy_bars(metrics: dict, title: str = "Right answers by page frequency: 
         if key not in metrics:
             continue
         values = _bucket_values(metrics[key], metrics)
-        fig.add_bar(
-            x=_bucket_labels(metrics),
-            y=values,
-            name=name,
-            text=[None if v is None else f"{v:.0f}%" for v in values],
-            textposition="outside",
-        )
-    fig.update_yaxes(range=[0, 115])
-    return _layout(
-        fig, title, "pages about the person in the corpus (questions asked)", "right answers (%)", barmode="group"
+        fig.add_bar(x=_bucket_labels(metrics), y=values, name=name, **_value_labels(values, upright=True))
+    fig.update_yaxes(range=[0, 118])
+    _layout(
+        fig,
+        title,
+        "pages about the person in the corpus (questions asked)",
+        "right answers (%)",
+        barmode="group",
+        bargroupgap=0.08,
     )
+    return _legend_above(fig)
 
 
 def verdict_signals(
@@ -411,5 +466,9 @@ def verdict_signals(
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(range=[0, 105])
     return _layout(
-        fig, title, "confidence: mean token probability of the answer (0-1)", "samples making the same claim (%)"
+        fig,
+        title,
+        "confidence: mean token probability of the answer (0-1)",
+        "samples making the same claim (%)",
+        showlegend=True,  # which colour is which verdict, even when only one has points
     )

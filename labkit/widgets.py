@@ -1,50 +1,37 @@
 """ipywidgets for the notebooks. Only this module and `plots.py` import ipywidgets.
 
-Each function returns a widget ready to display; the logic it shows lives in the stages.
+Each function returns a widget ready to display; the logic it shows lives in the stages, the
+HTML it shows in `views.py`. An action that takes more than a moment disables its button and
+says what runs (`busy`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+from contextlib import contextmanager
 
 import ipywidgets as w
 
+from .views import answer_html, group_html, inspector_panel, loss_mask_html, page_html, teaches_nothing, token_spans
 
-def _span(text: str, style: str = "", title: str = "") -> str:
-    return f'<span style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>'
+# a control's label at its own width: the default box cuts long labels ("temperat...")
+LABEL = {"description_width": "initial"}
+
+
+@contextmanager
+def busy(button: w.Button, doing: str = "sampling..."):
+    """While a slow action runs: its button disabled, saying what runs, with an hourglass; put
+    back afterwards, even when the action fails."""
+    label, icon = button.description, button.icon
+    button.disabled, button.description, button.icon = True, doing, "hourglass-half"
+    try:
+        yield
+    finally:
+        button.disabled, button.description, button.icon = False, label, icon
 
 
 # --- stage 1: data ---------------------------------------------------------------------------
-
-REDACTED = "background:#ffd6d6;text-decoration:line-through"
-PLACEHOLDER = "background:#d6e4ff;font-weight:bold"
-
-
-def page_html(page: dict) -> str:
-    """A crawled page as HTML: removed pages greyed with the step and reason; each redacted
-    span struck through in red, followed by its placeholder in blue."""
-    head = (
-        f"<b>{html.escape(page['url'])}</b> &middot; genre <i>{page['genre']}</i> &middot; label <i>{page['label']}</i>"
-    )
-    if page["removed_by"]:
-        head += (
-            f' &middot; <span style="color:#b00">removed by {page["removed_by"]}: {html.escape(page["reason"])}</span>'
-        )
-    text, parts, last = page["text"], [], 0
-    for start, end, kind, _ in page["redactions"]:
-        parts += [
-            html.escape(text[last:start]),
-            _span(text[start:end], REDACTED, f"{kind}: redacted"),
-            _span(f"<{kind.upper()}>", PLACEHOLDER, "placeholder in the cleaned corpus"),
-        ]
-        last = end
-    parts.append(html.escape(text[last:]))
-    style = "color:#999" if page["removed_by"] else ""
-    return (
-        f'<div style="font-family:sans-serif;font-size:13px">{head}</div>'
-        f'<div style="white-space:pre-wrap;border:1px solid #ddd;padding:8px;margin-top:4px;{style}">{"".join(parts)}</div>'
-    )
 
 
 def page_browser(pages: list[dict]) -> w.Widget:
@@ -57,11 +44,14 @@ def page_browser(pages: list[dict]) -> w.Widget:
             else ("kept, redacted" if p["redactions"] else "kept")
         )
 
-    genre = w.Dropdown(options=["all"] + sorted({p["genre"] for p in pages}), description="genre")
+    genre = w.Dropdown(options=["all"] + sorted({p["genre"] for p in pages}), description="genre", style=LABEL)
     reason = w.Dropdown(
-        options=["all"] + sorted({fate(p) for p in pages}), description="cleaning", layout=w.Layout(width="420px")
+        options=["all"] + sorted({fate(p) for p in pages}),
+        description="cleaning",
+        style=LABEL,
+        layout=w.Layout(width="420px"),
     )
-    index = w.IntSlider(0, 0, 0, description="page")
+    index = w.IntSlider(0, 0, 0, description="page", style=LABEL)
     count, view = w.Label(), w.HTML()
 
     def selected():
@@ -82,36 +72,19 @@ def page_browser(pages: list[dict]) -> w.Widget:
 
 # --- stage 2: tokenizer ----------------------------------------------------------------------
 
-TOKEN_COLOURS = ["#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6", "#a0c4ff", "#ffadad"]
-
-
-def token_spans(tokenizer, text: str) -> str:
-    """`text` as one coloured span per token; hovering shows the token's id and bytes."""
-    spans = []
-    for i, token in enumerate(tokenizer.encode(text)):
-        piece = tokenizer.decode([token]).replace("\n", "\u21b5\n")  # a visible newline mark
-        style = f"background:{TOKEN_COLOURS[i % len(TOKEN_COLOURS)]};border-radius:3px;padding:1px 0;margin-right:1px"
-        spans.append(_span(piece, style, f"id {token} · bytes {tokenizer.token_bytes(token)!r}"))
-    return f'<span style="font-family:monospace;white-space:pre-wrap;line-height:1.9">{"".join(spans)}</span>'
-
-
-def _inspector_panel(label: str, tokenizer, text: str) -> str:
-    n_tokens, n_bytes = len(tokenizer.encode(text)), len(text.encode("utf-8", "surrogatepass"))
-    stats = f"{n_tokens} tokens · {n_bytes} bytes · {n_bytes / max(n_tokens, 1):.2f} bytes/token"
-    return f"<b>{html.escape(label)}</b> <small>({stats})</small><br>{token_spans(tokenizer, text)}"
-
 
 def token_inspector(
     tokenizers: dict, text: str = "Hello world! Ada Lovelace wrote the first program in 1843."
 ) -> w.Widget:
     """Type text and see each tokenizer cut it: one panel per entry of {label: Tokenizer},
-    side by side (hover a token for its id and bytes)."""
+    side by side, headed by the label and the vocabulary's size, then the text's token count
+    (hover a token for its id and bytes)."""
     box = w.Textarea(value=text, layout=w.Layout(width="100%", height="80px"), continuous_update=True)
     panels = [w.HTML(layout=w.Layout(width=f"{100 // max(len(tokenizers), 1) - 1}%")) for _ in tokenizers]
 
     def refresh(_=None):
         for panel, (label, tokenizer) in zip(panels, tokenizers.items()):
-            panel.value = _inspector_panel(label, tokenizer, box.value)
+            panel.value = inspector_panel(label, tokenizer, box.value)
 
     box.observe(refresh, names="value")
     refresh()
@@ -131,7 +104,7 @@ def token_table(tokenizer, texts: list[str]) -> w.HTML:
             f"<code>{html.escape(str(ids if len(ids) <= 24 else ids[:24] + ['...']))}</code>",
         ]
         rows.append("<tr>" + "".join(f'<td style="text-align:left">{c}</td>' for c in cells) + "</tr>")
-    header = "".join(f"<th>{h}</th>" for h in ("tokens", "characters", "bytes", "tokens", "ids"))
+    header = "".join(f"<th>{h}</th>" for h in ("the text, token by token", "characters", "bytes", "tokens", "ids"))
     return w.HTML(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
 
 
@@ -192,12 +165,13 @@ def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.
     from .pretrain import complete
 
     text = w.Textarea(value=prompt, layout=w.Layout(width="100%"))
-    temperature = w.FloatSlider(value=0.8, min=0.0, max=1.5, step=0.1, description="temperature")
-    seed = w.IntText(value=0, description="seed")
+    temperature = w.FloatSlider(value=0.8, min=0.0, max=1.5, step=0.1, description="temperature", style=LABEL)
+    seed = w.IntText(value=0, description="seed", style=LABEL, layout=w.Layout(width="140px"))
     button, out = w.Button(description="continue the page"), w.HTML()
 
     def run(_=None):
-        continuation = complete(model, tokenizer, text.value, 120, temperature=temperature.value, seed=seed.value)
+        with busy(button, "writing..."):
+            continuation = complete(model, tokenizer, text.value, 120, temperature=temperature.value, seed=seed.value)
         out.value = (
             f"<pre style='white-space: pre-wrap'><b>{html.escape(text.value)}</b>{html.escape(continuation)}</pre>"
         )
@@ -208,33 +182,6 @@ def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.
 
 
 # --- stage 4: sft ----------------------------------------------------------------------------
-
-LEARNED = "background:#c8f0c8"  # the assistant's tokens: in the loss
-READ = "background:#eeeeee;color:#666"  # everything else: context only
-
-
-def loss_mask_html(ids: list[int], mask: list[int], tokenizer) -> str:
-    """Every token of a rendered conversation as a box: green where the loss counts (the assistant
-    writes it), grey where the model only reads it; special tokens in bold."""
-    special = set(tokenizer.special_tokens.values())
-    boxes = []
-    for token, learned in zip(ids, mask):
-        text = tokenizer.decode([token])
-        style = (LEARNED if learned else READ) + ";border:1px solid #fff;padding:1px 0;white-space:pre"
-        style += ";font-weight:bold" if token in special else ""
-        boxes.append(
-            _span(text.replace("\n", "\\n"), style, f"id {token}, {'in the loss' if learned else 'not in the loss'}")
-        )
-        if token == tokenizer.special_tokens.get("<|im_end|>"):
-            boxes.append("<br>")
-    legend = (
-        f"{_span('assistant tokens: in the loss', LEARNED)} &nbsp; {_span('read only: no loss', READ)} "
-        f"&nbsp; {sum(mask)} of {len(ids)} tokens are learned"
-    )
-    return (
-        f'<div style="font-family:monospace;font-size:13px;line-height:1.9">{"".join(boxes)}</div>'
-        f'<div style="font-family:sans-serif;font-size:12px;margin-top:6px">{legend}</div>'
-    )
 
 
 def conversation_tokens(messages: list[dict], tokenizer) -> w.HTML:
@@ -250,10 +197,10 @@ def side_by_side(base, assistant, tokenizer, prompt: str = "Who are you?", n_sam
     from .engine import chat
     from .pretrain import complete
 
-    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="90%"))
-    temperature = w.FloatSlider(value=0.8, min=0.0, max=1.5, step=0.1, description="temperature")
-    top_k = w.IntSlider(value=50, min=1, max=200, description="top-k")
-    samples = w.IntSlider(value=n_samples, min=1, max=8, description="samples")
+    text = w.Text(value=prompt, description="prompt", style=LABEL, layout=w.Layout(width="90%"))
+    temperature = w.FloatSlider(value=0.8, min=0.0, max=1.5, step=0.1, description="temperature", style=LABEL)
+    top_k = w.IntSlider(value=50, min=1, max=200, description="top-k", style=LABEL)
+    samples = w.IntSlider(value=n_samples, min=1, max=8, description="samples", style=LABEL)
     button, left, right = w.Button(description="generate"), w.HTML(), w.HTML()
 
     def column(title: str, replies: list[str]) -> str:
@@ -265,11 +212,12 @@ def side_by_side(base, assistant, tokenizer, prompt: str = "Who are you?", n_sam
 
     def run(_=None):
         sampling = dict(temperature=temperature.value, top_k=top_k.value)
-        base_texts = [complete(base, tokenizer, text.value, 48, seed=i, **sampling) for i in range(samples.value)]
-        replies = [
-            chat(assistant, tokenizer, [{"role": "user", "content": text.value}], 48, seed=i, **sampling)
-            for i in range(samples.value)
-        ]
+        with busy(button):
+            base_texts = [complete(base, tokenizer, text.value, 48, seed=i, **sampling) for i in range(samples.value)]
+            replies = [
+                chat(assistant, tokenizer, [{"role": "user", "content": text.value}], 48, seed=i, **sampling)
+                for i in range(samples.value)
+            ]
         left.value = column("base model: continues the document", [text.value + t for t in base_texts])
         right.value = column("assistant (SFT): answers", replies)
 
@@ -423,48 +371,17 @@ class LivePPO(w.VBox):
 # --- stage 6: grpo ---------------------------------------------------------------------------
 
 
-def _advantage_colour(advantage: float, scale: float) -> str:
-    """Green for better than the group's mean, red for worse, white for zero (no gradient)."""
-    t = max(-1.0, min(1.0, advantage / scale)) if scale > 0 else 0.0
-    fade = int(255 - 120 * abs(t))
-    return f"rgb({fade},255,{fade})" if t > 0 else f"rgb(255,{fade},{fade})" if t < 0 else "rgb(255,255,255)"
-
-
-def group_html(group: dict) -> str:
-    """One prompt's G samples: each one's text, rewards and advantage, coloured by advantage."""
-    samples = group["samples"]
-    scale = max([abs(s["advantage"]) for s in samples] + [1e-9])
-    names = list(samples[0]["rewards"]) if samples else []
-    head = (
-        f"<div style='font-family:sans-serif;font-size:13px'><b>{html.escape(group['task'])}</b>"
-        + (f" &middot; step {group['step']}" if "step" in group else "")
-        + f"<br>{html.escape(group['prompt'])}<br>answer: <b>{html.escape(str(group['answer']))}</b></div>"
-    )
-    rows = "".join(
-        f"<tr style='background:{_advantage_colour(s['advantage'], scale)}'><td>{i + 1}</td>"
-        + "".join(f"<td>{s['rewards'][n]:g}</td>" for n in names)
-        + f"<td>{s['reward']:.2f}</td><td><b>{s['advantage']:+.2f}</b></td><td>{s['tokens']}</td>"
-        f"<td style='text-align:left;white-space:pre-wrap'>{html.escape(s['text'])}</td></tr>"
-        for i, s in enumerate(samples)
-    )
-    header = "".join(f"<th>{html.escape(n)}</th>" for n in ["#", *names, "reward", "advantage", "tokens", "reply"])
-    zero = all(abs(s["advantage"]) < 1e-9 for s in samples)
-    note = (
-        "<div style='color:#b00'>every sample scored the same: all advantages are 0, this group teaches nothing</div>"
-        if zero
-        else ""
-    )
-    return (
-        f"{head}<table style='border-collapse:collapse;font-size:12px;margin-top:4px' border=1>"
-        f"<tr>{header}</tr>{rows}</table>{note}"
-    )
-
-
 def group_browser(groups: list[dict]) -> w.VBox:
-    """Browse prompts' groups of G samples (rewards, advantages coloured green/red)."""
+    """Browse prompts' groups of G samples (rewards, advantages coloured green/red; the groups
+    that teach nothing grey), with how many of them teach nothing."""
     if not groups:
         return w.VBox([w.HTML("no groups to show")])
-    index = w.IntSlider(value=0, min=0, max=len(groups) - 1, description="group")
+    index = w.IntSlider(value=0, min=0, max=len(groups) - 1, description="group", style=LABEL)
+    n_nothing = sum(teaches_nothing(g) for g in groups)
+    groups_word, verb = "group" if len(groups) == 1 else "groups", "teaches" if n_nothing == 1 else "teach"
+    summary = w.HTML(
+        f"<small>{n_nothing} of {len(groups)} {groups_word} {verb} nothing (all samples scored the same)</small>"
+    )
     view = w.HTML()
 
     def show(_=None):
@@ -472,7 +389,7 @@ def group_browser(groups: list[dict]) -> w.VBox:
 
     index.observe(show, "value")
     show()
-    return w.VBox([index, view])
+    return w.VBox([w.HBox([index, summary]), view])
 
 
 class LiveGRPO(w.VBox):
@@ -501,46 +418,13 @@ class LiveGRPO(w.VBox):
 # --- stage 7: hallucinations --------------------------------------------------------------------
 
 
-def _prob_colour(p: float) -> str:
-    """Red for an unlikely token, green for a sure one."""
-    p = max(0.0, min(1.0, p))
-    return f"rgb({int(255 - 120 * p)},{int(135 + 120 * p)},135)"
-
-
-def answer_html(row: dict) -> str:
-    """An answer token by token (coloured by the probability the model gave it), its verdict, the
-    world's truth and, if the model searched, its call and the passages it read."""
-    tokens = "".join(
-        _span(t, f"background:{_prob_colour(p)};border-right:1px solid #fff", f"p = {p:.3f}")
-        for t, p in zip(row["tokens"], row["token_probs"])
-    )
-    colour = dict(correct="#2a9d3f", idk="#666", wrong="#d62728")[row["verdict"]]
-    verdict = dict(correct="correct", idk='"I don\'t know"', wrong="wrong: a hallucination")[row["verdict"]]
-    out = (
-        f"<div style='font-family:sans-serif;font-size:13px'><b>Q:</b> {html.escape(row['question'])}<br>"
-        f"<b>A:</b> <span style='font-family:monospace'>{tokens or '(empty)'}</span><br>"
-        f"<b style='color:{colour}'>{verdict}</b> &middot; confidence {row['confidence'] if row['confidence'] is not None else '-'}"
-        f" &middot; the world says: <b>{html.escape(str(row['truth']))}</b> ({row['n_pages']} pages about {html.escape(row['name'])})"
-    )
-    if row.get("consistency") is not None:
-        out += (
-            f"<br>{len(row['samples'])} samples, {100 * row['consistency']:.0f}% make the same claim: "
-            + html.escape(" | ".join(row["samples"]))
-        )
-    if row.get("call") and row["call"] != "answer":
-        out += f"<br><b>search call</b> ({row['call']}): {html.escape(str(row.get('query')))}<br><b>tool result:</b> {html.escape(str(row['tool_result']))}"
-        for p in row.get("passages", []):
-            out += (
-                f"<br>&nbsp;&nbsp;{p['score']:.2f} <a href='{html.escape(p['url'])}'>{html.escape(p['title'])}</a>: "
-                f"{html.escape(p['text'])}"
-            )
-    return out + "</div>"
-
-
-def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max_new_tokens: int = 24) -> w.VBox:
+def ask_the_model(
+    models: dict, tokenizer, world, index, n_samples: int = 4, max_new_tokens: int = 24, tool_models=("search",)
+) -> w.VBox:
     """Ask a model of your choice about any person of the world: see its answer, each token's
-    probability, the truth, and with search on, what it retrieved. `models`: name -> model
-    (a model called 'search' is the one trained to call the tool)."""
+    probability, the truth, and with search on, what it retrieved. `models`: name -> model;
+    `tool_models`: the names of those trained to call the search tool (only they get the
+    search switch)."""
     from .halluc import probe, probe_questions, probe_with_search
     from .world import FACTS, bucket
 
@@ -548,26 +432,35 @@ def ask_the_model(models: dict, tokenizer, world, index, n_samples: int = 4, max
     person = w.Dropdown(
         options=[(f"{p.name} ({p.n_pages} pages, bucket {bucket(p.n_pages)})", p.name) for p in people],
         description="person",
+        style=LABEL,
+        layout=w.Layout(width="460px"),
     )
-    fact = w.Dropdown(options=list(FACTS), description="fact")
-    model_name = w.Dropdown(options=list(models), description="model")
-    search = w.Checkbox(value=True, description="search tool on (search model)")
+    fact = w.Dropdown(options=list(FACTS), description="fact", style=LABEL)
+    model_name = w.Dropdown(options=list(models), description="model", style=LABEL)
+    search = w.Checkbox(value=True, description="search tool on", indent=False, style=LABEL)
     button = w.Button(description="ask", button_style="primary")
-    view = w.HTML()
+    view, controls = w.HTML(), w.HBox()
+
+    def show_controls(_=None):
+        uses_tool = model_name.value in tool_models
+        controls.children = [model_name, search, button] if uses_tool else [model_name, button]
 
     def ask(_=None):
         [row] = probe_questions([world.person(person.value)], 0, True, f"ask-{fact.value}")[FACTS.index(fact.value) :][
             :1
         ]
         model = models[model_name.value]
-        if model_name.value == "search":
-            [row] = probe_with_search(
-                model, tokenizer, index if search.value else None, [row], max_new_tokens, max_chars=240
-            )
-        else:
-            [row] = probe(model, tokenizer, [row], max_new_tokens, n_samples, seed=0)
-        view.value = answer_html(row)
+        with busy(button):
+            if model_name.value in tool_models:
+                [row] = probe_with_search(
+                    model, tokenizer, index if search.value else None, [row], max_new_tokens, max_chars=240
+                )
+            else:
+                [row] = probe(model, tokenizer, [row], max_new_tokens, n_samples, seed=0)
+            view.value = answer_html(row)
 
+    model_name.observe(show_controls, "value")
     button.on_click(ask)
+    show_controls()
     ask()
-    return w.VBox([w.HBox([person, fact]), w.HBox([model_name, search, button]), view])
+    return w.VBox([w.HBox([person, fact]), controls, view])

@@ -11,10 +11,11 @@ import types
 import pytest
 import torch
 
-from labkit import grpo, rewards, tasks
+from labkit import groups, grpo, rewards, tasks
 from labkit.config import ConfigError, get_config
 from labkit.engine import score
-from labkit.grpo import group_advantages, grpo_loss
+from labkit.groups import group_advantages
+from labkit.grpo import grpo_loss
 from labkit.rewards import RewardError, combine, extract_answer, parse_weights
 from labkit.run import watch
 
@@ -171,6 +172,31 @@ def test_zero_variance_groups_give_no_gradient():
     loss, _ = grpo_loss(logps, old, None, advantages, mask, beta=0.0, loss_type="bnpo")
     loss.backward()
     assert zero[0] and torch.all(logps.grad[:4] == 0) and torch.any(logps.grad[4:] != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_rewards", [True, False])
+@pytest.mark.parametrize("equal", [0.2 + 1.0, 0.7, 1 / 3, 0.0])
+def test_a_group_of_equal_rewards_has_advantages_of_exactly_zero(dtype, scale_rewards, equal):
+    """1.2 in float32: the mean of eight of them is off by a rounding error, which divided by
+    (0 + 1e-4) became advantages of about 1e-3. They must be 0, and only they."""
+    rewards_ = torch.tensor([equal] * 8 + [0.0, 1.2] * 4 + [1.2] * 7 + [0.2], dtype=dtype)
+    advantages, zero = group_advantages(rewards_, 8, scale_rewards)
+    assert advantages.dtype == dtype and zero.tolist() == [True, False, False]
+    assert advantages[:8].tolist() == [0.0] * 8
+    assert torch.all(advantages[8:] != 0)
+    assert advantages[8:16].float().sum().abs() < 1e-2 and advantages[16:23].float().min() > 0
+
+
+def test_scored_groups_keep_exact_zeros_and_say_they_teach_nothing():
+    task = dict(task="addition", prompt="1 + 0.2?", answer="1.2")
+    texts = ["The answer is 1.2."] * 4 + ["The answer is 1.2.", "no", "no", "no"]
+    samples = [dict(task=task, text=t, ids=[1, 2], ended=True) for t in texts]
+    zero = groups.score_groups(samples, {"correct": 1.0, "format": 0.2}, 4)
+    assert zero.tolist() == [True, False]
+    assert [s["advantage"] for s in samples[:4]] == [0.0] * 4 and samples[4]["advantage"] > 0
+    assert groups.group_view(samples, 0, 4)["zero_variance"] is True
+    assert groups.group_view(samples, 1, 4)["zero_variance"] is False
 
 
 def test_loss_rejects_unknown_type():
