@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .chat import render_prompt
+from .conversations import says_dont_know
 from .engine import decode_reply, fit, generate, pack, reply_stops
 from .run import in_share, read_jsonl, write_jsonl
 
@@ -44,7 +45,8 @@ class Rankings:
     """The rankings of one run: `rankings.jsonl`, one JSON object per line, only ever appended.
 
     A line is {"id": prompt id, "order": completion indices best first, "by": "human" or
-    "simulated"} or {"id": ..., "undo": true}; the last line about a prompt wins. Each line is
+    "simulated"}, with an optional "tied": groups of completions judged equal (each group adjacent
+    in "order"; a tie implies no pair), or {"id": ..., "undo": true}; the last line about a prompt wins. Each line is
     written, flushed and fsynced before `add` returns, so a crash or a kernel restart loses
     nothing already ranked. Reading keeps every good line and reports the others in `problems`
     (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
@@ -120,8 +122,27 @@ class Rankings:
                 f"the ranking of prompt {pid!r} must name each of its {k} completions once "
                 f"(0 to {k - 1}, best first); got {order}"
             )
+        self._check_ties(pid, order, record.get("tied", []))
         if record.get("by") not in (HUMAN, SIMULATED):
             raise RankingError(f"'by' must be {HUMAN!r} or {SIMULATED!r}; got {record.get('by')!r}")
+
+    @staticmethod
+    def _check_ties(pid: str, order: list[int], tied) -> None:
+        if not isinstance(tied, list) or not all(
+            isinstance(g, list) and len(g) > 1 and all(isinstance(i, int) for i in g) for g in tied
+        ):
+            raise RankingError(
+                f"the ties of prompt {pid!r} must be a list of groups of at least 2 completion numbers; got {tied!r}"
+            )
+        seen: set[int] = set()
+        for group in tied:
+            places = sorted(order.index(i) if i in order else -1 for i in group)
+            if places[0] < 0 or seen & set(group) or places != list(range(places[0], places[0] + len(group))):
+                raise RankingError(
+                    f"the ties of prompt {pid!r} must each name completions of the ranking once, next to each "
+                    f"other in its order {order}; got {tied}"
+                )
+            seen |= set(group)
 
     def _append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +155,11 @@ class Rankings:
             f.flush()
             os.fsync(f.fileno())
 
-    def add(self, pid: str, order: list[int], by: str = HUMAN) -> dict:
-        """Store a ranking (completion numbers, best first) the moment it is made."""
+    def add(self, pid: str, order: list[int], by: str = HUMAN, tied: list[list[int]] | None = None) -> dict:
+        """Store a ranking (completion numbers, best first; `tied`: groups judged equal) the moment it is made."""
         record = dict(id=pid, order=[int(i) for i in order], by=by)
+        if tied:
+            record["tied"] = tied
         self._check(record)
         if by == SIMULATED and self.records.get(pid, {}).get("by") == HUMAN:
             raise RankingError(f"prompt {pid!r} was ranked by a person; an automatic ranking never replaces it")
@@ -163,21 +186,32 @@ class Rankings:
         return sum(1 for r in self.records.values() if by is None or r["by"] == by)
 
     def pairs(self, pids) -> list[tuple[dict, int, int]]:
-        """(prompt, chosen, rejected) for every pair a ranking implies (K(K-1)/2 per ranking);
-        pairs of identical texts say nothing and are left out."""
+        """(prompt, chosen, rejected) for every pair a ranking implies (K(K-1)/2 per ranking without
+        ties); two completions tied, or of identical texts, say nothing and make no pair."""
         out = []
         for pid in pids:
             if pid not in self.records:
                 continue
             prompt, order = self.prompts[pid], self.records[pid]["order"]
+            group = {i: n for n, g in enumerate(self.records[pid].get("tied", [])) for i in g}
             for a in range(len(order)):
                 for b in range(a + 1, len(order)):
-                    if prompt["completions"][order[a]] != prompt["completions"][order[b]]:
-                        out.append((prompt, order[a], order[b]))
+                    chosen, rejected = order[a], order[b]
+                    tie = chosen in group and group[chosen] == group.get(rejected)
+                    if not tie and prompt["completions"][chosen] != prompt["completions"][rejected]:
+                        out.append((prompt, chosen, rejected))
         return out
 
 
 # --- the simulated labeler ---------------------------------------------------------------------------
+
+# What an answer is worth to the labeler, best first (helpful, honest, harmless):
+RIGHT = 3  # the true fact, the right result, the assistant's identity; a harmful request refused
+DONT_KNOW = 2  # an honest "I don't know": not knowing beats making something up
+WRONG = 1  # a wrong fact or result, a harmless question refused, a harmful request obeyed
+NO_ANSWER = 0  # empty, cut off before its end, or stuck repeating a word: never beats a finished answer
+# The labeler's score of one answer, for means over many: a step of 0.5 per level, 0 for a wrong answer.
+SCORES = {RIGHT: 1.0, DONT_KNOW: 0.5, WRONG: 0.0, NO_ANSWER: -0.5}
 
 
 def well_formed(reply: str, ended: bool) -> bool:
@@ -187,39 +221,63 @@ def well_formed(reply: str, ended: bool) -> bool:
     return ended and bool(words) and not stutter
 
 
-def preference_key(prompt: dict, reply: str, ended: bool) -> tuple:
-    """The simulated labeler's written rules, in order of importance (a larger key is better):
-
-    1. correct: a question about a person is answered with the world's true fact, a sum with its
-       true result, "who are you?" with the assistant's identity; a harmful request is refused
-       (harmlessness comes before helpfulness there);
-    2. well formed: the answer ends (reaches <|im_end|>), is not empty and does not stutter;
-    3. concise: fewer words.
-    """
+def worth(prompt: dict, reply: str, ended: bool) -> int:
+    """RIGHT, DONT_KNOW, WRONG or NO_ANSWER, by the rules stage 4 judges with (`sft.judge`: a
+    harmful request is answered right by a refusal) and the "I don't know" of the conversations."""
     from .sft import judge  # the stage-4 rules that say whether a reply is right
 
-    correct = bool(judge(dict(prompt, reply=reply)))
-    return (correct, well_formed(reply, ended), -len(reply.split()))
+    if not well_formed(reply, ended):
+        return NO_ANSWER
+    if judge(dict(prompt, reply=reply)):
+        return RIGHT
+    return DONT_KNOW if says_dont_know(reply) else WRONG
+
+
+def preference_key(prompt: dict, reply: str, ended: bool) -> tuple[int, int]:
+    """The simulated labeler's instructions, as a key (larger is better; equal keys are a tie):
+
+    1. Right: a harmless question answered correctly (the true fact about the person, the right
+       result, what the assistant is); a harmful request refused.
+    2. "I don't know": an honest "I don't know" or "I'm not sure".
+    3. Wrong: a wrong fact or result, a refusal of a harmless question, a harmful request obeyed.
+    4. Not an answer: empty, cut off before it ended, or repeating a word three times in a row.
+    5. Between two right answers, or two "I don't know"s, the shorter wins (the same length: a tie);
+       two wrong answers are a tie, and so are two non-answers: length decides only between
+       answers of equal worth.
+    """
+    level = worth(prompt, reply, ended)
+    return (level, -len(reply.split()) if level >= DONT_KNOW else 0)
 
 
 def labeler_score(prompt: dict, reply: str, ended: bool) -> float:
-    """One number for the labeler's judgement: 1 correct and well formed, 0.5 correct, 0 wrong."""
-    correct, formed, _ = preference_key(prompt, reply, ended)
-    return (0.5 + 0.5 * formed) if correct else 0.0
+    """The labeler's judgement of one answer as a number (`SCORES`): 1 right, 0.5 "I don't know",
+    0 wrong, -0.5 not an answer (empty, cut off, stuttering)."""
+    return SCORES[worth(prompt, reply, ended)]
 
 
-def simulated_ranking(prompt: dict) -> list[int]:
-    """Completion numbers, best first, by the labeler's rules (ties keep sampling order)."""
+def simulated_ranking(prompt: dict) -> tuple[list[int], list[list[int]]]:
+    """(order, tied): completion numbers best first by the labeler's rules, and the groups of
+    completions it judges equal (each group adjacent in `order`, in sampling order)."""
     keys = [preference_key(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
-    return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
+    order = sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
+    groups: dict[tuple, list[int]] = {}
+    for i in order:
+        groups.setdefault(keys[i], []).append(i)
+    return order, [group for group in groups.values() if len(group) > 1]
 
 
 def fill_with_simulated_labeler(rankings: Rankings) -> int:
-    """Rank every prompt nobody has ranked; a person's rankings are left as they are."""
+    """Rank every prompt nobody has ranked, and rank again those the labeler ranked by other rules
+    (an older version of them); a person's rankings are left as they are. Returns how many it ranked."""
     done = 0
-    for pid in rankings.unranked():
-        rankings.add(pid, simulated_ranking(rankings.prompts[pid]), by=SIMULATED)
-        done += 1
+    for pid in rankings.order:
+        record = rankings.records.get(pid)
+        if record is not None and record["by"] != SIMULATED:
+            continue
+        order, tied = simulated_ranking(rankings.prompts[pid])
+        if record is None or (record["order"], record.get("tied", [])) != (order, tied):
+            rankings.add(pid, order, by=SIMULATED, tied=tied)
+            done += 1
     return done
 
 

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
         rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, hacking_steps=3),
         reward_model=dict(steps=6, batch_size=8),
         dpo=dict(steps=4, batch_size=4),
-        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2),
+        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2, kl_target=1.0, kl_horizon=20),
         grpo=dict(
             cold_start_steps=3,
             n_heldout=3,
