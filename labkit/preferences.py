@@ -46,10 +46,10 @@ class Rankings:
 
     A line is {"id": prompt id, "order": completion indices best first, "by": "human" or
     "simulated"}, with an optional "tied": groups of completions judged equal (each group adjacent
-    in "order"; a tie implies no pair), or {"id": ..., "undo": true}; the last line about a prompt wins. Each line is
-    written, flushed and fsynced before `add` returns, so a crash or a kernel restart loses
-    nothing already ranked. Reading keeps every good line and reports the others in `problems`
-    (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
+    in "order"; a tie implies no pair), or {"id": ..., "undo": true}; the last line about a prompt
+    wins. Each line is written, flushed and fsynced before `add` returns, so a crash or a kernel
+    restart loses nothing already ranked. Reading keeps every good line and reports the others in
+    `problems` (a line cut off by a crash mid-write, a ranking of a completion that does not exist).
     """
 
     def __init__(self, path: str | Path, prompts: list[dict]):
