@@ -222,8 +222,17 @@ def well_formed(reply: str, ended: bool) -> bool:
 
 
 def worth(prompt: dict, reply: str, ended: bool) -> int:
-    """RIGHT, DONT_KNOW, WRONG or NO_ANSWER, by the rules stage 4 judges with (`sft.judge`: a
-    harmful request is answered right by a refusal) and the "I don't know" of the conversations."""
+    """The simulated labeler's instructions: what one answer is worth (larger is better; two answers
+    of the same worth are a tie, however long or short):
+
+    1. RIGHT: a harmless question answered correctly (the true fact about the person, the right
+       result, what the assistant is: `sft.judge`, the rules stage 4 measures with); a harmful
+       request refused.
+    2. DONT_KNOW: an honest "I don't know" or "I'm not sure" (the conversations' phrasings).
+    3. WRONG: a wrong fact or result, a refusal of a harmless question, a harmful request obeyed.
+    4. NO_ANSWER: empty, cut off before it ended, or repeating a word three times in a row; it
+       never beats a finished answer, whatever it says.
+    """
     from .sft import judge  # the stage-4 rules that say whether a reply is right
 
     if not well_formed(reply, ended):
@@ -233,22 +242,6 @@ def worth(prompt: dict, reply: str, ended: bool) -> int:
     return DONT_KNOW if says_dont_know(reply) else WRONG
 
 
-def preference_key(prompt: dict, reply: str, ended: bool) -> tuple[int, int]:
-    """The simulated labeler's instructions, as a key (larger is better; equal keys are a tie):
-
-    1. Right: a harmless question answered correctly (the true fact about the person, the right
-       result, what the assistant is); a harmful request refused.
-    2. "I don't know": an honest "I don't know" or "I'm not sure".
-    3. Wrong: a wrong fact or result, a refusal of a harmless question, a harmful request obeyed.
-    4. Not an answer: empty, cut off before it ended, or repeating a word three times in a row.
-    5. Between two right answers, or two "I don't know"s, the shorter wins (the same length: a tie);
-       two wrong answers are a tie, and so are two non-answers: length decides only between
-       answers of equal worth.
-    """
-    level = worth(prompt, reply, ended)
-    return (level, -len(reply.split()) if level >= DONT_KNOW else 0)
-
-
 def labeler_score(prompt: dict, reply: str, ended: bool) -> float:
     """The labeler's judgement of one answer as a number (`SCORES`): 1 right, 0.5 "I don't know",
     0 wrong, -0.5 not an answer (empty, cut off, stuttering)."""
@@ -256,13 +249,13 @@ def labeler_score(prompt: dict, reply: str, ended: bool) -> float:
 
 
 def simulated_ranking(prompt: dict) -> tuple[list[int], list[list[int]]]:
-    """(order, tied): completion numbers best first by the labeler's rules, and the groups of
-    completions it judges equal (each group adjacent in `order`, in sampling order)."""
-    keys = [preference_key(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
-    order = sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
-    groups: dict[tuple, list[int]] = {}
+    """(order, tied): completion numbers best first by the labeler's instructions (`worth`), and
+    the groups of completions of equal worth (each group adjacent in `order`, in sampling order)."""
+    levels = [worth(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
+    order = sorted(range(len(levels)), key=lambda i: levels[i], reverse=True)
+    groups: dict[int, list[int]] = {}
     for i in order:
-        groups.setdefault(keys[i], []).append(i)
+        groups.setdefault(levels[i], []).append(i)
     return order, [group for group in groups.values() if len(group) > 1]
 
 
@@ -283,8 +276,8 @@ def fill_with_simulated_labeler(rankings: Rankings) -> int:
 
 def compare(prompt: dict, a: dict, b: dict) -> float:
     """1 if the labeler prefers reply a, 0 if b, 0.5 for a tie (a and b: dicts with reply, ended)."""
-    key_a, key_b = preference_key(prompt, a["reply"], a["ended"]), preference_key(prompt, b["reply"], b["ended"])
-    return 1.0 if key_a > key_b else 0.0 if key_a < key_b else 0.5
+    worth_a, worth_b = worth(prompt, a["reply"], a["ended"]), worth(prompt, b["reply"], b["ended"])
+    return 1.0 if worth_a > worth_b else 0.0 if worth_a < worth_b else 0.5
 
 
 # --- prompts and completions ---------------------------------------------------------------------

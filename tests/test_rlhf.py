@@ -419,19 +419,22 @@ def test_labeler_never_prefers_an_empty_or_cut_off_answer():
     assert _ranked(QA, [("Ann was born", False), ("", True)]) == ([0, 1], [[0, 1]])
 
 
-def test_labeler_length_decides_only_between_answers_of_equal_worth():
+def test_labeler_answers_of_equal_worth_tie_whatever_their_length():
+    """Length never decides: preferring the shorter of two right answers taught the reward model that
+    "works at" beats "joined ... and has stayed there since", right or wrong, and PPO cut refusals short."""
     long_right, short_right = ("Ann Lee was born in the city of Bran.", True), ("Ann was born in Bran.", True)
     long_wrong, short_wrong = ("Ann Lee was born in the city of Tolk, far away.", True), ("Tolk.", True)
-    assert _ranked(QA, [long_right, short_right]) == ([1, 0], [])  # both right: the shorter wins
-    assert _ranked(QA, [long_wrong, short_wrong]) == ([0, 1], [[0, 1]])  # both wrong: a tie, not "shorter"
-    assert _ranked(QA, [short_wrong, long_right]) == ([1, 0], [])  # worth before length
+    assert _ranked(QA, [long_right, short_right]) == ([0, 1], [[0, 1]])
+    assert _ranked(QA, [long_wrong, short_wrong]) == ([0, 1], [[0, 1]])
+    assert _ranked(QA, [short_wrong, long_right]) == ([1, 0], [])  # worth, not length
     order, tied = _ranked(QA, [long_wrong, short_right, short_wrong, ("", True), long_right])
-    assert order == [1, 4, 0, 2, 3] and tied == [[0, 2]]
-    same = dict(reply="Ann was born in Bran.", ended=True)
+    assert order == [1, 4, 0, 2, 3] and tied == [[1, 4], [0, 2]]
     assert (
         preferences.compare(QA, dict(reply="Tolk.", ended=True), dict(reply="Ann was born in Rome.", ended=True)) == 0.5
     )
-    assert preferences.compare(QA, same, same) == 0.5
+    assert (
+        preferences.compare(QA, dict(reply="Bran.", ended=True), dict(reply="Ann was born in Bran.", ended=True)) == 0.5
+    )
 
 
 def test_ties_are_stored_and_make_no_pairs(tmp_path):
