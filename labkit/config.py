@@ -211,7 +211,19 @@ class PPOConfig:
         0.05,
         low=0.0,
         high=100.0,
-        help="weight of the per-token KL penalty against the reference (0: none, reward hacking)",
+        help="weight of the per-token KL penalty against the reference (0: none, reward hacking); with kl_target, where the adaptive coefficient starts",
+    )
+    kl_target: float = param(
+        0.0,
+        low=0.0,
+        high=10_000.0,
+        help="adaptive KL controller (Ziegler et al. 2019): the KL per answer (summed over its tokens) the coefficient steers toward, starting from kl_coef (0: the coefficient stays kl_coef)",
+    )
+    kl_horizon: int = param(
+        10_000,
+        low=1,
+        high=100_000_000,
+        help="rollouts over which the adaptive controller closes the gap to kl_target: after each batch the coefficient is multiplied by 1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch_size / kl_horizon",
     )
     kl_estimator: str = param(
         "k1", choices=("k1", "k3"), help="per-token KL estimate, k1 = log pi - log ref, k3 = (r - 1) - log r"

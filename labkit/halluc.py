@@ -45,7 +45,16 @@ import torch
 from .chat import render_prompt, render_tools
 from .checkpoint import load_model, model_path, save_model
 from .config import Config, ConfigError, resolve_device
-from .conversations import ANSWERS, IDK_ANSWERS, QUESTIONS, make_conversations, mentions, refuses, split_people
+from .conversations import (
+    ANSWERS,
+    IDK_ANSWERS,
+    QUESTIONS,
+    make_conversations,
+    mentions,
+    refuses,
+    says_dont_know,
+    split_people,
+)
 from .distributed import barrier, is_main_process
 from .engine import decode_reply, fit, generate, reply_stops, score
 from .pretrain import BUCKET_NAMES
@@ -54,7 +63,6 @@ from .search import answer_with_search, load_index, search_query, tool_conversat
 from .sft import finetune as sft_finetune
 from .world import FACTS, Person, World, bucket
 
-IDK_PATTERN = re.compile(r"\b(I don't know|I do not know|I'm not sure|I am not sure|I have no information)\b", re.I)
 VERDICTS = ("correct", "idk", "wrong")
 
 
@@ -63,7 +71,7 @@ VERDICTS = ("correct", "idk", "wrong")
 
 def says_idk(reply: str) -> bool:
     """The reply declines: it says it does not know (or refuses, as a harmful request would be)."""
-    return IDK_PATTERN.search(reply) is not None or refuses(reply)
+    return says_dont_know(reply) or refuses(reply)
 
 
 def judge(reply: str, truth: str, n_pages: int) -> str:

@@ -3,7 +3,9 @@
 The lesson: sample answers, score them with the reward model, and push up the probability of
 tokens that did better than the value head expected (advantages by GAE), in small clipped
 steps. The reward also pays `-kl_coef * KL(policy || reference)` per token: without it the
-policy drifts to whatever odd text the reward model happens to overrate (reward hacking).
+policy drifts to whatever odd text the reward model happens to overrate (reward hacking). With
+`kl_target` set, the coefficient adapts after every batch (`KLController`, Ziegler et al. 2019):
+it grows while the KL is above the target and shrinks while it is below.
 
 One PPO step, as in TRL's PPOTrainer:
 
@@ -127,6 +129,24 @@ def ppo_value_loss(
     errors, clipped_errors = torch.square(values - returns), torch.square(clipped_values - returns)
     loss = 0.5 * masked_mean(torch.max(errors, clipped_errors), mask)
     return loss, masked_mean((clipped_errors > errors).float(), mask).detach()
+
+
+class KLController:
+    """The KL coefficient. Fixed when `target` is 0; otherwise adaptive, as in Ziegler et al. 2019
+    (TRL's former AdaptiveKLController): after each batch, with KL the batch's mean KL per answer,
+
+        coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_rollouts / horizon
+
+    so the coefficient rises while the policy is further from the reference than the target and
+    falls while it is closer, by at most 20% per `horizon` rollouts."""
+
+    def __init__(self, coef: float, target: float = 0.0, horizon: int = 10_000):
+        self.value, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n_rollouts: int) -> None:
+        if self.target > 0:
+            error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+            self.value *= 1 + error * n_rollouts / self.horizon
 
 
 # --- one step -------------------------------------------------------------------------------------
@@ -266,6 +286,7 @@ def ppo_train(
     device: str,
     *,
     kl_coef: float | None = None,
+    kl_target: float | None = None,
     steps: int | None = None,
     run=None,
     on_step=None,
@@ -274,13 +295,16 @@ def ppo_train(
     desc: str = "ppo",
 ) -> list[dict]:
     """PPO: `steps` times, sample a batch of answers, score them, update policy and value head.
-    Returns one history row per step (score, KL, answer length, clip fraction, losses, and the
-    simulated labeler's judgement of the sampled answers). Resumes from `checkpoint`."""
+    Returns one history row per step (score, KL, the KL coefficient used, answer length, clip
+    fraction, losses, and the simulated labeler's judgement of the sampled answers). `kl_coef`,
+    `kl_target` and `steps` override the config's. Resumes from `checkpoint`."""
     from .preferences import labeler_score
 
     r, p = config.rlhf, config.ppo
     check_config(config)
-    kl_coef = p.kl_coef if kl_coef is None else kl_coef
+    kl = KLController(
+        p.kl_coef if kl_coef is None else kl_coef, p.kl_target if kl_target is None else kl_target, p.kl_horizon
+    )
     steps = p.steps if steps is None else steps
     dtype = autocast_dtype(config.train, device)
     for model in (policy, ref, value_model, reward_model):
@@ -299,6 +323,7 @@ def ppo_train(
         trained.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
+        kl.value = state["kl_coef"]
         set_rng_state(state["rng"])
     save_every, first = max(1, steps // 5), step
     for step in tqdm(range(first, steps), initial=first, total=steps, desc=desc, leave=False):
@@ -314,7 +339,7 @@ def ppo_train(
             tokenizer,
             batch_prompts,
             config,
-            kl_coef,
+            kl.value,
             config.seed * 100_003 + step,
             dtype,
         )
@@ -324,6 +349,7 @@ def ppo_train(
             step=step + 1,
             score=rollouts["scores"].mean().item(),
             kl=rollouts["kl"].sum(1).mean().item(),
+            kl_coef=kl.value,
             reward=rollouts["rewards"].sum(1).mean().item(),
             response_length=rollouts["lengths"].mean().item(),
             ended_rate=rollouts["ended"].float().mean().item(),
@@ -332,6 +358,7 @@ def ppo_train(
             **stats,
         )
         history.append(row)
+        kl.update(row["kl"], p.batch_size)
         if run is not None:
             run.log({f"{desc}/{k}": v for k, v in row.items() if k not in ("step", "sample")}, step=step + 1)
         event = dict(loop=desc, step=step + 1, row=row, history=history)
@@ -346,6 +373,7 @@ def ppo_train(
                     optimizer=optimizer.state_dict(),
                     step=step + 1,
                     history=history,
+                    kl_coef=kl.value,
                     rng=rng_state(),
                     resume_key=resume_key,
                 ),

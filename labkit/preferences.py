@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .chat import render_prompt
+from .conversations import says_dont_know
 from .engine import decode_reply, fit, generate, pack, reply_stops
 from .errors import LabkitError
 from .run import atomic_write, in_share, read_jsonl, write_jsonl
@@ -45,8 +46,9 @@ class Rankings:
     """The rankings of one run: `rankings.jsonl`, one JSON object per line, only ever appended.
 
     A line is {"id": prompt id, "order": completion indices best first, "by": "human" or
-    "simulated"} (other fields are kept as they are) or {"id": ..., "undo": true}, which takes
-    back the last ranking of that prompt by a person. A prompt may hold both kinds: the simulated
+    "simulated"}, with an optional "tied": groups of completions judged equal (each group
+    adjacent in "order"; a tie implies no pair; other fields are kept as they are), or
+    {"id": ..., "undo": true}, which takes back the last ranking of that prompt by a person. A prompt may hold both kinds: the simulated
     labeler's is a default, and a person's replaces it for training (`records`, one per prompt)
     while both stay in the file. The person's rankings, in the order made, are the history that
     undo walks back: it is read from the file, so it survives a kernel restart.
@@ -144,6 +146,7 @@ class Rankings:
                 f"the ranking of prompt {pid!r} must name each of its {k} completions once "
                 f"(0 to {k - 1}, best first); got {order}"
             )
+        self._check_ties(pid, order, record.get("tied", []))
         if record.get("by") not in (HUMAN, SIMULATED):
             raise RankingError(f"'by' must be {HUMAN!r} or {SIMULATED!r}; got {record.get('by')!r}")
 
@@ -174,6 +177,24 @@ class Rankings:
         else:
             self.records.pop(pid, None)
 
+    @staticmethod
+    def _check_ties(pid: str, order: list[int], tied) -> None:
+        if not isinstance(tied, list) or not all(
+            isinstance(g, list) and len(g) > 1 and all(isinstance(i, int) for i in g) for g in tied
+        ):
+            raise RankingError(
+                f"the ties of prompt {pid!r} must be a list of groups of at least 2 completion numbers; got {tied!r}"
+            )
+        seen: set[int] = set()
+        for group in tied:
+            places = sorted(order.index(i) if i in order else -1 for i in group)
+            if places[0] < 0 or seen & set(group) or places != list(range(places[0], places[0] + len(group))):
+                raise RankingError(
+                    f"the ties of prompt {pid!r} must each name completions of the ranking once, next to each "
+                    f"other in its order {order}; got {tied}"
+                )
+            seen |= set(group)
+
     def _append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab+") as f:
@@ -185,10 +206,12 @@ class Rankings:
             f.flush()
             os.fsync(f.fileno())
 
-    def add(self, pid: str, order: list[int], by: str = HUMAN) -> dict:
+    def add(self, pid: str, order: list[int], by: str = HUMAN, tied: list[list[int]] | None = None) -> dict:
         """Store a ranking (completion numbers, best first) the moment it is made. A person's
         ranking replaces the simulated labeler's for training; the labeler's never replaces a person's."""
         record = dict(id=pid, order=[int(i) for i in order], by=by)
+        if tied:
+            record["tied"] = tied
         self._check(record)
         if self._prompts_stamp() != self.prompts_seen:
             raise RankingError(
@@ -227,21 +250,32 @@ class Rankings:
         return sum(1 for r in self.records.values() if by is None or r["by"] == by)
 
     def pairs(self, pids) -> list[tuple[dict, int, int]]:
-        """(prompt, chosen, rejected) for every pair a ranking implies (K(K-1)/2 per ranking);
-        pairs of identical texts say nothing and are left out."""
+        """(prompt, chosen, rejected) for every pair a ranking implies (K(K-1)/2 per ranking without
+        ties); two completions tied, or of identical texts, say nothing and make no pair."""
         out = []
         for pid in pids:
             if pid not in self.records:
                 continue
             prompt, order = self.prompts[pid], self.records[pid]["order"]
+            group = {i: n for n, g in enumerate(self.records[pid].get("tied", [])) for i in g}
             for a in range(len(order)):
                 for b in range(a + 1, len(order)):
-                    if prompt["completions"][order[a]] != prompt["completions"][order[b]]:
-                        out.append((prompt, order[a], order[b]))
+                    chosen, rejected = order[a], order[b]
+                    tie = chosen in group and group[chosen] == group.get(rejected)
+                    if not tie and prompt["completions"][chosen] != prompt["completions"][rejected]:
+                        out.append((prompt, chosen, rejected))
         return out
 
 
 # --- the simulated labeler ---------------------------------------------------------------------------
+
+# What an answer is worth to the labeler, best first (helpful, honest, harmless):
+RIGHT = 3  # the true fact, the right result, the assistant's identity; a harmful request refused
+DONT_KNOW = 2  # an honest "I don't know": not knowing beats making something up
+WRONG = 1  # a wrong fact or result, a harmless question refused, a harmful request obeyed
+NO_ANSWER = 0  # empty, cut off before its end, or stuck repeating a word: never beats a finished answer
+# The labeler's score of one answer, for means over many: a step of 0.5 per level, 0 for a wrong answer.
+SCORES = {RIGHT: 1.0, DONT_KNOW: 0.5, WRONG: 0.0, NO_ANSWER: -0.5}
 
 
 def well_formed(reply: str, ended: bool) -> bool:
@@ -251,46 +285,62 @@ def well_formed(reply: str, ended: bool) -> bool:
     return ended and bool(words) and not stutter
 
 
-def preference_key(prompt: dict, reply: str, ended: bool) -> tuple:
-    """The simulated labeler's written rules, in order of importance (a larger key is better):
+def worth(prompt: dict, reply: str, ended: bool) -> int:
+    """The simulated labeler's instructions: what one answer is worth (larger is better; two answers
+    of the same worth are a tie, however long or short):
 
-    1. correct: a question about a person is answered with the world's true fact, a sum with its
-       true result, "who are you?" with the assistant's identity; a harmful request is refused
-       (harmlessness comes before helpfulness there);
-    2. well formed: the answer ends (reaches <|im_end|>), is not empty and does not stutter;
-    3. concise: fewer words.
+    1. RIGHT: a harmless question answered correctly (the true fact about the person, the right
+       result, what the assistant is: `sft.judge`, the rules stage 4 measures with); a harmful
+       request refused.
+    2. DONT_KNOW: an honest "I don't know" or "I'm not sure" (the conversations' phrasings).
+    3. WRONG: a wrong fact or result, a refusal of a harmless question, a harmful request obeyed.
+    4. NO_ANSWER: empty, cut off before it ended, or repeating a word three times in a row; it
+       never beats a finished answer, whatever it says.
     """
     from .sft import judge  # the stage-4 rules that say whether a reply is right
 
-    correct = bool(judge(dict(prompt, reply=reply)))
-    return (correct, well_formed(reply, ended), -len(reply.split()))
+    if not well_formed(reply, ended):
+        return NO_ANSWER
+    if judge(dict(prompt, reply=reply)):
+        return RIGHT
+    return DONT_KNOW if says_dont_know(reply) else WRONG
 
 
 def labeler_score(prompt: dict, reply: str, ended: bool) -> float:
-    """One number for the labeler's judgement: 1 correct and well formed, 0.5 correct, 0 wrong."""
-    correct, formed, _ = preference_key(prompt, reply, ended)
-    return (0.5 + 0.5 * formed) if correct else 0.0
+    """The labeler's judgement of one answer as a number (`SCORES`): 1 right, 0.5 "I don't know",
+    0 wrong, -0.5 not an answer (empty, cut off, stuttering)."""
+    return SCORES[worth(prompt, reply, ended)]
 
 
-def simulated_ranking(prompt: dict) -> list[int]:
-    """Completion numbers, best first, by the labeler's rules (ties keep sampling order)."""
-    keys = [preference_key(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
-    return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
+def simulated_ranking(prompt: dict) -> tuple[list[int], list[list[int]]]:
+    """(order, tied): completion numbers best first by the labeler's instructions (`worth`), and
+    the groups of completions of equal worth (each group adjacent in `order`, in sampling order)."""
+    levels = [worth(prompt, c, e) for c, e in zip(prompt["completions"], prompt["ended"])]
+    order = sorted(range(len(levels)), key=lambda i: levels[i], reverse=True)
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(levels[i], []).append(i)
+    return order, [group for group in groups.values() if len(group) > 1]
 
 
 def fill_with_simulated_labeler(rankings: Rankings) -> int:
-    """Rank every prompt the simulated labeler has not ranked yet. A person's ranking of a prompt
-    still wins for training; the labeler's is kept beside it, the default should the person undo."""
-    todo = [pid for pid in rankings.order if pid not in rankings.simulated]
-    for pid in todo:
-        rankings.add(pid, simulated_ranking(rankings.prompts[pid]), by=SIMULATED)
-    return len(todo)
+    """Rank every prompt the simulated labeler has not ranked yet, or ranked by other rules (an
+    older version of them). A person's ranking of a prompt still wins for training; the labeler's
+    is kept beside it, the default should the person undo. Returns how many it ranked."""
+    done = 0
+    for pid in rankings.order:
+        order, tied = simulated_ranking(rankings.prompts[pid])
+        old = rankings.simulated.get(pid)
+        if old is None or (old["order"], old.get("tied", [])) != (order, tied):
+            rankings.add(pid, order, by=SIMULATED, tied=tied)
+            done += 1
+    return done
 
 
 def compare(prompt: dict, a: dict, b: dict) -> float:
     """1 if the labeler prefers reply a, 0 if b, 0.5 for a tie (a and b: dicts with reply, ended)."""
-    key_a, key_b = preference_key(prompt, a["reply"], a["ended"]), preference_key(prompt, b["reply"], b["ended"])
-    return 1.0 if key_a > key_b else 0.0 if key_a < key_b else 0.5
+    worth_a, worth_b = worth(prompt, a["reply"], a["ended"]), worth(prompt, b["reply"], b["ended"])
+    return 1.0 if worth_a > worth_b else 0.0 if worth_a < worth_b else 0.5
 
 
 # --- prompts and completions ---------------------------------------------------------------------

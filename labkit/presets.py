@@ -36,10 +36,14 @@ PRESETS: dict[str, dict] = {
             eval_every=5,
             max_new_tokens=16,
         ),
-        rlhf=dict(n_prompts=12, k=3, max_new_tokens=12, heldout_prompts=0.25, n_eval=8, hacking_steps=3),
+        # the tiny models never finish an answer at temperature 1 (0 of 160 samples): at 5, about 1 in 20
+        # do, and the labeler has finished answers to prefer to unfinished ones (no pair comes from a tie)
+        rlhf=dict(
+            n_prompts=32, k=4, temperature=5.0, max_new_tokens=32, heldout_prompts=0.25, n_eval=8, hacking_steps=3
+        ),
         reward_model=dict(steps=6, batch_size=8),
         dpo=dict(steps=4, batch_size=4),
-        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2),
+        ppo=dict(steps=3, batch_size=4, epochs=2, minibatches=2, kl_target=1.0, kl_horizon=20),
         grpo=dict(
             cold_start_steps=3,
             n_heldout=3,
@@ -67,10 +71,11 @@ PRESETS: dict[str, dict] = {
     ),
     "cpu": dict(
         train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
-        rlhf=dict(hacking_steps=60),
+        # answers up to half the context: a refusal or the assistant's identity takes 31-37 tokens
+        rlhf=dict(hacking_steps=60, max_new_tokens=64),
         reward_model=dict(steps=100, batch_size=16),
         dpo=dict(steps=60),
-        ppo=dict(steps=30),
+        ppo=dict(steps=30, kl_coef=0.1, kl_target=2.0, kl_horizon=100),
     ),
     "gpu": dict(
         max_batch=128,
@@ -106,7 +111,16 @@ PRESETS: dict[str, dict] = {
         rlhf=dict(n_prompts=4000, k=4, max_new_tokens=128, n_eval=500, hacking_steps=500),
         reward_model=dict(steps=1000, batch_size=64, learning_rate=1e-5),
         dpo=dict(steps=1000, batch_size=32, learning_rate=5e-7),
-        ppo=dict(steps=500, batch_size=64, minibatches=4, micro_batch_size=16, learning_rate=1e-6),
+        ppo=dict(
+            steps=500,
+            batch_size=64,
+            minibatches=4,
+            micro_batch_size=16,
+            learning_rate=1e-6,
+            kl_coef=0.2,  # the adaptive controller of Ziegler et al. 2019 with TRL's defaults
+            kl_target=6.0,
+            kl_horizon=10_000,
+        ),
         grpo=dict(
             tasks="one_digit,addition,multiplication,word_problem,larger,count_letter",
             n_heldout=200,

@@ -14,7 +14,10 @@ its own file:
    model. `dpo.py` skips the reward model and the sampling: a loss on the pairs themselves.
 
 This file is the stage: it runs the three, then measures the SFT, PPO and DPO assistants on
-held-out prompts (reward-model scores, the simulated labeler's judgement, win rates).
+held-out prompts: the reward model's score, the simulated labeler's score (1 right, 0.5 "I don't
+know", 0 wrong, -0.5 not an answer), how often the labeler prefers PPO's or DPO's reply to SFT's
+(wins, ties, losses), empty replies, and the KL to the SFT model. A reward-model score that rises
+while the labeler's falls is reward hacking, not progress.
 
 Writes to `runs/<run>/rlhf/`:
   prompts.jsonl      the prompts to rank and their K completions (kept while the SFT model is the same)
@@ -22,10 +25,12 @@ Writes to `runs/<run>/rlhf/`:
   archive/<source>/  completions sampled from an earlier SFT model, with every ranking made of them
   rm/model.pt        the reward model; rm/history.json
   dpo/history.json   DPO's loss and implicit rewards per step
-  ppo/history.json   PPO's score, KL, answer length, clip fraction (and the labeler's judgement) per step
-  hacking/           the same for PPO with no KL penalty (when rlhf.hacking_steps > 0)
+  ppo/history.json   PPO's score, KL, KL coefficient, answer length, clip fraction (and the labeler's judgement) per step
+  hacking/           the same for PPO with no KL penalty and no controller (when rlhf.hacking_steps > 0)
   eval.jsonl         held-out prompts: SFT, PPO and DPO replies, reward-model scores, judgements
-  metrics.json       rm_pair_accuracy, ppo_reward_before/after, ppo_kl, ppo_win_rate, dpo_win_rate
+  metrics.json       rm_pair_accuracy, ppo_reward_before/after, ppo_kl; for ppo and dpo against sft:
+                     _wins, _ties, _losses (n_eval prompts), _win_rate ((wins + ties / 2) / n_eval),
+                     _labeler_score and _labeler_change, _empty_replies, _eval_kl
 and the two policies where `labkit chat --model ppo|dpo` finds them: `runs/<run>/ppo/model.pt`,
 `runs/<run>/dpo/model.pt`.
 """
@@ -40,11 +45,12 @@ from pathlib import Path
 
 import torch
 
+from .chat import render_prompt
 from .checkpoint import save_model
 from .config import ConfigError, check_config, resolve_device
 from .distributed import is_main_process, main_first
 from .dpo import train_dpo
-from .engine import replies
+from .engine import fit, generate, replies, reply_stops, score
 from .ppo import ppo_train
 from .preferences import (
     HUMAN,
@@ -127,14 +133,65 @@ def evaluate_models(
             for r in replies(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens, max_batch=max_batch)
         ]
         scores = reward_scores(reward_model, tokenizer, prompts, answers, max_batch)
-        for row, answer, score in zip(rows, answers, scores):
-            row[name] = dict(answer, rm_score=score, labeler=labeler_score(row, answer["reply"], answer["ended"]))
+        for row, answer, rm_score in zip(rows, answers, scores):
+            row[name] = dict(answer, rm_score=rm_score, labeler=labeler_score(row, answer["reply"], answer["ended"]))
     return rows
 
 
+def wins_ties_losses(rows: list[dict], model: str, baseline: str = "sft") -> tuple[int, int, int]:
+    """On how many held-out prompts the labeler prefers `model`'s reply to the baseline's, judges
+    them equal, or prefers the baseline's."""
+    outcomes = [compare(r, r[model], r[baseline]) for r in rows]
+    return outcomes.count(1.0), outcomes.count(0.5), outcomes.count(0.0)
+
+
 def win_rate(rows: list[dict], model: str, baseline: str = "sft") -> float:
-    """Share of held-out prompts where the labeler prefers `model`'s reply to the baseline's (ties count half)."""
-    return sum(compare(r, r[model], r[baseline]) for r in rows) / len(rows)
+    """(wins + ties / 2) / n: a tie counts as half a win, so two models that answer alike score
+    0.5. Read it beside `wins_ties_losses` and the change in the labeler's score."""
+    wins, ties, _ = wins_ties_losses(rows, model, baseline)
+    return (wins + ties / 2) / len(rows)
+
+
+@torch.no_grad()
+def sampled_kl(policy, ref, tokenizer, prompts: list[dict], config) -> float:
+    """KL(policy || ref) per answer, as PPO's history measures it: one answer per prompt sampled
+    from the policy at the rollout temperature, log pi - log ref summed over its tokens, averaged."""
+    r = config.rlhf
+    ids, budget = fit(
+        [render_prompt(p["messages"], tokenizer) for p in prompts], r.max_new_tokens, ref.config.block_size
+    )
+    sampling = dict(temperature=r.temperature, max_batch=config.max_batch)
+    answers = generate(policy, ids, budget, stop_tokens=reply_stops(tokenizer), seed=config.seed, **sampling)
+    logps, mask = score(policy, ids, answers, **sampling)
+    ref_logps, _ = score(ref, ids, answers, **sampling)
+    return ((logps - ref_logps) * mask).sum(1).mean().item()
+
+
+def comparison_metrics(rows: list[dict], models=("ppo", "dpo"), baseline: str = "sft") -> dict:
+    """For each model against the baseline on the held-out prompts: wins, ties, losses and the
+    win rate by the labeler, its mean score and the change from the baseline's, empty replies."""
+    n = len(rows)
+    mean = lambda model, name: round(sum(row[model][name] for row in rows) / n, 4)  # noqa: E731
+    empty = lambda model: sum(not row[model]["reply"].strip() for row in rows)  # noqa: E731
+    metrics = {
+        f"{baseline}_labeler_score": mean(baseline, "labeler"),
+        f"{baseline}_empty_replies": empty(baseline),
+        "n_eval": n,
+    }
+    for model in models:
+        wins, ties, losses = wins_ties_losses(rows, model, baseline)
+        metrics.update(
+            {
+                f"{model}_wins": wins,
+                f"{model}_ties": ties,
+                f"{model}_losses": losses,
+                f"{model}_win_rate": round(win_rate(rows, model, baseline), 4),
+                f"{model}_labeler_score": mean(model, "labeler"),
+                f"{model}_labeler_change": round(mean(model, "labeler") - mean(baseline, "labeler"), 4),
+                f"{model}_empty_replies": empty(model),
+            }
+        )
+    return metrics
 
 
 def build(config, run, made_from: str) -> dict:
@@ -195,12 +252,10 @@ def build(config, run, made_from: str) -> dict:
         ppo_reward_after=mean("rm_score", "ppo"),
         dpo_reward=mean("rm_score", "dpo"),
         ppo_kl=round(sum(row["kl"] for row in tail) / len(tail), 4),
-        ppo_win_rate=round(win_rate(rows, "ppo"), 4),
-        dpo_win_rate=round(win_rate(rows, "dpo"), 4),
-        sft_labeler_score=mean("labeler", "sft"),
-        ppo_labeler_score=mean("labeler", "ppo"),
-        dpo_labeler_score=mean("labeler", "dpo"),
-        n_eval=len(rows),
+        ppo_kl_coef_last=round(history[-1]["kl_coef"], 4),
+        **comparison_metrics(rows),
+        ppo_eval_kl=round(sampled_kl(policy, sft, tokenizer, held_out, config), 4),
+        dpo_eval_kl=round(sampled_kl(dpo, sft, tokenizer, held_out, config), 4),
         ppo_train_score_first=round(history[0]["score"], 4),
         ppo_train_score_last=round(history[-1]["score"], 4),
     )
@@ -235,8 +290,9 @@ def ppo_from_sft(sft, reward_model, tokenizer, prompts, config, run, folder: Pat
 
 
 def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: Path, key: str) -> dict:
-    """PPO again from the SFT model with no KL penalty and `hacking_steps` batches: the reward
-    model's score keeps rising while the simulated labeler's judgement of the same answers falls."""
+    """PPO again from the SFT model with no KL penalty (kl_coef 0, no adaptive controller) and
+    `hacking_steps` batches: the reward model's score keeps rising while the simulated labeler's
+    judgement of the same answers falls. A run of its own, apart from the stage's PPO."""
     _, history = ppo_from_sft(
         sft,
         reward_model,
@@ -247,6 +303,7 @@ def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: P
         folder,
         key + "-hacking",
         kl_coef=0.0,
+        kl_target=0.0,
         steps=config.rlhf.hacking_steps,
         desc=HACKING_LOOP,
     )

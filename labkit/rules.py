@@ -84,6 +84,12 @@ def check_shapes(config) -> None:
             f"ppo.batch_size={p.batch_size} gives 1 rollout to each of ppo.minibatches={p.minibatches}; "
             f"batch_size must be at least 2 * minibatches (at least 2 rollouts in each minibatch)"
         )
+    if p.kl_target > 0 and p.kl_coef == 0:
+        raise ConfigError(
+            f"ppo.kl_target={p.kl_target} needs ppo.kl_coef > 0, got ppo.kl_coef={p.kl_coef}: the adaptive "
+            f"coefficient starts at kl_coef and is multiplied from there (0 stays 0); set kl_coef (e.g. 0.05) "
+            f"or kl_target=0"
+        )
     for section in REPLY_BUDGETS:
         budget = getattr(config, section).max_new_tokens
         if budget > m.block_size // 2:

@@ -204,6 +204,32 @@ def test_ppo_rewards_on_padded_answers():
     assert torch.allclose(rewards, torch.tensor([[-0.1, 2.9, 0, 0], [0, -0.1, -0.1, 4.9]]))
 
 
+def test_adaptive_kl_controller_follows_trl():
+    """Three updates worked by hand with TRL's AdaptiveKLController formula
+    (coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon), target 6, horizon 100, batches of 16."""
+    kl = ppo.KLController(0.2, target=6.0, horizon=100)
+    kl.update(9.0, 16)  # 9/6 - 1 = 0.5, clipped to 0.2: 0.2 * (1 + 0.2 * 0.16) = 0.2064
+    assert kl.value == pytest.approx(0.2064, abs=1e-12)
+    kl.update(4.5, 16)  # 4.5/6 - 1 = -0.25 -> -0.2: 0.2064 * (1 - 0.032) = 0.1997952
+    assert kl.value == pytest.approx(0.1997952, abs=1e-12)
+    kl.update(6.6, 16)  # 6.6/6 - 1 = 0.1 (inside the clip): 0.1997952 * 1.016 = 0.2029919232
+    assert kl.value == pytest.approx(0.2029919232, abs=1e-12)
+    fixed = ppo.KLController(0.05)  # target 0: a fixed coefficient
+    fixed.update(100.0, 16)
+    assert fixed.value == 0.05
+
+
+def test_adaptive_kl_needs_a_coefficient_to_start_from():
+    from labkit.config import ConfigError, get_config
+
+    with pytest.raises(ConfigError, match=r"ppo.kl_target=3.0 needs ppo.kl_coef > 0"):
+        ppo.check_config(get_config("tiny", ppo=dict(kl_target=3.0, kl_coef=0.0)).ppo)
+    with pytest.raises(ConfigError, match="ppo.kl_horizon"):
+        get_config("tiny", ppo=dict(kl_horizon=0))
+    with pytest.raises(ConfigError, match="ppo.kl_target"):
+        get_config("tiny", ppo=dict(kl_target=-1.0))
+
+
 def test_ppo_bad_estimator_is_refused():
     with pytest.raises(ValueError, match="kl estimator 'k2' is not allowed; allowed: k1, k3"):
         ppo.per_token_kl(torch.zeros(1), torch.zeros(1), "k2")
@@ -380,32 +406,126 @@ def test_pairs_implied_by_rankings():
 # --- the simulated labeler ----------------------------------------------------------------------------
 
 
-def test_simulated_labeler_rules():
-    qa = dict(
-        kind="qa",
-        truth="Bran",
-        completions=[
-            "Ann was born in Bran, Bran, Bran and more words here.",
-            "Ann was born in Tolk.",
-            "Ann was born in Bran.",
-            "Bran",
-        ],
-        ended=[True, True, True, False],
+QA = dict(kind="qa", truth="Bran", name="Ann Lee")
+HARMFUL = dict(kind="refusal", name="Ann Lee")
+
+
+def _ranked(prompt, answers):
+    """simulated_ranking of (text, ended) answers."""
+    return preferences.simulated_ranking(
+        dict(prompt, completions=[a for a, _ in answers], ended=[e for _, e in answers])
     )
-    # correct facts first; then well formed (ended); then concise
-    assert preferences.simulated_ranking(qa) == [2, 0, 3, 1]
-    harmful = dict(
-        kind="refusal",
-        completions=["Here is how to break in: first ...", "I'm sorry, but I can't help with that."],
-        ended=[True, True],
+
+
+def test_labeler_levels_helpful_honest_harmless():
+    right, idk, wrong = (
+        ("Ann was born in Bran.", True),
+        ("I don't know that about Ann Lee.", True),
+        ("Ann was born in Tolk.", True),
     )
-    assert preferences.simulated_ranking(harmful) == [1, 0]
-    assert preferences.labeler_score(qa, "Ann was born in Bran.", True) == 1.0
-    assert preferences.labeler_score(qa, "Ann was born in Bran.", False) == 0.5
-    assert preferences.labeler_score(qa, "the the the Bran", True) == 0.5  # stutters: not well formed
-    assert preferences.labeler_score(qa, "I'm sorry, but I can't help with that.", True) == 0.0
-    assert preferences.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Tolk.", ended=True)) == 1.0
-    assert preferences.compare(qa, dict(reply="Bran.", ended=True), dict(reply="Bran.", ended=True)) == 0.5
+    refusal, sorry = ("I'm sorry, but I can't help with that.", True), ("I'm sorry, I don't know.", True)
+    # a correct answer beats "I don't know", which beats a wrong answer; refusing a harmless question is wrong
+    assert _ranked(QA, [wrong, idk, right]) == ([2, 1, 0], [])
+    assert _ranked(QA, [refusal, wrong]) == ([0, 1], [[0, 1]])
+    # a harmful request: refusing is right (an apology with "I don't know" refuses too), obeying is wrong
+    obey = ("Here is how to break in: first find the password.", True)
+    assert _ranked(HARMFUL, [obey, ("I don't know.", True), refusal]) == ([2, 1, 0], [])
+    assert _ranked(HARMFUL, [obey, sorry])[0] == [1, 0]
+    scores = [preferences.labeler_score(QA, *a) for a in (right, idk, wrong, refusal)]
+    assert scores == [1.0, 0.5, 0.0, 0.0]
+    assert preferences.labeler_score(HARMFUL, *refusal) == 1.0 and preferences.labeler_score(HARMFUL, *obey) == 0.0
+
+
+def test_labeler_never_prefers_an_empty_or_cut_off_answer():
+    wrong = ("Ann was born in Tolk, a city in the north with a long history.", True)
+    for broken in [("", True), ("Ann was born in Bran", False), ("Ann was born in in in Bran.", True)]:
+        assert preferences.labeler_score(QA, *broken) == -0.5
+        assert _ranked(QA, [broken, wrong])[0] == [1, 0]  # even a cut-off right fact loses to a finished wrong one
+        assert preferences.compare(QA, dict(reply=broken[0], ended=broken[1]), dict(reply=wrong[0], ended=True)) == 0
+    # two non-answers are a tie, whatever their length
+    assert _ranked(QA, [("Ann was born", False), ("", True)]) == ([0, 1], [[0, 1]])
+
+
+def test_labeler_answers_of_equal_worth_tie_whatever_their_length():
+    """Length never decides: preferring the shorter of two right answers taught the reward model that
+    "works at" beats "joined ... and has stayed there since", right or wrong, and PPO cut refusals short."""
+    long_right, short_right = ("Ann Lee was born in the city of Bran.", True), ("Ann was born in Bran.", True)
+    long_wrong, short_wrong = ("Ann Lee was born in the city of Tolk, far away.", True), ("Tolk.", True)
+    assert _ranked(QA, [long_right, short_right]) == ([0, 1], [[0, 1]])
+    assert _ranked(QA, [long_wrong, short_wrong]) == ([0, 1], [[0, 1]])
+    assert _ranked(QA, [short_wrong, long_right]) == ([1, 0], [])  # worth, not length
+    order, tied = _ranked(QA, [long_wrong, short_right, short_wrong, ("", True), long_right])
+    assert order == [1, 4, 0, 2, 3] and tied == [[1, 4], [0, 2]]
+    assert (
+        preferences.compare(QA, dict(reply="Tolk.", ended=True), dict(reply="Ann was born in Rome.", ended=True)) == 0.5
+    )
+    assert (
+        preferences.compare(QA, dict(reply="Bran.", ended=True), dict(reply="Ann was born in Bran.", ended=True)) == 0.5
+    )
+
+
+def test_ties_are_stored_and_make_no_pairs(tmp_path):
+    path = tmp_path / "rankings.jsonl"
+    prompts = _prompts(2, 3)
+    for p in prompts:  # one right answer, two different wrong ones
+        p["completions"], p["ended"] = ["Ann was born in Bran.", "Ann was born in Tolk.", "Rome."], [True] * 3
+    store = preferences.Rankings(path, prompts)
+    assert preferences.fill_with_simulated_labeler(store) == 2
+    record = preferences.Rankings(path, prompts).records["p0000-x"]
+    assert record == dict(id="p0000-x", order=[0, 1, 2], by="simulated", tied=[[1, 2]])
+    assert [(c, r) for _, c, r in store.pairs(["p0000-x"])] == [(0, 1), (0, 2)]  # not (1, 2)
+    store.add("p0001-x", [2, 1, 0])  # a person's ranking: no ties, every pair
+    assert [(c, r) for _, c, r in store.pairs(["p0001-x"])] == [(2, 1), (2, 0), (1, 0)]
+    assert preferences.fill_with_simulated_labeler(store) == 0
+
+
+@pytest.mark.parametrize(
+    "tied,message",
+    [
+        ([[0]], "must be a list of groups of at least 2 completion numbers"),
+        ([[0, 7]], "must each name completions of the ranking once, next to each other"),
+        ([[0, 2]], r"next to each other in its order \[0, 1, 2\]"),  # 1 stands between them
+        ([[0, 1], [1, 2]], "must each name completions of the ranking once"),
+        ("0,1", "must be a list of groups"),
+    ],
+)
+def test_bad_ties_are_refused(tmp_path, tied, message):
+    store = preferences.Rankings(tmp_path / "rankings.jsonl", _prompts())
+    with pytest.raises(preferences.RankingError, match=message):
+        store.add("p0000-x", [0, 1, 2], tied=tied)
+    assert not (tmp_path / "rankings.jsonl").exists()
+
+
+def test_simulated_rankings_by_older_rules_are_ranked_again(tmp_path):
+    """A simulated ranking on disk that the labeler's rules no longer give is replaced; a person's stays."""
+    path = tmp_path / "rankings.jsonl"
+    store = preferences.Rankings(path, _prompts(2))
+    store.add("p0000-x", [2, 1, 0], by="simulated")  # "shorter first": the cut-off "Bran Bran Bran" on top
+    store.add("p0001-x", [2, 1, 0], by="human")
+    assert preferences.fill_with_simulated_labeler(store) == 1
+    records = preferences.Rankings(path, _prompts(2)).records
+    assert records["p0000-x"]["order"] == [0, 1, 2] and records["p0001-x"]["order"] == [2, 1, 0]
+
+
+def test_comparison_counts_wins_ties_losses_and_empty_replies():
+    def row(sft, ppo):
+        return dict(
+            QA,
+            sft=dict(reply=sft, ended=True, labeler=preferences.labeler_score(QA, sft, True)),
+            ppo=dict(reply=ppo, ended=True, labeler=preferences.labeler_score(QA, ppo, True)),
+        )
+
+    rows = [
+        row("Ann was born in Tolk.", "Ann was born in Bran."),  # win: right beats wrong
+        row("Ann was born in Tolk.", "Rome."),  # tie: both wrong, however short
+        row("Ann was born in Tolk.", ""),  # loss: empty
+        row("Ann was born in Bran.", "I don't know."),  # loss
+    ]
+    m = rlhf.comparison_metrics(rows, models=("ppo",))
+    assert (m["ppo_wins"], m["ppo_ties"], m["ppo_losses"], m["n_eval"]) == (1, 1, 2, 4)
+    assert m["ppo_win_rate"] == 0.375 and rlhf.win_rate(rows, "ppo") == 0.375  # a tie counts half
+    assert m["sft_labeler_score"] == 0.25 and m["ppo_labeler_score"] == 0.25  # (1 + 0 - 0.5 + 0.5) / 4
+    assert m["ppo_labeler_change"] == 0.0 and m["ppo_empty_replies"] == 1 and m["sft_empty_replies"] == 0
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -418,6 +538,10 @@ def test_bad_ppo_batch_is_refused(tiny_config):
         get_config("tiny", ppo=dict(batch_size=5, minibatches=2))
     with pytest.raises(ConfigError, match="ppo.kl_estimator='k2' is not allowed; allowed: k1, k3"):
         get_config("tiny", ppo=dict(kl_estimator="k2"))
+
+
+def history_of(run, name):
+    return json.loads((run.path / "rlhf" / name / "history.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -440,6 +564,19 @@ def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
     for key in ("rm_pair_accuracy", "ppo_reward_before", "ppo_reward_after", "ppo_kl", "ppo_win_rate", "dpo_win_rate"):
         assert key in metrics, key
     assert 0 <= metrics["ppo_win_rate"] <= 1 and 0 <= metrics["dpo_win_rate"] <= 1
+    eval_rows = read_jsonl(run.path / "rlhf" / "eval.jsonl")
+    for model in ("ppo", "dpo"):
+        wins, ties, losses = (metrics[f"{model}_{outcome}"] for outcome in ("wins", "ties", "losses"))
+        assert wins + ties + losses == metrics["n_eval"] == len(eval_rows)
+        assert metrics[f"{model}_win_rate"] == round((wins + ties / 2) / len(eval_rows), 4)
+        change = metrics[f"{model}_labeler_score"] - metrics["sft_labeler_score"]
+        assert metrics[f"{model}_labeler_change"] == pytest.approx(change, abs=1e-4)
+        assert metrics[f"{model}_empty_replies"] == sum(row[model]["reply"] == "" for row in eval_rows)
+        assert isinstance(metrics[f"{model}_eval_kl"], float)
+    # the stage's PPO adapts its coefficient; the reward-hacking run has none at all
+    assert tiny_config.ppo.kl_target > 0
+    assert len({row["kl_coef"] for row in history_of(run, "ppo")}) > 1
+    assert {row["kl_coef"] for row in history_of(run, "hacking")} == {0.0}
     assert 0 <= metrics["rm_train_pair_accuracy"] <= 1  # that it can learn them: tests/test_reward_model.py
     assert metrics["n_ranked"] == tiny_config.rlhf.n_prompts and metrics["n_ranked_by_human"] == 1
     folder = run.path / "rlhf"
@@ -455,7 +592,7 @@ def test_stage_metrics_and_artifacts(rlhf_run, tiny_config):
         assert (folder / name).exists(), name
     history = json.loads((folder / "ppo" / "history.json").read_text())
     assert len(history) == tiny_config.ppo.steps
-    assert {"score", "kl", "response_length", "clipfrac", "labeler"} <= set(history[0])
+    assert {"score", "kl", "kl_coef", "response_length", "clipfrac", "labeler"} <= set(history[0])
     assert load_model(run.path / "ppo" / "model.pt").config.block_size == tiny_config.model.block_size
     load_model(run.path / "dpo" / "model.pt")
     rm = load_model(folder / "rm" / "model.pt")
@@ -570,6 +707,35 @@ def test_ppo_without_kl_still_runs(rlhf_run, tiny_config):
         steps=2,
     )
     assert len(history) == 2 and all(row["kl"] >= -1e-6 for row in history)  # k3 is never negative
+    assert [row["kl_coef"] for row in history] == [0.0, 0.0]
+
+
+def test_ppo_adaptive_kl_coefficient_per_step(rlhf_run):
+    """The coefficient each step used is in the history, and moves by the controller's rule."""
+    from labkit.config import get_config
+    from labkit.tokenizer import Tokenizer
+
+    run, _, _ = rlhf_run
+    config = get_config("tiny", ppo=dict(kl_coef=0.1, kl_target=0.5, kl_horizon=8))
+    sft = load_model(run.path / "sft" / "model.pt")
+    rm = load_model(run.path / "rlhf" / "rm" / "model.pt")
+    history = ppo.ppo_train(
+        copy.deepcopy(sft),
+        copy.deepcopy(sft),
+        copy.deepcopy(rm),
+        rm,
+        Tokenizer.load(run.path / "tokenizer"),
+        read_jsonl(run.path / "rlhf" / "prompts.jsonl"),
+        config,
+        "cpu",
+        steps=3,
+    )
+    coefs = [row["kl_coef"] for row in history]
+    assert coefs[0] == 0.1
+    for before, after, row in zip(coefs, coefs[1:], history):
+        error = min(max(row["kl"] / 0.5 - 1, -0.2), 0.2)
+        assert after == pytest.approx(before * (1 + error * config.ppo.batch_size / 8), rel=1e-9)
+    assert coefs[1] != coefs[0]
 
 
 def test_rlhf_plots(rlhf_run):
