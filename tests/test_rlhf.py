@@ -502,9 +502,11 @@ def test_simulated_rankings_by_older_rules_are_ranked_again(tmp_path):
     store = preferences.Rankings(path, _prompts(2))
     store.add("p0000-x", [2, 1, 0], by="simulated")  # "shorter first": the cut-off "Bran Bran Bran" on top
     store.add("p0001-x", [2, 1, 0], by="human")
-    assert preferences.fill_with_simulated_labeler(store) == 1
-    records = preferences.Rankings(path, _prompts(2)).records
-    assert records["p0000-x"]["order"] == [0, 1, 2] and records["p0001-x"]["order"] == [2, 1, 0]
+    # p0000 ranked again; p0001 gets the labeler's ranking beside the person's, which training still uses
+    assert preferences.fill_with_simulated_labeler(store) == 2
+    reopened = preferences.Rankings(path, _prompts(2))
+    assert reopened.records["p0000-x"]["order"] == [0, 1, 2] and reopened.records["p0001-x"]["order"] == [2, 1, 0]
+    assert reopened.simulated["p0001-x"]["order"] == [0, 1, 2] and preferences.fill_with_simulated_labeler(reopened) == 0
 
 
 def test_comparison_counts_wins_ties_losses_and_empty_replies():
@@ -647,8 +649,9 @@ def test_the_stage_is_keyed_by_its_rankings_and_the_sft_model(rlhf_run, tmp_path
     ensure("rlhf", config, run)
     learned = {(chosen, rejected) for prompt, chosen, rejected in seen[-1] if prompt["id"] == pid}
     person = {(c, r) for _, c, r in store.pairs([pid])}
-    assert learned == person and len(person) == 3
-    assert not learned & {(simulated[a], simulated[b]) for a in range(3) for b in range(a + 1, 3)}
+    k = config.rlhf.k
+    assert learned == person and len(person) == k * (k - 1) // 2
+    assert not learned & {(simulated[a], simulated[b]) for a in range(k) for b in range(a + 1, k)}
     # (b) nothing changed: reused; an undo and the same ranking again: the same content, reused too
     assert plan("rlhf", config, run) == []
     ensure("rlhf", config, run)
