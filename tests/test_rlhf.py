@@ -506,7 +506,9 @@ def test_simulated_rankings_by_older_rules_are_ranked_again(tmp_path):
     assert preferences.fill_with_simulated_labeler(store) == 2
     reopened = preferences.Rankings(path, _prompts(2))
     assert reopened.records["p0000-x"]["order"] == [0, 1, 2] and reopened.records["p0001-x"]["order"] == [2, 1, 0]
-    assert reopened.simulated["p0001-x"]["order"] == [0, 1, 2] and preferences.fill_with_simulated_labeler(reopened) == 0
+    assert (
+        reopened.simulated["p0001-x"]["order"] == [0, 1, 2] and preferences.fill_with_simulated_labeler(reopened) == 0
+    )
 
 
 def test_comparison_counts_wins_ties_losses_and_empty_replies():
