@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .errors import LabkitError
 from .model import GPT, GPTConfig, ScalarModel
 from .run import Run, atomic_path
 
@@ -46,7 +47,7 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT | ScalarModel:
         raise FileNotFoundError(f"no model checkpoint at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
-        raise ValueError(
+        raise LabkitError(
             f"{path} is not a labkit model checkpoint (it needs 'config' and 'model'; "
             f"`labkit.checkpoint.save_model` writes one)"
         )

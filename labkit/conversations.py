@@ -32,6 +32,7 @@ import random
 import re
 
 from .chat import ChatError, check
+from .errors import ConfigError
 from .run import in_share
 from .tasks import draw, heldout_problems
 from .world import FACTS, Person, World, bucket
@@ -252,7 +253,7 @@ def make_conversations(world: World, n: int, seed: int, heldout: bool, heldout_f
     train_people, heldout_people = split_people(world, heldout_fraction)
     people = heldout_people if heldout else train_people
     if not people:
-        raise ValueError(
+        raise ConfigError(
             f"no {'held-out' if heldout else 'training'} people among the {len(world.people)} of the world "
             f"(sft.heldout_people={heldout_fraction}); use a larger world or another held-out share"
         )

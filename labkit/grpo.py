@@ -53,7 +53,7 @@ import torch
 
 from .chat import render, render_prompt
 from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
-from .config import Config, GRPOConfig, check_config, resolve_device
+from .config import Config, ConfigError, GRPOConfig, check_config, resolve_device
 from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .groups import group_view, score_groups
@@ -375,7 +375,7 @@ def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
         return TaskStream(names, config.seed, world), heldout_problems(names, g.n_heldout, config.seed, world)
     rows = load_gsm8k(g.source)
     if len(rows) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"grpo.source={g.source!r} holds {len(rows)} problem; at least 2 are needed (train and held-out)"
         )
     random.Random(config.seed).shuffle(rows)
