@@ -231,24 +231,37 @@ def dpo_curves(history: list[dict], title: str = "DPO: loss and implicit rewards
     return _layout(fig, title, "optimizer step", "nats")
 
 
-def win_rates(metrics: dict, title: str = "Against the SFT model on held-out prompts (simulated labeler)") -> go.Figure:
-    names = ["PPO", "DPO"]
-    fig = go.Figure(
-        go.Bar(
-            x=names,
-            y=[100 * metrics["ppo_win_rate"], 100 * metrics["dpo_win_rate"]],
-            text=[f"{100 * metrics['ppo_win_rate']:.0f}%", f"{100 * metrics['dpo_win_rate']:.0f}%"],
+def win_rates(
+    metrics: dict, title: str = "PPO and DPO against SFT on held-out prompts (simulated labeler)"
+) -> go.Figure:
+    """Wins, ties and losses against SFT's reply to the same prompt, and the change in the labeler's
+    mean score: a win rate alone hides the ties, and a score that falls is no win."""
+    names, models, n = ["PPO", "DPO"], ["ppo", "dpo"], metrics["n_eval"]
+    fig = go.Figure()
+    for outcome, colour in (("wins", "#2ca02c"), ("ties", "#c7c7c7"), ("losses", "#d62728")):
+        counts = [metrics[f"{m}_{outcome}"] for m in models]
+        fig.add_bar(x=names, y=counts, name=outcome, marker_color=colour)
+    for name, m in zip(names, models):
+        change = metrics[f"{m}_labeler_score"] - metrics["sft_labeler_score"]
+        fig.add_annotation(
+            x=name,
+            y=n,
+            yshift=24,
+            showarrow=False,
+            # the counts as text above the bar: a segment of 2 in 60 is too thin to hold its number
+            text=f"{metrics[f'{m}_wins']} wins, {metrics[f'{m}_ties']} ties, {metrics[f'{m}_losses']} losses<br>"
+            f"labeler score {metrics[f'{m}_labeler_score']:.2f} ({change:+.2f})",
         )
-    )
-    fig.add_hline(y=50, line_dash="dot", annotation_text="as good as SFT")
-    fig.update_yaxes(range=[0, 105])
-    return _layout(fig, title, "model", "win rate against SFT (%, ties count half)")
+    fig.update_yaxes(range=[0, 1.25 * n])
+    title += f"<br><sup>SFT's labeler score {metrics['sft_labeler_score']:.2f} (1 right, 0.5 don't know, 0 wrong, -0.5 no answer)</sup>"
+    _layout(fig, title, "model", f"held-out prompts (of {n})", barmode="stack")
+    return fig.update_layout(margin=dict(l=60, r=20, t=80, b=50))  # room for the subtitle
 
 
 def answers_table(
     rows: list[dict], title: str = "Answers, the reward model's score and the labeler's judgement"
 ) -> go.Figure:
-    columns = ["prompt", "answer", "reward-model score", "labeler (0 to 1)"]
+    columns = ["prompt", "answer", "reward-model score", "labeler (-0.5 to 1)"]
     cells = [
         [r["prompt"] for r in rows],
         [r["answer"] for r in rows],

@@ -750,7 +750,11 @@ def test_rlhf_plots(rlhf_run):
     assert len(plots.ppo_curves(rlhf.read_history(run, "ppo")).data) == 4
     assert len(plots.reward_hacking(rlhf.read_history(run, "hacking")).data) == 3
     plots.dpo_curves(rlhf.read_history(run, "dpo"))
-    plots.win_rates(metrics)
+    outcomes = plots.win_rates(metrics)
+    assert [bar.name for bar in outcomes.data] == ["wins", "ties", "losses"]
+    for column in range(2):  # PPO, DPO: every held-out prompt is a win, a tie or a loss
+        assert sum(bar.y[column] for bar in outcomes.data) == metrics["n_eval"]
+    assert all("labeler score" in note.text for note in outcomes.layout.annotations)
     assert plots.answers_table(rlhf.answer_examples(run)).data
 
 
