@@ -60,6 +60,7 @@ sampling was wasted: prompts too easy or too hard for the model.
 Writes to `runs/<run>/grpo/`:
   model.pt, train_state.pt     the policy after training; the resumable training checkpoint
   cold_start_state.pt          the cold start's checkpoint
+  start.pt                     the policy GRPO starts from (after the cold start), which labkit/grpo_compare.py reuses
   history.json                 per step: mean reward (and per reward), KL, response length, ...; pass@1 at evaluations
   groups.json                  some prompts' groups of G samples with their rewards and advantages
   heldout.jsonl                every held-out problem with the replies before and after, right or wrong
@@ -485,6 +486,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     )
     if not main:
         return {}
+    save_model(out / "start.pt", model, dict(cold_start_steps=warm["steps"]))  # the comparisons start here too
     # without a cold start GRPO starts from the SFT model: no need to measure it twice
     before_rows, before = (
         pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"] else (sft_rows, sft)

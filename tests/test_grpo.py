@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from labkit import groups, grpo, rewards, tasks
+from labkit import groups, grpo, grpo_compare, plots, rewards, tasks
 from labkit.config import ConfigError, get_config, loss_recipe
 from labkit.engine import score
 from labkit.groups import group_advantages
@@ -632,13 +632,64 @@ def test_the_stage_runs_with_each_loss_type(loss_type, lively):
     assert plan("grpo", config, run) == ["grpo"]
     metrics = ensure("grpo", config, run)
     history = json.loads((run.path / "grpo" / "history.json").read_text())
-    assert metrics["steps"] == len(history) == config.grpo.max_steps
+    assert metrics["steps"] == len(history) == config.grpo.max_steps and (run.path / "grpo" / "start.pt").exists()
     assert metrics["zero_variance_group_fraction"] < 1 and all(r["grad_norm"] > 0 for r in history)
     assert all(math.isfinite(r["loss"]) for r in history) and 0 <= metrics["pass_at_1_after"] <= 1
     if loss_type == "reinforce":
         assert all(r["kl"] == 0 and r["clip_fraction"] == 0 for r in history)
     else:  # the first step is on the reference itself; after it the policy has moved
         assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and all(r["kl"] > 0 for r in history[1:])
+
+
+def test_a_comparison_starts_where_the_stage_started_and_is_reused(lively, monkeypatch):
+    """With the stage's own loss the comparison retrains the stage's policy step for step (same start, same
+    problems, same seeds); with another it writes its history under grpo/compare_<recipe>/, which a rerun
+    reads back instead of training."""
+    from labkit.pipeline import ensure
+
+    config, run = lively
+    ensure("grpo", config, run)
+    stage = json.loads((run.path / "grpo" / "history.json").read_text())
+    same = grpo_compare.compare(config, run, "grpo")
+    keys = ("step", "reward", "response_tokens", "zero_variance_groups", "pass_at_1")
+    assert [[r.get(k) for k in keys] for r in same] == [[r.get(k) for k in keys] for r in stage]
+    for key in ("loss", "kl", "grad_norm"):
+        assert [r[key] for r in same] == pytest.approx([r[key] for r in stage], abs=1e-6)
+
+    history = grpo_compare.compare(config, run, "reinforce")
+    folder = run.path / "grpo" / "compare_reinforce"
+    assert json.loads((folder / "history.json").read_text()) == history and not (folder / "train_state.pt").exists()
+    assert len(history) == config.grpo.max_steps and all(r["kl"] == 0 for r in history)
+    summary = json.loads((folder / "metrics.json").read_text())
+    assert summary["changed"] == dict(loss_type="reinforce", beta=0.0, scale_rewards=False)
+    assert history[0]["reward"] == stage[0]["reward"]  # the first samples: the same policy, problems and seed
+    for key in ("loss", "grad_norm"):  # another loss: another step from the same samples
+        assert history[0][key] != pytest.approx(stage[0][key], abs=1e-6)
+
+    monkeypatch.setattr(grpo_compare, "train_from_start", lambda *a, **k: pytest.fail("retrained"))
+    assert grpo_compare.compare(config, run, "reinforce") == history  # reused
+    with pytest.raises(pytest.fail.Exception, match="retrained"):  # other settings: another comparison
+        grpo_compare.compare(get_config("tiny", grpo=dict(rewards="close=1", learning_rate=1e-3)), run, "reinforce")
+
+    name = grpo_compare.loss_label(config.grpo)
+    figure = plots.pass_at_1_by_loss({name: stage, "reinforce": history}, start=0.5, n=6)
+    assert [t.name for t in figure.data] == [name, "reinforce"] and name.startswith("grpo: A = (r - mean) / std")
+    assert figure.data[1].x[0] == 0 and figure.data[1].y[0] == 50  # the shared start, at step 0
+    assert list(figure.data[1].x[1:]) == [r["step"] for r in history if "pass_at_1" in r]
+    assert figure.layout.xaxis.title.text and "of 6" in figure.layout.yaxis.title.text
+
+
+def test_a_comparison_needs_the_stage_and_settings_that_go_with_its_recipe(tmp_path, tiny_config):
+    from labkit.errors import LabkitError
+    from labkit.run import Run
+
+    with pytest.raises(LabkitError, match="no finished GRPO stage .*--stages grpo"):
+        grpo_compare.compare(tiny_config, Run("empty", tmp_path), "dapo")
+    with pytest.raises(ConfigError, match="unknown GRPO loss recipe 'ppo'"):
+        grpo_compare.compare(tiny_config, Run("empty", tmp_path), "ppo")
+    with pytest.raises(ConfigError, match="'reinforce' is on-policy"):
+        grpo_compare.compared_config(get_config("tiny", grpo=dict(num_iterations=2)), "reinforce")
+    assert grpo_compare.compared_config(tiny_config, "dapo").epsilon_high == 0.28
 
 
 def random_rows(n, vocab, seed):
