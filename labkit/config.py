@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .presets import PRESETS
-from .rules import REWARD_NAMES, TASK_NAMES, check_rules
+from .presets import LOSS_RECIPES, PRESETS
+from .rules import LOSS_TYPES, REWARD_NAMES, TASK_NAMES, check_rules
 
 STAGES = ("data", "tokenizer", "base", "sft", "rlhf", "grpo", "halluc")
 
@@ -289,8 +289,8 @@ class GRPOConfig:
     )
     loss_type: str = param(
         "grpo",
-        choices=("grpo", "bnpo", "dr_grpo"),
-        help="normalisation: per sequence then mean (grpo), over all tokens (bnpo), sum / (batch * max_new_tokens) (dr_grpo)",
+        choices=LOSS_TYPES,
+        help="per sequence then mean (grpo), over all the step's tokens (bnpo, dapo), sum / (batch * max_new_tokens) (dr_grpo), or nanochat's on-policy REINFORCE (reinforce); changes no other field: labkit.presets.LOSS_RECIPES pairs each with its paper's settings (dapo: epsilon_high=0.28)",
     )
     max_new_tokens: int = param(
         48,
@@ -383,6 +383,14 @@ def get_config(preset: str | None = None, **overrides) -> Config:
     _apply(config, PRESETS[preset], "")
     _apply(config, overrides, "")
     return check_config(config)
+
+
+def loss_recipe(name: str) -> dict:
+    """The `grpo` fields of a GRPO loss variant as its paper runs it (labkit/presets.py), e.g.
+    loss_recipe("dapo") == {"loss_type": "dapo", "epsilon_high": 0.28}, for get_config(grpo=...)."""
+    if name not in LOSS_RECIPES:
+        raise ConfigError(f"unknown GRPO loss recipe {name!r}; allowed: {', '.join(LOSS_RECIPES)}")
+    return dict(LOSS_RECIPES[name])
 
 
 def parse_assignments(assignments: list[str]) -> dict:

@@ -16,10 +16,36 @@ and per completion token t of sample i, with ratio = pi(t) / pi_old(t):
     loss_t = -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * k3_t
     k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (KL to the frozen SFT model, always >= 0)
 
-averaged by `loss_type`: "grpo" averages each sequence's tokens then the sequences (a long
-answer's tokens count less each), "bnpo" averages all tokens of the batch, "dr_grpo" sums
-and divides by batch * max_new_tokens (no length bias). These are TRL's definitions (1.16,
-trl/trainer/grpo_trainer.py, `_compute_loss`); tests/test_grpo.py checks them against TRL itself.
+summed over the step's B samples and their N completion tokens by `loss_type`:
+
+    grpo       sum_i (sum_t loss_t / |o_i|) / B     each sequence's mean (a long answer's tokens count less each)
+    bnpo       sum_i sum_t loss_t / N               every token of the batch counts the same
+    dr_grpo    sum_i sum_t loss_t / (B * max_new_tokens)    no length bias
+    dapo       sum_i sum_t loss_t / N               DAPO's token-level normalisation (below)
+    reinforce  sum_i sum_t -logp_t * A_i / N        nanochat's RL (below)
+
+The first four are TRL's definitions (1.16, trl/trainer/grpo_trainer.py, `_compute_loss`);
+tests/test_grpo.py checks them against TRL itself. In TRL, bnpo and dapo differ only when a step is split
+into micro-batches (gradient accumulation): bnpo divides each micro-batch by its own tokens and averages
+the micro-batches, dapo divides each by the whole batch's tokens (`num_items_in_batch`), so that every
+token of the step weighs the same. On one batch they are the same number. Here micro-batches never change
+the loss: each is divided by the whole batch's B and N (`grpo_backward`), so labkit's bnpo and dapo are
+both that sum / N: TRL's bnpo on one batch, and TRL's dapo however it is accumulated. DAPO pairs it with
+a raised upper clip, epsilon_high=0.28 ("clip-higher": an unlikely token that did well may grow more);
+choosing loss_type "dapo" does not change epsilon_high, and the recipe LOSS_RECIPES["dapo"]
+(labkit/presets.py) sets both. (DAPO's paper also drops the KL and resamples groups that teach nothing;
+the recipe leaves beta as it is, and labkit does not resample.)
+
+"reinforce" is nanochat's RL (scripts/chat_rl.py): on-policy REINFORCE with the group mean as the
+baseline, A_i = r_i - mean(r) (no std), no ratio, no clip, no KL. Its gradient is REINFORCE's,
+-sum_i sum_t A_i * grad logp_t / N. (On-policy the ratio is 1 with the same gradient, so with beta 0
+and the same advantages dapo takes the same step; what sets nanochat's recipe apart is r - mean and no
+reference.) The settings it has no place for are refused, not ignored (labkit/rules.py): the advantages
+are made once for every loss type (labkit/groups.py), so scale_rewards must be False there, or the
+advantages that groups.json shows would not be the ones it trains on; beta must be 0; num_iterations
+must be 1 (a second step on the same samples, with no ratio, is no longer on-policy); epsilon and
+epsilon_high stay at their defaults. nanochat divides each device batch by its own tokens and averages
+the batches: on one batch the same / N.
 
 RL can only reinforce what the policy already does now and then, so the stage begins the way
 DeepSeek-R1 did, with a short *cold start*: SFT on worked solutions of training problems
@@ -34,6 +60,7 @@ sampling was wasted: prompts too easy or too hard for the model.
 Writes to `runs/<run>/grpo/`:
   model.pt, train_state.pt     the policy after training; the resumable training checkpoint
   cold_start_state.pt          the cold start's checkpoint
+  start.pt                     the policy GRPO starts from (after the cold start), which labkit/grpo_compare.py reuses
   history.json                 per step: mean reward (and per reward), KL, response length, ...; pass@1 at evaluations
   groups.json                  some prompts' groups of G samples with their rewards and advantages
   heldout.jsonl                every held-out problem with the replies before and after, right or wrong
@@ -58,6 +85,7 @@ from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .groups import group_view, score_groups
 from .rewards import combine, parse_weights
+from .rules import LOSS_TYPES
 from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
 from .train import autocast, autocast_dtype
@@ -80,42 +108,51 @@ def grpo_loss(
     n_rows=None,
     n_tokens=None,
 ):
-    """The clipped policy loss with a k3 KL penalty, per token, normalised by `loss_type`.
+    """The per-token policy loss (clipped, or REINFORCE's) with a k3 KL penalty, normalised by `loss_type`.
 
     logps, old_logps, ref_logps, mask: [B, T] (completion tokens; mask 1 on real tokens);
-    advantages: [B]. old_logps are the sampling policy's (detached); ref_logps the frozen
-    reference's (ignored when beta is 0). For a micro-batch of a larger batch, `n_rows` and
+    advantages: [B]. old_logps are the sampling policy's (detached; unused by reinforce); ref_logps the
+    frozen reference's (ignored when beta is 0). For a micro-batch of a larger batch, `n_rows` and
     `n_tokens` are the whole batch's (the normalisers), so that the micro-batches' losses add up
     to the batch's. Returns (loss, stats)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not allowed; allowed: {', '.join(LOSS_TYPES)}")
+    if loss_type == "reinforce" and beta != 0.0:
+        raise ValueError(f"loss_type='reinforce' has no KL penalty; beta must be 0, got {beta}")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     advantages = advantages.unsqueeze(1)
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    n_tokens = mask.sum().clamp(min=1.0) if n_tokens is None else n_tokens
+    clip_fraction = 0.0
+    if loss_type == "reinforce":
+        per_token = -logps * advantages
+    else:
+        ratio = torch.exp(logps - old_logps)
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        with torch.no_grad():  # a token mean over the whole batch, as the loss's normaliser
+            high, low = (ratio > 1 + epsilon_high) & (advantages > 0), (ratio < 1 - epsilon) & (advantages < 0)
+            clip_fraction = (((high | low) * mask).sum() / n_tokens).item()
     kl = None
     if beta != 0.0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl
     n_rows = per_token.size(0) if n_rows is None else n_rows
-    n_tokens = mask.sum().clamp(min=1.0) if n_tokens is None else n_tokens
+    loss = normalise(per_token * mask, mask, loss_type, n_rows, n_tokens, max_completion_length)
+    with torch.no_grad():
+        kl = ((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0
+    return loss, dict(clip_fraction=clip_fraction, kl=kl)
+
+
+def normalise(masked, mask, loss_type: str, n_rows, n_tokens, max_completion_length=None):
+    """The per-token losses (masked: 0 off the completion) summed into one number by `loss_type`."""
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_rows
-    elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / n_tokens
-    elif loss_type == "dr_grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_rows
+    if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' divides by batch * max_completion_length; give max_completion_length")
-        loss = (per_token * mask).sum() / (n_rows * max_completion_length)
-    else:
-        raise ValueError(f"loss_type={loss_type!r} is not allowed; allowed: grpo, bnpo, dr_grpo")
-    with torch.no_grad():  # token means over the whole batch, as the loss's normaliser
-        is_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
-        stats = dict(
-            clip_fraction=((is_clipped * mask).sum() / n_tokens).item(),
-            kl=((kl * mask).sum() / n_tokens).item() if kl is not None else 0.0,
-        )
-    return loss, stats
+        return masked.sum() / (n_rows * max_completion_length)
+    return masked.sum() / n_tokens  # bnpo, dapo, reinforce: every token of the batch counts the same
 
 
 # --- sampling and scoring ----------------------------------------------------------------------------
@@ -449,6 +486,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     )
     if not main:
         return {}
+    save_model(out / "start.pt", model, dict(cold_start_steps=warm["steps"]))  # the comparisons start here too
     # without a cold start GRPO starts from the SFT model: no need to measure it twice
     before_rows, before = (
         pass_at_1(model, tokenizer, heldout, g.max_new_tokens, max_batch=batch) if warm["steps"] else (sft_rows, sft)

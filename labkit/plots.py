@@ -346,6 +346,30 @@ def grpo_curves(history: list[dict], title: str = "GRPO: training on verifiable 
     return fig
 
 
+def pass_at_1_by_loss(
+    histories: dict[str, list[dict]],
+    start: float | None = None,
+    n: int | None = None,
+    title: str = "GRPO's losses side by side: held-out pass@1 from the same start",
+) -> go.Figure:
+    """pass@1 (greedy, held-out) against optimizer step, one line per loss (its legend name: the key), with
+    the shared starting policy's pass@1 at step 0 when given, and the number of problems in the axis title."""
+    fig = go.Figure()
+    for name, history in histories.items():
+        evals = [r for r in history if "pass_at_1" in r]
+        steps, values = [r["step"] for r in evals], [100 * r["pass_at_1"] for r in evals]
+        if start is not None:
+            steps, values = [0, *steps], [100 * start, *values]
+        fig.add_scatter(x=steps, y=values, name=name, mode="lines+markers")
+    fig.update_yaxes(range=[-3, 105])  # a curve at 0 stays in sight, above the axis
+    _whole_steps(fig, [r["step"] for h in histories.values() for r in h] + ([0] if start is not None else []))
+    problems = f" of {n}" if n is not None else ""
+    _layout(fig, title, "optimizer step (0: the starting policy)", f"held-out problems{problems} solved (%)")
+    # the names are long (each loss with its settings): one row each, between the title and the plot
+    legend = dict(orientation="v", yanchor="bottom", y=1.02, xanchor="left", x=0)
+    return fig.update_layout(legend=legend, margin=dict(t=70 + 22 * len(histories)))
+
+
 def pass_at_1_bars(
     metrics: dict, title: str = "Held-out problems solved: SFT model, after the cold start, after GRPO"
 ) -> go.Figure:

@@ -6,6 +6,10 @@
 - `gpu-check`: `gpu` cut to a few steps per stage, to prove every GPU path in minutes.
 
 A preset gives only the values that differ from the dataclasses' defaults (which are `cpu`'s).
+
+Beside the presets, LOSS_RECIPES: GRPO's loss variants (labkit/grpo.py) with the settings their
+papers pair them with. Setting `grpo.loss_type` alone changes no other field; a recipe sets them
+together, on any preset: `get_config("cpu", grpo=loss_recipe("dapo"))` (labkit/config.py).
 """
 
 PRESETS: dict[str, dict] = {
@@ -178,4 +182,13 @@ PRESETS["gpu-check"] = {
         tool_steps=10,
         warmup_steps=2,
     ),
+}
+
+
+LOSS_RECIPES: dict[str, dict] = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo", scale_rewards=False),  # Dr. GRPO drops the std as well as the length bias
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28),  # DAPO's clip-higher: more room for unlikely good tokens
+    "reinforce": dict(loss_type="reinforce", beta=0.0, scale_rewards=False),  # nanochat: r - mean, no KL
 }

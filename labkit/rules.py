@@ -4,7 +4,7 @@ Each field's own type and range is checked where it is set (labkit/config.py). W
 rules a stage would otherwise discover hours later, inside its loop: a learning rate that decays
 *up* to min_lr, a warmup longer than the run, a width that does not split into heads, a PPO batch
 that does not split into minibatches, a reply budget that leaves no room for the prompt, a GRPO task
-or reward that does not exist, bf16 asked of a CPU. `labkit.config.check_config` runs them all on
+or reward that does not exist, a GRPO loss given settings it has no place for, bf16 asked of a CPU. `labkit.config.check_config` runs them all on
 every config `get_config` makes; every message names the fields, their values and what is allowed.
 
 The names `grpo.tasks` and `grpo.rewards` may use live here, once: labkit/tasks.py and
@@ -13,6 +13,7 @@ labkit/rewards.py map each name to its function.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from .errors import ConfigError
 
 TASK_NAMES = ("one_digit", "addition", "multiplication", "word_problem", "larger", "count_letter")
 REWARD_NAMES = ("correct", "format", "close", "shows_work")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "reinforce")  # defined in labkit/grpo.py's docstring
 
 # (field, its upper bound)
 NOT_ABOVE = (
@@ -55,6 +57,7 @@ def check_rules(config, stages: Sequence[str] = ()) -> None:
             f"grpo.epsilon={g.epsilon} puts the lower clip 1 - epsilon at {1 - g.epsilon:g}, which no probability "
             f"ratio goes below; epsilon must be < 1"
         )
+    check_loss_type(g)
     if g.source == "mini-web":
         parse_tasks(g.tasks)
     parse_weights(g.rewards)
@@ -96,6 +99,36 @@ def check_shapes(config) -> None:
             raise ConfigError(
                 f"{section}.max_new_tokens={budget} is above half of model.block_size={m.block_size}; "
                 f"max_new_tokens must be <= block_size // 2 = {m.block_size // 2} (the prompt keeps the other half)"
+            )
+
+
+def check_loss_type(g) -> None:
+    """grpo.loss_type='reinforce' is plain on-policy REINFORCE (labkit/grpo.py): the settings it has no
+    place for are refused, not ignored. Its advantages are r - mean(group), and they are made once for
+    every loss type (labkit/groups.py), so the std must be off there; it has no KL, no ratio and so no
+    clip, and with no ratio a second step on the same samples would no longer be on-policy."""
+    if g.loss_type != "reinforce":
+        return
+    recipe = "as labkit.config.loss_recipe('reinforce') sets it (beta=0 and scale_rewards=False together)"
+    if g.scale_rewards:
+        raise ConfigError(
+            f"grpo.loss_type='reinforce' takes the advantage r - mean(group), and grpo.scale_rewards=True divides "
+            f"it by the group's std; allowed: scale_rewards=False, {recipe}"
+        )
+    if g.beta != 0.0:
+        raise ConfigError(
+            f"grpo.loss_type='reinforce' has no KL penalty, and grpo.beta={g.beta}; allowed: beta=0, {recipe}"
+        )
+    if g.num_iterations != 1:
+        raise ConfigError(
+            f"grpo.loss_type='reinforce' is on-policy (no ratio), and grpo.num_iterations={g.num_iterations} takes "
+            f"more steps on the same samples; allowed: num_iterations=1"
+        )
+    for f in dataclasses.fields(g):
+        if f.name in ("epsilon", "epsilon_high") and getattr(g, f.name) != f.default:
+            raise ConfigError(
+                f"grpo.loss_type='reinforce' has no ratio to clip, and grpo.{f.name}={getattr(g, f.name)}; "
+                f"allowed: {f.name} left at {f.default}"
             )
 
 

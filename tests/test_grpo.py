@@ -11,12 +11,14 @@ import types
 import pytest
 import torch
 
-from labkit import groups, grpo, rewards, tasks
-from labkit.config import ConfigError, get_config
+from labkit import groups, grpo, grpo_compare, plots, rewards, tasks
+from labkit.config import ConfigError, get_config, loss_recipe
 from labkit.engine import score
 from labkit.groups import group_advantages
 from labkit.grpo import grpo_loss
+from labkit.presets import LOSS_RECIPES
 from labkit.rewards import RewardError, combine, extract_answer, parse_weights
+from labkit.rules import LOSS_TYPES
 from labkit.run import watch
 
 # --- TRL 1.16 as the reference -------------------------------------------------------------------------
@@ -48,9 +50,25 @@ class _Accelerator:  # one process: gathering and reducing change nothing
         return x
 
 
-def trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, loss_type, max_completion_length):
+def trl_loss(
+    logps,
+    old,
+    ref,
+    advantages,
+    mask,
+    *,
+    epsilon,
+    epsilon_high,
+    beta,
+    loss_type,
+    max_completion_length,
+    accumulation_steps=1,
+    num_items_in_batch=None,
+):
     """TRL 1.16's own `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py line 3020), called on a
-    stand-in trainer whose model "returns" our per-token log-probabilities."""
+    stand-in trainer whose model "returns" our per-token log-probabilities. For one micro-batch of a
+    step accumulated over `accumulation_steps` (TRL's default steps_per_generation: one generation per
+    optimizer step), `num_items_in_batch` is the whole step's completion tokens, as TRL gathers it."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     B = logps.size(0)
@@ -59,13 +77,13 @@ def trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, 
         off_policy_mask_threshold=None,
         importance_sampling_level="token",
         beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=accumulation_steps),
         loss_type=loss_type,
         epsilon_low=epsilon,
         epsilon_high=epsilon_high,
         use_vllm=False,
         model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1,
+        current_gradient_accumulation_steps=accumulation_steps,
         max_completion_length=max_completion_length,
         aux_loss_enabled=False,
         _entropy_bonus_enabled=False,
@@ -81,6 +99,7 @@ def trl_loss(logps, old, ref, advantages, mask, *, epsilon, epsilon_high, beta, 
         advantages=advantages,
         old_per_token_logps=old,
         ref_per_token_logps=ref,
+        num_items_in_batch=mask.sum() if num_items_in_batch is None else num_items_in_batch,
     )
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
@@ -97,7 +116,7 @@ def replicated_trl_loss(
         per_token_loss = per_token_loss + beta * (torch.exp(ref - logps) - (ref - logps) - 1)
     if loss_type == "grpo":
         return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "dapo"):  # one batch: dapo's num_items_in_batch is this batch's tokens
         return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
 
@@ -141,7 +160,7 @@ def test_advantages_by_hand():
     assert plain.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("scale_rewards", [True, False])
 def test_loss_matches_trl(loss_type, beta, scale_rewards):
@@ -154,6 +173,91 @@ def test_loss_matches_trl(loss_type, beta, scale_rewards):
     assert abs(ours.item() - theirs.item()) < 1e-6
     assert (stats["kl"] > 0) == (beta > 0)
     assert 0 < stats["clip_fraction"] < 1
+
+
+def test_dapo_is_bnpo_on_one_batch_and_trls_dapo_however_accumulated():
+    """TRL 1.16: on one batch dapo and bnpo are the same number. Accumulated over micro-batches of
+    unequal token counts, TRL's bnpo averages each micro-batch's token mean (a short micro-batch's
+    tokens weigh more) while TRL's dapo divides every micro-batch by the whole step's tokens. labkit's
+    micro-batches are divided by the whole batch's tokens: its dapo (and bnpo) is TRL's accumulated dapo,
+    loss and gradient."""
+    logps, old, ref, mask, rewards_ = synthetic(prompts=4)
+    mask[:4] = torch.tensor([1.0] + [0.0] * 6)  # the first micro-batch: one token per sample
+    advantages, _ = group_advantages(rewards_, 4, True)
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, max_completion_length=10)
+    assert trl_loss(logps, old, ref, advantages, mask, loss_type="dapo", **kw).item() == pytest.approx(
+        trl_loss(logps, old, ref, advantages, mask, loss_type="bnpo", **kw).item(), abs=1e-12
+    )
+
+    def accumulated(loss_type):  # TRL's gradient accumulation over 4 micro-batches of 4 samples
+        logps_ = logps.clone().requires_grad_(True)
+        total = sum(
+            trl_loss(
+                logps_[part],
+                old[part],
+                ref[part],
+                advantages[part],
+                mask[part],
+                loss_type=loss_type,
+                accumulation_steps=4,
+                num_items_in_batch=mask.sum(),
+                **kw,
+            )
+            for part in (slice(i, i + 4) for i in range(0, 16, 4))
+        )
+        total.backward()
+        return total.item(), logps_.grad
+
+    (trl_dapo, trl_grad), (trl_bnpo, _) = accumulated("dapo"), accumulated("bnpo")
+    for loss_type in ("dapo", "bnpo"):
+        ours_logps = logps.clone().requires_grad_(True)
+        ours = sum(
+            grpo_loss(
+                ours_logps[part],
+                old[part],
+                ref[part],
+                advantages[part],
+                mask[part],
+                loss_type=loss_type,
+                n_rows=16,
+                n_tokens=mask.sum(),
+                **kw,
+            )[0]
+            for part in (slice(i, i + 4) for i in range(0, 16, 4))
+        )
+        ours.backward()
+        assert ours.item() == pytest.approx(trl_dapo, abs=1e-12)
+        torch.testing.assert_close(ours_logps.grad, trl_grad, atol=1e-12, rtol=0)
+    assert abs(trl_bnpo - trl_dapo) > 1e-3  # TRL's accumulated bnpo is another number
+
+
+def nanochat_loss(logps, advantages, mask):
+    """nanochat's RL loss (scripts/chat_rl.py) on one device batch, written out: advantages r - mean(r),
+    logp per token (0 off the reply), pg_obj = sum(logp * A) / (number of reply tokens), loss = -pg_obj."""
+    pg_obj = (logps * mask * advantages.unsqueeze(-1)).sum()
+    return -pg_obj / mask.sum().clamp(min=1)
+
+
+def test_reinforce_is_nanochats_loss_and_the_reinforce_gradient():
+    logps, old, _, mask, rewards_ = synthetic()
+    advantages, _ = group_advantages(rewards_, 4, scale_rewards=False)
+    assert torch.allclose(advantages, rewards_ - rewards_.view(-1, 4).mean(1).repeat_interleave(4))  # r - mean
+    logps.requires_grad_(True)
+    loss, stats = grpo_loss(logps, old, None, advantages, mask, loss_type="reinforce")
+    assert loss.item() == pytest.approx(nanochat_loss(logps, advantages, mask).item(), abs=1e-12)
+    assert stats == dict(clip_fraction=0.0, kl=0.0)
+    loss.backward()
+    # REINFORCE: the gradient of the loss is -sum over tokens of A * grad logp / n_tokens
+    expected = -advantages.unsqueeze(1) * mask / mask.sum()
+    torch.testing.assert_close(logps.grad, expected, atol=1e-12, rtol=0)
+    # it takes no ratio: the sampling policy's log-probs change nothing
+    assert grpo_loss(logps, old + 1.0, None, advantages, mask, loss_type="reinforce")[0].item() == loss.item()
+    # on-policy (ratio 1) with beta 0, dapo's gradient is the same step
+    on_policy = logps.detach().clone().requires_grad_(True)
+    grpo_loss(on_policy, on_policy.detach(), None, advantages, mask, loss_type="dapo")[0].backward()
+    torch.testing.assert_close(on_policy.grad, expected, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="loss_type='reinforce' has no KL penalty; beta must be 0"):
+        grpo_loss(logps, old, old, advantages, mask, loss_type="reinforce", beta=0.04)
 
 
 def test_loss_is_policy_gradient_at_ratio_one():
@@ -200,7 +304,7 @@ def test_scored_groups_keep_exact_zeros_and_say_they_teach_nothing():
 
 
 def test_loss_rejects_unknown_type():
-    with pytest.raises(ValueError, match="allowed: grpo, bnpo, dr_grpo"):
+    with pytest.raises(ValueError, match="allowed: grpo, bnpo, dr_grpo, dapo, reinforce"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1), loss_type="ppo")
 
 
@@ -427,12 +531,43 @@ def test_cold_start_teaches_the_worked_solutions(tiny_tokenizer, tmp_path):
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="grpo.loss_type='ppo' is not allowed; allowed: grpo, bnpo, dr_grpo"):
+    with pytest.raises(
+        ConfigError, match="grpo.loss_type='ppo' is not allowed; allowed: grpo, bnpo, dr_grpo, dapo, reinforce"
+    ):
         get_config("tiny", grpo=dict(loss_type="ppo"))
     with pytest.raises(ConfigError, match="grpo.num_generations=1 is out of range"):
         get_config("tiny", grpo=dict(num_generations=1))
     with pytest.raises(ConfigError, match="unknown task 'sudoku'"):
         get_config("tiny", grpo=dict(tasks="addition,sudoku"))
+
+
+def test_a_loss_type_changes_no_other_field_and_a_recipe_sets_its_papers_settings():
+    assert get_config("tiny", grpo=dict(loss_type="dapo")).grpo.epsilon_high == 0.2  # not silently raised
+    dapo = get_config("tiny", grpo=loss_recipe("dapo")).grpo
+    assert (dapo.loss_type, dapo.epsilon, dapo.epsilon_high, dapo.beta) == ("dapo", 0.2, 0.28, 0.04)
+    reinforce = get_config("tiny", grpo=loss_recipe("reinforce")).grpo
+    assert (reinforce.loss_type, reinforce.beta, reinforce.scale_rewards) == ("reinforce", 0.0, False)
+    assert set(LOSS_RECIPES) == set(LOSS_TYPES)
+    with pytest.raises(ConfigError, match="unknown GRPO loss recipe 'ppo'; allowed: grpo, bnpo, dr_grpo, dapo"):
+        loss_recipe("ppo")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(loss_type="reinforce"), "takes the advantage r - mean\\(group\\), and grpo.scale_rewards=True"),
+        (dict(loss_type="reinforce", scale_rewards=False), "has no KL penalty, and grpo.beta=0.04; allowed: beta=0"),
+        (dict(loss_recipe("reinforce"), num_iterations=2), "is on-policy .*; allowed: num_iterations=1"),
+        (dict(loss_recipe("reinforce"), epsilon_high=0.28), "has no ratio to clip, and grpo.epsilon_high=0.28"),
+        (
+            dict(loss_recipe("reinforce"), epsilon=0.1),
+            "has no ratio to clip, and grpo.epsilon=0.1; allowed: epsilon left",
+        ),
+    ],
+)
+def test_reinforce_refuses_the_settings_it_has_no_place_for(fields, message):
+    with pytest.raises(ConfigError, match=f"grpo.loss_type='reinforce' {message}"):
+        get_config("tiny", grpo=fields)
 
 
 def test_stage_on_tiny(tiny_run, tiny_config):
@@ -464,6 +599,99 @@ def test_stage_on_tiny(tiny_run, tiny_config):
     load_model(folder / "model.pt")
 
 
+def digit_share(reply, task):
+    """A reward every reply earns some of: the tiny models never finish an answer within their 16 tokens
+    (every real reward is 0, every advantage 0), and this gives the losses something to work on."""
+    return sum(c.isdigit() for c in reply) / max(1, len(reply))
+
+
+@pytest.fixture
+def lively(monkeypatch, tiny_run, tiny_config, tmp_path):
+    """(config, run): the tiny preset rewarded by `digit_share` (in place of `close`), in a run of its own
+    that shares the tiny run's earlier stages, so that only GRPO is built there."""
+    from labkit.pipeline import ensure
+    from labkit.run import Run
+
+    monkeypatch.setitem(rewards.REWARDS, "close", digit_share)
+    ensure("sft", tiny_config, tiny_run)
+    run = Run("lively", tmp_path)
+    run.path.mkdir()
+    for stage in ("data", "tokenizer", "base", "sft"):
+        (run.path / stage).symlink_to(tiny_run.path / stage)
+    return get_config("tiny", grpo=dict(rewards="close=1")), run
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_stage_runs_with_each_loss_type(loss_type, lively):
+    """The whole stage through the pipeline with each loss's recipe: it trains (advantages that are not
+    all 0 give gradients), and only the ratio-based losses clip and keep a KL to the reference."""
+    from labkit.pipeline import ensure, plan
+
+    config, run = lively
+    config = get_config("tiny", grpo=dict(loss_recipe(loss_type), rewards=config.grpo.rewards))
+    assert plan("grpo", config, run) == ["grpo"]
+    metrics = ensure("grpo", config, run)
+    history = json.loads((run.path / "grpo" / "history.json").read_text())
+    assert metrics["steps"] == len(history) == config.grpo.max_steps and (run.path / "grpo" / "start.pt").exists()
+    assert metrics["zero_variance_group_fraction"] < 1 and all(r["grad_norm"] > 0 for r in history)
+    assert all(math.isfinite(r["loss"]) for r in history) and 0 <= metrics["pass_at_1_after"] <= 1
+    if loss_type == "reinforce":
+        assert all(r["kl"] == 0 and r["clip_fraction"] == 0 for r in history)
+    else:  # the first step is on the reference itself; after it the policy has moved
+        assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and all(r["kl"] > 0 for r in history[1:])
+
+
+def test_a_comparison_starts_where_the_stage_started_and_is_reused(lively, monkeypatch):
+    """With the stage's own loss the comparison retrains the stage's policy step for step (same start, same
+    problems, same seeds); with another it writes its history under grpo/compare_<recipe>/, which a rerun
+    reads back instead of training."""
+    from labkit.pipeline import ensure
+
+    config, run = lively
+    ensure("grpo", config, run)
+    stage = json.loads((run.path / "grpo" / "history.json").read_text())
+    same = grpo_compare.compare(config, run, "grpo")
+    keys = ("step", "reward", "response_tokens", "zero_variance_groups", "pass_at_1")
+    assert [[r.get(k) for k in keys] for r in same] == [[r.get(k) for k in keys] for r in stage]
+    for key in ("loss", "kl", "grad_norm"):
+        assert [r[key] for r in same] == pytest.approx([r[key] for r in stage], abs=1e-6)
+
+    history = grpo_compare.compare(config, run, "reinforce")
+    folder = run.path / "grpo" / "compare_reinforce"
+    assert json.loads((folder / "history.json").read_text()) == history and not (folder / "train_state.pt").exists()
+    assert len(history) == config.grpo.max_steps and all(r["kl"] == 0 for r in history)
+    summary = json.loads((folder / "metrics.json").read_text())
+    assert summary["changed"] == dict(loss_type="reinforce", beta=0.0, scale_rewards=False)
+    assert history[0]["reward"] == stage[0]["reward"]  # the first samples: the same policy, problems and seed
+    for key in ("loss", "grad_norm"):  # another loss: another step from the same samples
+        assert history[0][key] != pytest.approx(stage[0][key], abs=1e-6)
+
+    monkeypatch.setattr(grpo_compare, "train_from_start", lambda *a, **k: pytest.fail("retrained"))
+    assert grpo_compare.compare(config, run, "reinforce") == history  # reused
+    with pytest.raises(pytest.fail.Exception, match="retrained"):  # other settings: another comparison
+        grpo_compare.compare(get_config("tiny", grpo=dict(rewards="close=1", learning_rate=1e-3)), run, "reinforce")
+
+    name = grpo_compare.loss_label(config.grpo)
+    figure = plots.pass_at_1_by_loss({name: stage, "reinforce": history}, start=0.5, n=6)
+    assert [t.name for t in figure.data] == [name, "reinforce"] and name.startswith("grpo: A = (r - mean) / std")
+    assert figure.data[1].x[0] == 0 and figure.data[1].y[0] == 50  # the shared start, at step 0
+    assert list(figure.data[1].x[1:]) == [r["step"] for r in history if "pass_at_1" in r]
+    assert figure.layout.xaxis.title.text and "of 6" in figure.layout.yaxis.title.text
+
+
+def test_a_comparison_needs_the_stage_and_settings_that_go_with_its_recipe(tmp_path, tiny_config):
+    from labkit.errors import LabkitError
+    from labkit.run import Run
+
+    with pytest.raises(LabkitError, match="no finished GRPO stage .*--stages grpo"):
+        grpo_compare.compare(tiny_config, Run("empty", tmp_path), "dapo")
+    with pytest.raises(ConfigError, match="unknown GRPO loss recipe 'ppo'"):
+        grpo_compare.compare(tiny_config, Run("empty", tmp_path), "ppo")
+    with pytest.raises(ConfigError, match="'reinforce' is on-policy"):
+        grpo_compare.compared_config(get_config("tiny", grpo=dict(num_iterations=2)), "reinforce")
+    assert grpo_compare.compared_config(tiny_config, "dapo").epsilon_high == 0.28
+
+
 def random_rows(n, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     prompts = [
@@ -475,13 +703,15 @@ def random_rows(n, vocab, seed):
     return prompts, completions
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_micro_batches_give_the_loss_and_gradients_of_one_batch(loss_type, rows_seen):
     """A step's batch 4x the micro-batch: no forward pass sees more rows than the micro-batch, and
     loss and gradients equal those of the whole batch at once."""
     from labkit.engine import pack
 
-    cfg = get_config("tiny", grpo=dict(loss_type=loss_type, beta=0.04, temperature=0.7, max_new_tokens=10)).grpo
+    beta = 0.0 if loss_type == "reinforce" else 0.04
+    fields = dict(loss_recipe(loss_type), beta=beta, temperature=0.7, max_new_tokens=10)
+    cfg = get_config("tiny", grpo=fields).grpo
     model = tiny_gpt(50)
     prompts, completions = random_rows(12, 50, seed=0)
     batch = pack(prompts, completions)
@@ -503,7 +733,8 @@ def test_micro_batches_give_the_loss_and_gradients_of_one_batch(loss_type, rows_
     assert whole_seen == [12] and micro_seen == [3, 3, 3, 3]
     for key in ("loss", "kl", "clip_fraction"):
         assert micro[key] == pytest.approx(whole[key], abs=1e-5)
-    assert whole["clip_fraction"] > 0
+    assert (whole["clip_fraction"] > 0) == (loss_type != "reinforce")  # reinforce has no ratio to clip
+    assert whole["loss"] != 0
     for a, b in zip(micro_grads, whole_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

@@ -19,6 +19,7 @@ STAGES = {
     "ppo",
     "dpo",
     "grpo",
+    "grpo_compare",
     "halluc",
     "search",
     "engine",
