@@ -13,12 +13,14 @@ import ipaddress
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import numpy as np
 
 from .web import BLOCKED_DOMAINS, BLOCKED_URL_WORDS, SOFT_URL_WORDS, Page
 
 WORD = re.compile(r"\w+")
+ALPHA_WORD = re.compile(r"\w*[^\W\d_]\w*")  # a word holding a letter (matched whole: \w* is greedy)
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
 
 
@@ -96,10 +98,10 @@ class QualityFilter:
                 return f"dup_{unit}_char_frac"
         tokens = words(text)
         for n, limit in self.top_ngram_char_frac:
-            grams = _ngrams(tokens, n)
+            grams = _gram_tuples(tokens, n)
             if grams:
                 gram, count = Counter(grams).most_common(1)[0]
-                if len(gram) * count / n_chars > limit:
+                if len(" ".join(gram)) * count / n_chars > limit:
                     return f"top_{n}_gram"
         for n, limit in self.dup_ngram_char_frac:
             if _duplicated_ngram_chars(tokens, n) / n_chars > limit:
@@ -125,7 +127,7 @@ class QualityFilter:
             return "bullet_lines"
         if sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > self.max_ellipsis_lines:
             return "ellipsis_lines"
-        if sum(any(c.isalpha() for c in t) for t in tokens) / n < self.min_alpha_words:
+        if len(ALPHA_WORD.findall(text)) / n < self.min_alpha_words:
             return "alpha_words"
         if sum(t.lower() in STOP_WORDS for t in tokens) < self.min_stop_words:
             return "stop_words"
@@ -148,16 +150,24 @@ def _ngrams(tokens: list[str], n: int) -> list[str]:
     return [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
+def _gram_tuples(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    """The n-grams as tuples: hashed as they are, never joined into strings (the filter's hot loop)."""
+    return list(zip(*(tokens[k:] for k in range(n))))
+
+
 def _duplicated_ngram_chars(tokens: list[str], n: int) -> int:
-    """Characters in n-grams seen before, skipping past each repeat (as datatrove counts them)."""
-    seen, chars, i = set(), 0, 0
-    while i <= len(tokens) - n:
-        gram = " ".join(tokens[i : i + n])
-        if gram in seen:
-            chars += len(gram)
+    """Characters in n-grams seen before, skipping past each repeat (as datatrove counts them);
+    an n-gram's characters are its words' and the n - 1 spaces between them."""
+    grams = _gram_tuples(tokens, n)
+    if len(set(grams)) == len(grams):  # most pages repeat no n-gram: no need to walk them
+        return 0
+    ends, seen, chars, i = list(accumulate(map(len, tokens), initial=0)), set(), 0, 0
+    while i < len(grams):
+        if grams[i] in seen:
+            chars += ends[i + n] - ends[i] + n - 1
             i += n
         else:
-            seen.add(gram)
+            seen.add(grams[i])
             i += 1
     return chars
 

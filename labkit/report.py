@@ -66,6 +66,13 @@ def _scalars(m: dict) -> list[str]:
     return _table(["metric", "value"], rows)
 
 
+def _short_vocabulary(m: dict) -> str:
+    return (
+        f"**The vocabulary holds {m['vocab_size']} tokens, not the {m['vocab_size_asked']} asked for**: the corpus "
+        "ran out of pairs to merge (every chunk became one token). Give more text or ask for fewer tokens."
+    )
+
+
 def render(loaded: LoadedRun) -> str:
     lines = [f"# labkit report card: run `{loaded.run.name}`", ""]
     if not loaded.metrics:
@@ -74,6 +81,8 @@ def render(loaded: LoadedRun) -> str:
         if stage in loaded.metrics:
             m = loaded.metrics[stage]
             body = _data_section(m) if stage == "data" and m.get("funnel") else _scalars(m)
+            if stage == "tokenizer" and m.get("vocab_reached") is False:
+                body = [_short_vocabulary(m), "", *body]
             lines += [f"## {TITLES[stage]}", "", *body, ""]
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ import heapq
 import operator
 import random
 import re
+import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import regex
 import tiktoken
+from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import LabkitError
@@ -308,8 +310,9 @@ class Tokenizer:
         vocab, merges = train_bpe(count_chunks(texts, pattern), vocab_size - len(special_tokens))
         if len(vocab) + len(special_tokens) < vocab_size:
             warnings.warn(
-                f"the training text ran out of pairs after {len(merges)} merges: the vocabulary holds "
-                f"{len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give more text",
+                f"the training text ran out of pairs after {len(merges)} merges (every chunk is one token): the "
+                f"vocabulary holds {len(vocab) + len(special_tokens)} tokens, not vocab_size={vocab_size}; give "
+                f"more text or ask for fewer tokens",
                 stacklevel=2,
             )
         ranks = {token: i for i, token in enumerate(vocab)}
@@ -486,9 +489,7 @@ class Tokenizer:
         return sorted(self.ranks, key=self.ranks.get)
 
     def __repr__(self) -> str:
-        return (
-            f"Tokenizer(n_vocab={self.n_vocab}, merges={len(self.merges)}, special_tokens={len(self.special_tokens)})"
-        )
+        return f"Tokenizer(n_vocab={self.n_vocab}, merges={len(self.merges)}, specials={len(self.special_tokens)})"
 
 
 def _pattern(pattern: str) -> str:
@@ -517,14 +518,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+    others = [b for b in range(256) if b not in printable]  # mapped past 255, in order
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -573,8 +568,12 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
     train_pages, heldout_pages = split_heldout(read_corpus(run), cfg.heldout_fraction, config.seed)
     train_texts = [page["text"] for page in train_pages]
     start = time.perf_counter()
-    tokenizer = Tokenizer.train(train_texts, cfg.vocab_size, pattern=cfg.pattern)
+    with warnings.catch_warnings(record=True) as caught:  # a vocabulary it could not reach is said on a line
+        warnings.simplefilter("always")  # of its own (not inside the progress bar) and in metrics.json
+        tokenizer = Tokenizer.train(train_texts, cfg.vocab_size, pattern=cfg.pattern)
     train_seconds = time.perf_counter() - start
+    for warning in caught:
+        tqdm.write(f"tokenizer: {warning.message}", file=sys.stderr)
     tokenizer.save(out)
     write_json(out / "heldout.json", [page["url"] for page in heldout_pages])
     for i, m in enumerate(tokenizer.merges):  # the merged pair's count falls as training goes on
@@ -584,6 +583,9 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
     measured_on = [page["text"] for page in heldout_pages] or train_texts
     return dict(
         vocab_size=tokenizer.n_vocab,
+        vocab_size_asked=cfg.vocab_size,
+        vocab_reached=tokenizer.n_vocab == cfg.vocab_size,
+        last_merge_count=tokenizer.merges[-1].count if tokenizer.merges else 0,  # how often its pair occurred
         bytes_per_token=round(bytes_per_token(tokenizer, measured_on), 4),
         bytes_per_token_on="heldout" if heldout_pages else "train",
         train_seconds=round(train_seconds, 3),

@@ -10,10 +10,11 @@ addresses, IP addresses) planted inside otherwise good pages.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import asdict, dataclass, field
 
-from .world import Person, World
+from .world import Person, World, made_up_word
 
 ENCYCLOPEDIAS = ["wikiverse.org", "knowpedia.net", "openencyclo.org", "factbook.info"]
 NEWS_SITES = ["dailyherald.com", "morningpost.net", "citytimes.org", "essexnews.com"]
@@ -73,18 +74,96 @@ _SLOTS = dict(
         "young families",
         "visitors",
         "reporters",
+        "nurses",
+        "shop owners",
+        "farmers",
+        "musicians",
+        "volunteers",
+        "parents",
     ],
     weekday=["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
-    month=["January", "March", "April", "June", "August", "October", "November", "December"],
-    adj=["quiet", "busy", "cold", "bright", "long", "windy", "strange", "gentle"],
-    thing=["a lantern", "a red kite", "an old key", "a wooden box", "a map", "a silver bell", "a book of songs"],
-    hobby=["old maps", "chess", "gardening", "river fishing", "folk music", "bird watching", "pottery"],
+    month=[
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ],
+    adj=[
+        "quiet",
+        "busy",
+        "cold",
+        "bright",
+        "long",
+        "windy",
+        "strange",
+        "gentle",
+        "grey",
+        "warm",
+        "noisy",
+        "misty",
+        "sunny",
+        "short",
+    ],
+    thing=[
+        "a lantern",
+        "a red kite",
+        "an old key",
+        "a wooden box",
+        "a map",
+        "a silver bell",
+        "a book of songs",
+        "a glass jar",
+        "a blue scarf",
+        "a tin whistle",
+        "a broken clock",
+        "a basket of pears",
+        "a paper boat",
+        "a brass compass",
+    ],
+    place=[
+        "the old mill",
+        "the harbour",
+        "the market square",
+        "the edge of the forest",
+        "the stone bridge",
+        "the top of the hill",
+        "the orchard",
+        "the lighthouse",
+        "the railway station",
+        "the frozen pond",
+    ],
+    food=["bread", "apples", "honey cakes", "soup", "cheese", "plums", "warm milk", "roasted nuts"],
+    hobby=[
+        "old maps",
+        "chess",
+        "gardening",
+        "river fishing",
+        "folk music",
+        "bird watching",
+        "pottery",
+        "rowing",
+        "astronomy clubs",
+        "long walks",
+        "woodwork",
+        "card games",
+    ],
     plan=[
         "open a new office",
         "hire more staff",
         "build a new factory",
         "launch a new product",
         "expand its research team",
+        "move its headquarters",
+        "sell one of its divisions",
+        "train new apprentices",
     ],
 )
 _CONTEXT = [
@@ -106,6 +185,14 @@ _NEWS = [
     "Tickets for the next event go on sale in {month}, and {n} seats are left.",
     "It was a {adj} {weekday}, but the hall was still full.",
     "Several {group} said afterwards that they had learned something new.",
+    "Near {place}, {n} {group} waited in the {adj} weather for the doors to open.",
+    "A spokesperson said on {weekday} that the plans had been in the works since {month}.",
+    "Around {n} {group} wrote letters of support, the local paper reported.",
+    "Critics among the {group} asked whether the money would not be better spent near {place}.",
+    "The first results are expected in {month}, after {n} days of work.",
+    "Coffee and {food} were served to the {group} during a {adj} break.",
+    "On a {adj} {weekday} evening, {n} {group} gathered again near {place} to talk it over.",
+    "Asked about the timing, one of the {group} said that {month} had always been the plan.",
 ]
 _FORUM = [
     "Thanks, that is exactly what I was looking for.",
@@ -114,19 +201,54 @@ _FORUM = [
     "If anyone has a source for this, please post it here.",
     "That matches what I remember from an article I read one {adj} {weekday}.",
     "My friends who study {hobby} asked me the same thing.",
+    "I asked {n} people at my {hobby} club and none of them knew.",
+    "Someone mentioned it to me near {place} last {month}, and that is why I ask.",
+    "Posting this from my phone on a {adj} {weekday}, so sorry for the typos.",
+    "This board has been a great help to me since I joined in {month}.",
+    "Old thread, but it is still the first result when you search, so thank you to all.",
+    "My neighbour, who is into {hobby}, thinks the same and wants to know too.",
 ]
-_ANIMALS = ["fox", "owl", "rabbit", "bear", "otter", "crow", "mouse", "deer"]
+_ANIMALS = [
+    "fox",
+    "owl",
+    "rabbit",
+    "bear",
+    "otter",
+    "crow",
+    "mouse",
+    "deer",
+    "badger",
+    "heron",
+    "hedgehog",
+    "goat",
+    "beaver",
+    "wolf",
+    "swan",
+    "squirrel",
+]
+# The hero has a made-up name and most sentences use it, so two stories about the same animal
+# share few word 5-grams: a large crawl of them holds no near duplicates it does not label.
 _STORY = [
-    "Every {adj} morning the {animal} walked to the river to watch the boats.",
+    "Every {adj} morning {hero} walked to {place} to watch the boats.",
     "One {weekday} a stranger arrived carrying {thing}.",
-    "The {animal} was afraid at first, but soon the two became friends.",
+    "{hero} was afraid at first, but soon the two became friends.",
     "They spent all of {month} exploring the hills around {city}.",
-    "When the {adj} winter came, the {animal} had learned that the world was larger than the river.",
-    "In the end, the {animal} went back home and told the story of {thing} to anyone who would listen.",
-    "It rained for {n} days, and nobody in the village left the house.",
-    "The old bridge creaked in the {adj} wind, but it held, and they crossed it together.",
-    "Nobody knew where {thing} had come from, and the {animal} did not ask.",
-    "At the market in {city}, the {animal} traded {thing} for bread.",
+    "When the {adj} winter came, {hero} had learned that the world was larger than {place}.",
+    "In the end, {hero} went back home and told the story of {thing} to anyone who would listen.",
+    "It rained for {n} days, and nobody near {place} left the house.",
+    "The old bridge creaked in the {adj} wind, but it held, and {hero} crossed it with the stranger.",
+    "Nobody knew where {thing} had come from, and {hero} did not ask.",
+    "At the market in {city}, {hero} traded {thing} for {food}.",
+    "{hero} counted {n} stars one {adj} night and fell asleep before the end.",
+    "The stranger said that {thing} had once belonged to a {friend} from {place}.",
+    "On the first {weekday} of {month}, {hero} and the stranger shared {food} at {place}.",
+    "A {friend} called {name} warned {hero} that the road to {city} was {adj} and long.",
+    "{hero} hid {thing} under a stone near {place} and told nobody but {name} the {friend}.",
+    "For {n} days {hero} looked for {thing}, asking every {friend} along the way.",
+    "The {adj} light of {month} made {place} look like a painting, {hero} thought.",
+    "{name} the {friend} laughed so hard at {hero} that {food} fell into the river.",
+    "By {weekday} evening {hero} had walked all the way from {place} to {city}.",
+    "When {hero} finally opened {thing}, it held nothing but a note about {food}.",
 ]
 _BOILERPLATE = [
     "Share this page with your friends. Subscribe to our newsletter for more stories like this one. All rights reserved.",
@@ -243,6 +365,12 @@ _TIPS = [
     "If you get stuck, try drawing the problem as groups of objects.",
     "It is a good habit to check the answer by doing the sum another way.",
     "Say each step out loud if that helps you keep track of the numbers.",
+    "Round the first number to the nearest ten: the answer should be close to that estimate.",
+    "Cover the answer with your hand and try problem {ordinal} again tomorrow.",
+    "Check the ones digit of the answer before anything else.",
+    "Write the answer in words as well, to be sure of each digit.",
+    "Problems like this one come up again on a later sheet, so keep this one.",
+    "Compare your answer with a friend's before turning the page.",
 ]
 _ORDINALS = ["one", "two", "three", "four"]
 
@@ -263,14 +391,16 @@ def worksheet_page(rng: random.Random, k: int) -> Page:
         else:
             slots = dict(tens=a_tens * m, ones=a_ones * m, answer=a * m)
         problem = template.format(a=a, b=b, m=m, a_tens=a_tens, a_ones=a_ones, **slots)
-        lines.append(f"Problem {ordinal}. {problem} {tip}")
+        lines.append(f"Problem {ordinal}. {problem} {tip.format(ordinal=ordinal)}")
     return Page(f"https://{rng.choice(WORKSHEETS)}/sheet/{k}", "\n\n".join(lines), "worksheet")
 
 
 def story_page(world: World, rng: random.Random, k: int) -> Page:
-    animal, city = rng.choice(_ANIMALS), rng.choice(list(world.cities))
+    animal, friend = rng.sample(_ANIMALS, 2)
+    city, hero, name = rng.choice(list(world.cities)), made_up_word(rng, 2), made_up_word(rng, 2)
     opening = f"Once upon a time, near the town of {city}, there lived a {animal} who loved to ask questions."
-    text = f"The {animal} and the stranger\n\n" + " ".join([opening, *_fill(_STORY, rng, 6, animal=animal, city=city)])
+    body = _fill(_STORY, rng, 6, hero=hero, friend=friend, name=name, city=city)
+    text = f"{hero} the {animal} and the stranger\n\n" + " ".join([opening, f"Its name was {hero}.", *body])
     return Page(f"https://{rng.choice(STORIES)}/story/{k}", text, "story")
 
 
@@ -327,8 +457,12 @@ def pii_string(kind: str, person_first: str, rng: random.Random) -> str:
         return rng.choice([f"({a}) {b}-{c}", f"{a}-{b}-{c}", f"+1 {a} {b} {c}"])
     if kind == "address":
         return f"{rng.randint(1, 9999)} {rng.choice(_STREETS)} {rng.choice(_STREET_KINDS)}"
-    first = rng.choice([n for n in range(11, 224) if n not in (10, 100, 127, 169, 172, 192)])
-    return ".".join(str(x) for x in (first, rng.randint(0, 255), rng.randint(0, 255), rng.randint(1, 254)))
+    while True:  # a public address: private, shared and reserved ranges (198.18.0.0/15, ...) are not personal data
+        ip = ".".join(
+            str(x) for x in (rng.randint(11, 223), rng.randint(0, 255), rng.randint(0, 255), rng.randint(1, 254))
+        )
+        if ipaddress.ip_address(ip).is_global:
+            return ip
 
 
 _PII_SENTENCES = {
@@ -397,4 +531,16 @@ def crawl(world: World, seed: int, filler_ratio: float = 1.0, noise: float = 0.3
             copy = near_copy(source, rng, k)
         keyed.append((rng.uniform(i + 0.01, len(pages)), copy))
     keyed.sort(key=lambda kp: kp[0])
-    return [page for _, page in keyed]
+    return label_exact_copies([page for _, page in keyed])
+
+
+def label_exact_copies(pages: list[Page]) -> list[Page]:
+    """Call a page an exact duplicate when its text is that of an earlier page, whatever made it:
+    two near copies of one page that got the same banner are the same page twice. (Blocked and
+    low-quality pages keep their labels: the filters before dedup are there to drop them.)"""
+    first: dict[str, str] = {}
+    for page in pages:
+        if page.text in first and page.label in ("clean", "near_dup"):
+            page.label, page.dup_of = "exact_dup", first[page.text]
+        first.setdefault(page.text, page.url)
+    return pages

@@ -337,3 +337,22 @@ def test_stage(tiny_run, tiny_config):
     assert len(heldout) == metrics["heldout_pages"]
     assert round(bytes_per_token(tok, heldout), 4) == metrics["bytes_per_token"]
     assert ensure("tokenizer", tiny_config, tiny_run) == metrics  # complete: reused, not rebuilt
+
+
+def test_stage_says_when_the_corpus_cannot_fill_the_vocabulary(tiny_run, capsys):
+    from labkit.config import get_config
+    from labkit.pipeline import ensure
+    from labkit.report import render
+    from labkit.run import Run, load_run
+
+    config = get_config("tiny", tokenizer=dict(vocab_size=100_000))
+    run = Run("big-vocab", tiny_run.runs_dir)
+    ensure("data", config, run)
+    metrics = ensure("tokenizer", config, run)
+    got = metrics["vocab_size"]
+    assert metrics["vocab_size_asked"] == 100_000 and got < 100_000 and metrics["vocab_reached"] is False
+    assert metrics["last_merge_count"] >= 1 and Tokenizer.load(run.path / "tokenizer").n_vocab == got
+    assert (
+        f"tokenizer: the training text ran out of pairs after {metrics['n_merges']} merges" in capsys.readouterr().err
+    )
+    assert f"The vocabulary holds {got} tokens, not the 100000 asked for" in render(load_run(run.name, run.runs_dir))
