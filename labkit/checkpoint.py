@@ -29,7 +29,7 @@ from .model import GPT, GPTConfig, ScalarModel
 from .run import Run, atomic_path
 
 # the post-trained models a run holds, and the stage that makes each
-MODEL_STAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf", "grpo": "grpo", "halluc": "halluc"}
+MODEL_STAGE = {"base": "base", "sft": "sft", "ppo": "rlhf", "dpo": "rlhf", "grpo": "grpo", "halluc": "halluc"}
 
 
 def save_model(path: str | Path, model: GPT | ScalarModel, extra: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The command line: `labkit run`, `labkit report`, `labkit chat` (also `python -m labkit`)."""
+"""The command line: `labkit run`, `labkit report`, `labkit chat`, `labkit export` (also `python -m labkit`)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
     chat.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)
     chat.add_argument("--model", default="sft", choices=["sft", "ppo", "dpo", "grpo", "halluc"], help="which model")
+
+    export = commands.add_parser(
+        "export", help="write a model of a run and its tokenizer as a Hugging Face transformers folder"
+    )
+    export.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
+    export.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)
+    export.add_argument(
+        "--model", default="sft", choices=["base", "sft", "ppo", "dpo", "grpo", "halluc"], help="which model"
+    )
+    export.add_argument("--out", required=True, metavar="FOLDER", help="folder to write (replaced if it exists)")
     return parser
 
 
@@ -98,6 +108,18 @@ def _chat(args) -> None:
     from .run import Run
 
     chat_loop(Run(args.run, args.runs_dir), args.model)
+
+
+def _export(args) -> None:
+    from .checkpoint import load_model, model_path
+    from .export import export
+    from .run import Run
+    from .tokenizer import Tokenizer
+
+    run = Run(args.run, args.runs_dir)
+    model = load_model(model_path(run, args.model))
+    folder = export(model, Tokenizer.load(run.path / "tokenizer"), args.out)
+    print(f"labkit: the {args.model} model of run {args.run} written to {folder.resolve()}", file=sys.stderr)
 
 
 def chat_loop(
@@ -141,7 +163,7 @@ def chat_loop(
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"run": _run, "report": _report, "chat": _chat}[args.command](args)
+        {"run": _run, "report": _report, "chat": _chat, "export": _export}[args.command](args)
     except (LabkitError, FileNotFoundError) as error:  # bad input: one line, no traceback
         message = " ".join(str(error).splitlines())
         print(f"labkit {args.command}: error: {message}", file=sys.stderr)
