@@ -28,6 +28,6 @@ def test_the_reward_model_learns_the_order_of_its_pairs(tiny_run, tiny_config, t
     )
     losses = [row["loss"] for row in read_json(tmp_path / "rm" / "history.json")]
     assert metrics["rm_train_pairs"] >= 10  # ties make no pair: a dozen prompts give fewer than K(K-1)/2 each
-    assert abs(losses[0] - math.log(2)) < 0.05  # it starts knowing nothing
+    assert losses[0] > math.log(2) - 0.05  # it starts knowing nothing: no better than a coin (random scores do worse)
     assert sum(losses[-5:]) / 5 < 0.5  # and ends knowing most of the order
     assert metrics["rm_train_pair_accuracy"] >= 0.8
