@@ -11,8 +11,13 @@ work together (Olsson et al., 2022, "In-context learning and induction heads"):
 Here a tiny GPT (2 layers, width 64) trains on nothing but random token sequences whose second
 half repeats the first. The first half cannot be predicted at all (the tokens are random); the
 second half can, but only by reading the first half. For a few dozen steps the model learns
-next to nothing; then, within some tens of steps, the repeated half's loss falls to near zero
-while the first half's stays at chance: a *phase change*, during which the two heads form.
+next to nothing; then, within some tens of steps, the repeated half's loss falls far below the
+first half's, which stays at chance: a *phase change*. The attention read-out
+(`attention_patterns`, `head_scores`) shows what formed. With the repeat always 24 tokens back,
+it is a shortcut, not an induction pair: one layer-0 head attends 23 positions back by position
+alone, and a repeat at another distance is not copied (`shifted_repeats`). Repeats of varying
+length and place (`ToyConfig.shortest`) rule the shortcut out, and then this model needs far
+more steps than the toy's few hundred.
 
 The in-context learning (ICL) score is Olsson's: the loss late in the context minus the loss
 early in it (they took token 500 minus token 50). It is negative when the context helps. For
@@ -48,14 +53,27 @@ def repeated_sequences(
 
 
 class RepeatedBatches:
-    """Fresh repeated sequences at every `next()`, as (inputs, targets) for `labkit.train.train`."""
+    """Fresh repeated sequences at every `next()`, as (inputs, targets) for `labkit.train.train`.
 
-    def __init__(self, batch_size: int, half: int = HALF, vocab_size: int = VOCAB, seed: int = 0):
+    With `shortest` below `half`, each row instead holds a segment of `shortest` .. `half` random
+    tokens repeated right after it, at a random place among random tokens: the distance to the
+    earlier copy varies, so only finding it by its content works (the knob the notebook names)."""
+
+    def __init__(
+        self, batch_size: int, half: int = HALF, vocab_size: int = VOCAB, seed: int = 0, shortest: int | None = None
+    ):
         self.batch_size, self.half, self.vocab_size = batch_size, half, vocab_size
+        self.shortest = half if shortest is None else shortest
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = repeated_sequences(self.batch_size, self.half, self.vocab_size, generator=self.generator)
+        if self.shortest < self.half:
+            for row in ids:
+                length = int(torch.randint(self.shortest, self.half + 1, (), generator=self.generator))
+                start = int(torch.randint(0, 2 * (self.half - length) + 1, (), generator=self.generator))
+                row[:] = torch.randint(0, self.vocab_size, row.shape, generator=self.generator)
+                row[start + length : start + 2 * length] = row[start : start + length]
         return ids[:, :-1], ids[:, 1:]
 
 
@@ -116,7 +134,8 @@ class ToyConfig:
     learning_rate: float = 3e-3
     record_every: int = 10  # steps between measurements
     n_probes: int = 128  # held-out sequences the measurements average over
-    other_half: int = 16  # the repeat at another distance: 16 tokens at position 8, repeated at 24
+    other_half: int = 16  # the repeat at another distance: 16 tokens at position 16, repeated at 32
+    shortest: int | None = None  # below `half`: repeats of varying length and place (RepeatedBatches)
 
 
 def toy_steps(preset: str) -> int:
@@ -148,7 +167,7 @@ def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, dev
     )
     probes = repeated_sequences(toy.n_probes, toy.half, toy.vocab_size, seed=-1 - seed)  # never a training batch
     start = toy.half - toy.other_half // 2
-    others = shifted_repeats(toy.n_probes, toy.other_half, 2 * toy.half, start, toy.vocab_size, seed=-1 - seed)
+    others = shifted_repeats(toy.n_probes, toy.other_half, 2 * toy.half, start, toy.vocab_size, seed=-2 - seed)
 
     def measure(event: dict) -> None:
         event.update({k: round(v, 4) for k, v in copy_measures(event["model"], probes, toy.half).items()})
@@ -158,7 +177,7 @@ def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, dev
     result = train(
         model,
         next_token_loss,
-        RepeatedBatches(toy.batch_size, toy.half, toy.vocab_size, seed),
+        RepeatedBatches(toy.batch_size, toy.half, toy.vocab_size, seed, toy.shortest),
         cfg,
         device=device,
         val_batches=lambda: [(probes[:, :-1], probes[:, 1:])],

@@ -28,6 +28,19 @@ def test_repeated_sequences_repeat_exactly_and_differ_by_seed():
     assert x.shape == (4, 11) and torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(whole[:, :6], whole[:, 6:])
 
 
+def test_varied_repeats_hold_one_repeat_of_varying_length_and_place():
+    x, y = induction.RepeatedBatches(64, half=12, vocab_size=1000, seed=0, shortest=4).next()
+    whole = torch.cat([x, y[:, -1:]], dim=1)
+    found = set()
+    for row in whole.tolist():  # the longest run of positions equal to those `d` back, for each distance d
+        repeats = [
+            (d, s) for d in range(4, 13) for s in range(24 - 2 * d + 1) if row[s : s + d] == row[s + d : s + 2 * d]
+        ]
+        assert repeats, row
+        found.add(max(repeats))
+    assert len({d for d, _ in found}) > 4 and len({s for _, s in found}) > 4  # lengths and places vary
+
+
 def test_shifted_repeats_sit_where_asked():
     ids = induction.shifted_repeats(5, half=4, length=20, start=7, vocab_size=30, seed=0)
     assert ids.shape == (5, 20) and torch.equal(ids[:, 7:11], ids[:, 11:15])
