@@ -174,16 +174,21 @@ def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, dev
         other = copy_measures(event["model"], others, toy.other_half, start)["copy_accuracy"]
         event["other_distance_copy_accuracy"] = round(other, 4)
 
-    result = train(
-        model,
-        next_token_loss,
-        RepeatedBatches(toy.batch_size, toy.half, toy.vocab_size, seed, toy.shortest),
-        cfg,
-        device=device,
-        val_batches=lambda: [(probes[:, :-1], probes[:, 1:])],
-        on_eval=measure,
-        desc="induction",
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the toy's ops are too small to share out: more threads only wait on each other
+    try:
+        result = train(
+            model,
+            next_token_loss,
+            RepeatedBatches(toy.batch_size, toy.half, toy.vocab_size, seed, toy.shortest),
+            cfg,
+            device=device,
+            val_batches=lambda: [(probes[:, :-1], probes[:, 1:])],
+            on_eval=measure,
+            desc="induction",
+        )
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return model, result.history
 

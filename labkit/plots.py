@@ -154,34 +154,35 @@ def phase_change(history: list[dict], title: str = "Induction heads form: the ph
         fig.update_yaxes(title_text=label, row=1, col=col)
         fig.update_xaxes(title_text="optimizer step", row=1, col=col)
     fig.update_yaxes(range=[0, 105], row=1, col=2)
-    fig.update_layout(template=TEMPLATE, title=title, height=400)
-    return _legend_above(fig, top=110)
+    # the legend under the panels: above them it would sit on the panels' titles
+    legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0)
+    fig.update_layout(template=TEMPLATE, title=title, height=460, margin=dict(l=60, r=20, t=80, b=130), legend=legend)
+    return fig
 
 
 def attention_heatmap(pattern, tokens: list, layer: int, head: int, scores: dict | None = None) -> go.Figure:
     """One head's attention weights on a sequence: row i is how position i (the query) spreads
     its attention over positions 0 .. i (the keys). Titled with the head's scores when given."""
-    labels = [f"{i}: {t}" for i, t in enumerate(tokens)]
+    T = len(tokens)
+    hover = [[f"query {i} (token {tokens[i]}) to key {j} (token {tokens[j]})" for j in range(T)] for i in range(T)]
     fig = go.Figure(
         go.Heatmap(
             z=[[float(v) for v in row] for row in pattern],
-            x=labels,
-            y=labels,
+            x=list(range(T)),
+            y=list(range(T)),
             zmin=0,
             zmax=1,
             colorscale="Blues",
             colorbar=dict(title="weight"),
-            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.2f}<extra></extra>",
+            text=hover,
+            hovertemplate="%{text}<br>weight %{z:.2f}<extra></extra>",
         )
     )
     title = f"Attention of layer {layer}, head {head}"
     if scores is not None:
         title += f": previous-token {scores['previous_token']:.2f}, induction {scores['induction']:.2f}"
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
-    return _layout(
-        fig, title, "key position (attended to), 0 = first", "query position (attending), 0 = top", height=520
-    )
+    fig.update_yaxes(autorange="reversed", scaleanchor="x")  # position 0 at the top, square cells
+    return _layout(fig, title, "key position (attended to)", "query position (attending)", height=560)
 
 
 def loss_by_position(

@@ -188,7 +188,7 @@ def test_toy_figures_and_head_browser_are_labelled(toy, monkeypatch):
     assert list(layer.options) == [0, 1] and list(head.options) == [0, 1, 2, 3]
     heatmap = plots.attention_heatmap(patterns[1, 2], ids.tolist(), 1, 2, scores[6])
     assert "layer 1, head 2: previous-token" in heatmap.layout.title.text
-    assert heatmap.layout.xaxis.title.text.startswith("key position")
+    assert heatmap.layout.xaxis.title.text.startswith("key position") and list(heatmap.data[0].x) == list(range(48))
     assert len(heatmap.data[0].z) == 48
     assert shown[-1].layout.title.text.startswith("Attention of layer 0, head 0")
     layer.value, head.value = 1, 3

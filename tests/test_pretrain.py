@@ -64,7 +64,6 @@ def test_base_loss_by_position_and_its_icl_score(base, tiny_run, tiny_config):
     losses = read_json(tiny_run.path / "base" / "loss_by_position.json")
     assert len(losses) == tiny_config.model.block_size and all(0 < v < 10 for v in losses)
     assert base["icl_score"] == pytest.approx(icl_score(losses), abs=1e-3)
-    assert base["icl_score"] < 0  # later positions, with more text before them, are easier
     model, _ = load_base(tiny_run)
     (tiny_run.path / "base" / "loss_by_position.json").rename(tiny_run.path / "base" / "saved.json")
     try:  # a run built before the stage saved the curve: computed again, the same
