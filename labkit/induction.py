@@ -289,6 +289,8 @@ def loss_by_position(model, windows: torch.Tensor, max_batch: int = 64) -> list[
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(windows.size(1) - 1, device=device)
+    # a pass's logits stay under 2**27 numbers (512 MB): a 1024-token context and a 32k vocabulary take 4 rows
+    max_batch = max(1, min(max_batch, 2**27 // (windows.size(1) * model.config.vocab_size)))
     for rows in windows.to(device).split(max_batch):
         logits, _ = model(rows[:, :-1])
         total += F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none").sum(0)
