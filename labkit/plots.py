@@ -126,6 +126,80 @@ def fact_recall_bars(
     return _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)")
 
 
+def phase_change(history: list[dict], title: str = "Induction heads form: the phase change") -> go.Figure:
+    """The toy's measurements against step: loss on the first (unpredictable) half and on the
+    repeated half, copy accuracy, and the ICL score (repeated half's loss minus the first's)."""
+    from plotly.subplots import make_subplots
+
+    rows = [r for r in history if "copy_accuracy" in r]
+    steps = [r["step"] for r in rows]
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.08,
+        subplot_titles=("loss by half", "copy accuracy, repeated half", "ICL score: repeated half minus first"),
+    )
+    fig.add_scatter(x=steps, y=[r["first_half_loss"] for r in rows], name="first half (random)", row=1, col=1)
+    fig.add_scatter(x=steps, y=[r["repeated_half_loss"] for r in rows], name="repeated half", row=1, col=1)
+    fig.add_scatter(x=steps, y=[100 * r["copy_accuracy"] for r in rows], name="copy: as trained", row=1, col=2)
+    if rows and "other_distance_copy_accuracy" in rows[0]:
+        other = [100 * r["other_distance_copy_accuracy"] for r in rows]
+        fig.add_scatter(x=steps, y=other, name="copy: a repeat at another distance", row=1, col=2)
+    fig.add_scatter(x=steps, y=[r["icl_score"] for r in rows], name="ICL score", showlegend=False, row=1, col=3)
+    for col, label in (
+        (1, "cross-entropy (nats per token)"),
+        (2, "next token right (%)"),
+        (3, "loss difference (nats)"),
+    ):
+        fig.update_yaxes(title_text=label, row=1, col=col)
+        fig.update_xaxes(title_text="optimizer step", row=1, col=col)
+    fig.update_yaxes(range=[0, 105], row=1, col=2)
+    # the legend under the panels: above them it would sit on the panels' titles
+    legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0)
+    fig.update_layout(template=TEMPLATE, title=title, height=460, margin=dict(l=60, r=20, t=80, b=130), legend=legend)
+    return fig
+
+
+def attention_heatmap(pattern, tokens: list, layer: int, head: int, scores: dict | None = None) -> go.Figure:
+    """One head's attention weights on a sequence: row i is how position i (the query) spreads
+    its attention over positions 0 .. i (the keys). Titled with the head's scores when given."""
+    T = len(tokens)
+    hover = [[f"query {i} (token {tokens[i]}) to key {j} (token {tokens[j]})" for j in range(T)] for i in range(T)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=[[float(v) for v in row] for row in pattern],
+            x=list(range(T)),
+            y=list(range(T)),
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            colorbar=dict(title="weight"),
+            text=hover,
+            hovertemplate="%{text}<br>weight %{z:.2f}<extra></extra>",
+        )
+    )
+    title = f"Attention of layer {layer}, head {head}"
+    if scores is not None:
+        title += f": previous-token {scores['previous_token']:.2f}, induction {scores['induction']:.2f}"
+    fig.update_yaxes(autorange="reversed", scaleanchor="x")  # position 0 at the top, square cells
+    return _layout(fig, title, "key position (attended to)", "query position (attending)", height=560)
+
+
+def loss_by_position(
+    losses: list[float], icl_score: float | None = None, copy_accuracy: float | None = None, title: str | None = None
+) -> go.Figure:
+    """The base model's mean validation loss at each position of its context: later positions
+    have more text before them to read. The title gives the ICL score and copy accuracy."""
+    if title is None:
+        title = "Base model: loss by position in the context"
+        if icl_score is not None:
+            title += f"<br><sup>ICL score {icl_score:+.2f} nats (last eighth minus second sixteenth)"
+            title += "" if copy_accuracy is None else f", copy accuracy {copy_accuracy:.2f}"
+            title += "</sup>"
+    fig = go.Figure(go.Scatter(x=list(range(len(losses))), y=losses, mode="lines", name="validation loss"))
+    return _layout(fig, title, "position in the context (tokens before it)", "cross-entropy (nats per token)")
+
+
 # --- stage 4: sft ----------------------------------------------------------------------------
 
 

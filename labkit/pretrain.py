@@ -14,7 +14,8 @@ Writes to `runs/<run>/base/`:
   history.json                      loss per step, validation loss per evaluation
   samples.json                      text sampled at every evaluation, from gibberish to pages
   fact_recall.json                  every fact probe: prompt, truth, answer, right or wrong
-  metrics.json                      val_loss, val_bpb, tokens_seen, tokens_per_second, fact_recall, ...
+  loss_by_position.json             mean validation loss at each position of the context
+  metrics.json                      val_loss, val_bpb, tokens_seen, fact_recall, copy_accuracy, icl_score, ...
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .config import Config, resolve_device
 from .dataloader import EOT, TokenWindows, sequential_batches, tokenize_run
 from .distributed import is_main_process, main_first
 from .engine import fit, generate
+from .induction import icl_score, loss_by_position, text_windows
 from .model import GPT, GPTConfig
 from .run import Run, write_json
 from .train import autocast, autocast_dtype, peak_flops, train
@@ -131,6 +133,10 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         copy_accuracy=round(copy_accuracy(model, copy_probes(tokenizer, seed=config.seed)), 4),
         device=device,
     )
+    # in-context learning: how much easier a token is late in the context than early (labkit/induction.py)
+    by_position = loss_by_position(model, text_windows(val_ids, block), max_batch=config.max_batch)
+    write_json(out / "loss_by_position.json", [round(v, 4) for v in by_position])
+    metrics["icl_score"] = round(icl_score(by_position), 4)
     if (peak := peak_flops(device)) is not None:  # the share of the GPU's bf16 peak that training used
         metrics["mfu"] = round(model.estimate_mfu(result.tokens_per_second, peak), 4)
     from .data import read_world
@@ -158,6 +164,19 @@ def load_base(run: Run, device: str = "cpu"):
             f"(or run notebooks/03_pretraining.ipynb)"
         )
     return load_model(path, resolve_device(device)), Tokenizer.load(run.path / "tokenizer")
+
+
+def position_losses(run: Run, model) -> list[float]:
+    """The base stage's validation loss at each position of the context (computed here for a run
+    built before the stage saved it)."""
+    from .dataloader import TokenFiles
+    from .run import read_json
+
+    folder = run.path / "base"
+    if (folder / "loss_by_position.json").exists():
+        return read_json(folder / "loss_by_position.json")
+    val = TokenFiles(folder / "train.bin", folder / "val.bin", read_json(folder / "tokens.json")).tokens("val")
+    return loss_by_position(model, text_windows(val, model.config.block_size))
 
 
 # --- measuring ------------------------------------------------------------------------------------

@@ -181,6 +181,30 @@ def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.
     return w.VBox([text, w.HBox([temperature, seed, button]), out])
 
 
+def head_browser(patterns, tokens: list, scores: list[dict]) -> w.VBox:
+    """Step through the attention heatmaps of every layer and head (patterns [n_layer, n_head, T, T]
+    from `labkit.induction.attention_patterns`), each titled with its scores (`head_scores`)."""
+    from IPython.display import display
+
+    from .plots import attention_heatmap
+
+    n_layer, n_head = patterns.shape[:2]
+    layer = w.Dropdown(options=list(range(n_layer)), value=0, description="layer", style=LABEL)
+    head = w.Dropdown(options=list(range(n_head)), value=0, description="head", style=LABEL)
+    plot = w.Output()
+
+    def show(_=None):
+        row = next(r for r in scores if r["layer"] == layer.value and r["head"] == head.value)
+        with plot:
+            plot.clear_output(wait=True)
+            display(attention_heatmap(patterns[layer.value, head.value], tokens, layer.value, head.value, row))
+
+    layer.observe(show, "value")
+    head.observe(show, "value")
+    show()
+    return w.VBox([w.HBox([layer, head]), plot])
+
+
 # --- stage 4: sft ----------------------------------------------------------------------------
 
 

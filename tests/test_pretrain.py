@@ -32,6 +32,7 @@ def test_base_stage_metrics(base, tiny_run, tiny_config):
         "n_params",
         "fact_recall",
         "copy_accuracy",
+        "icl_score",
     ):
         assert key in base
     assert base["tokens_seen"] == t.max_steps * t.batch_size * t.grad_accum * m.block_size
@@ -54,6 +55,21 @@ def test_base_stage_metrics(base, tiny_run, tiny_config):
         "fact_recall.json",
     ):
         assert (folder / name).exists(), name
+
+
+def test_base_loss_by_position_and_its_icl_score(base, tiny_run, tiny_config):
+    from labkit.induction import icl_score
+    from labkit.pretrain import position_losses
+
+    losses = read_json(tiny_run.path / "base" / "loss_by_position.json")
+    assert len(losses) == tiny_config.model.block_size and all(0 < v < 10 for v in losses)
+    assert base["icl_score"] == pytest.approx(icl_score(losses), abs=1e-3)
+    model, _ = load_base(tiny_run)
+    (tiny_run.path / "base" / "loss_by_position.json").rename(tiny_run.path / "base" / "saved.json")
+    try:  # a run built before the stage saved the curve: computed again, the same
+        assert position_losses(tiny_run, model) == pytest.approx(losses, abs=1e-3)
+    finally:
+        (tiny_run.path / "base" / "saved.json").rename(tiny_run.path / "base" / "loss_by_position.json")
 
 
 def test_load_base_rebuilds_the_trained_model(base, tiny_run):
