@@ -181,6 +181,7 @@ def attention_heatmap(pattern, tokens: list, layer: int, head: int, scores: dict
     title = f"Attention of layer {layer}, head {head}"
     if scores is not None:
         title += f": previous-token {scores['previous_token']:.2f}, induction {scores['induction']:.2f}"
+    fig.update_xaxes(range=[-0.5, T - 0.5], constrain="domain")  # the axis ends where the sequence does
     fig.update_yaxes(autorange="reversed", scaleanchor="x")  # position 0 at the top, square cells
     return _layout(fig, title, "key position (attended to)", "query position (attending)", height=560)
 
