@@ -126,6 +126,37 @@ def fact_recall_bars(
     return _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)")
 
 
+def recipe_val_curves(
+    histories: dict[str, list[dict]], title: str = "Two recipes, the same data: validation loss"
+) -> go.Figure:
+    """Validation loss against optimizer step, one line per recipe (its legend name: the key)."""
+    fig = go.Figure()
+    for name, history in histories.items():
+        val = [r for r in history if "val_loss" in r]
+        fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name=name, mode="lines+markers")
+    _whole_steps(fig, [r["step"] for h in histories.values() for r in h])
+    _layout(fig, title, "optimizer step", "validation cross-entropy (nats per token)")
+    return _legend_above(fig)
+
+
+def recipe_recall_bars(
+    metrics: dict[str, dict], title: str = "Two recipes, the same data: facts recalled by page frequency"
+) -> go.Figure:
+    """Share of facts recalled per bucket of pages about a person, one group of bars per bucket and
+    one bar per recipe (the key: its legend name), with the number of people under each bucket."""
+    first = next(iter(metrics.values()))
+    buckets, people = list(first["fact_recall"]), first["fact_recall_people"]
+    fig = go.Figure()
+    for name, m in metrics.items():
+        values = [100 * (m["fact_recall"][b] or 0.0) for b in buckets]
+        fig.add_bar(
+            x=[f"{b} ({people.get(b, 0)} people)" for b in buckets], y=values, name=name, **_value_labels(values)
+        )
+    fig.update_yaxes(range=[0, 112])
+    _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)", barmode="group")
+    return _legend_above(fig)
+
+
 # --- stage 4: sft ----------------------------------------------------------------------------
 
 
