@@ -1,4 +1,4 @@
-"""The GPT: a decoder-only Transformer with GPT-2's architecture, in one file.
+"""The GPT: a decoder-only Transformer with GPT-2's architecture or today's (`arch`), in one file.
 
 The lesson: a language model is a function from a sequence of token ids to, at every
 position, a score (a *logit*) for each possible next token. It is built from a few parts:
@@ -65,15 +65,6 @@ class GPTConfig:
     softcap: float = 15.0  # arch modern: logits squashed into (-softcap, softcap); 0 turns it off
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"GPTConfig.arch={self.arch!r} is not allowed; allowed: {', '.join(ARCHS)}")
-        if self.arch == "modern" and (self.n_embd // max(1, self.n_head)) % 2:
-            raise ValueError(
-                f"GPTConfig: arch='modern' rotates channel pairs, so the head size n_embd // n_head = "
-                f"{self.n_embd // self.n_head} must be even"
-            )
-        if not self.softcap >= 0:
-            raise ValueError(f"GPTConfig.softcap={self.softcap!r} is not allowed; it must be >= 0 (0: off)")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -85,6 +76,15 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"GPTConfig.arch={self.arch!r} is not allowed; allowed: {', '.join(ARCHS)}")
+        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"GPTConfig: arch='modern' rotates channel pairs, so the head size n_embd // n_head = "
+                f"{self.n_embd // self.n_head} must be even"
+            )
+        if not self.softcap >= 0:
+            raise ValueError(f"GPTConfig.softcap={self.softcap!r} is not allowed; it must be >= 0 (0: off)")
 
 
 class RMSNorm(nn.Module):
@@ -191,6 +191,7 @@ class MLP(nn.Module):
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm with a gain (and a bias) for gpt2; the parameter-free RMSNorm for modern."""
     return nn.LayerNorm(config.n_embd, bias=config.bias) if config.arch == "gpt2" else RMSNorm()
 
 
