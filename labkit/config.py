@@ -71,7 +71,19 @@ class ModelConfig:
     n_embd: int = param(192, low=8, high=16384, help="width of the residual stream")
     block_size: int = param(128, low=8, high=65536, help="context length in tokens")
     dropout: float = param(0.0, low=0.0, high=0.9, help="dropout probability while training (0 for pretraining)")
-    bias: bool = param(True, help="biases in Linear and LayerNorm layers, as in GPT-2")
+    bias: bool = param(
+        True, help="biases in Linear and LayerNorm layers, as in GPT-2 (arch gpt2 only: modern has none)"
+    )
+    arch: str = param(
+        "gpt2",
+        choices=("gpt2", "modern"),
+        help="gpt2: GPT-2's architecture (learned positions, LayerNorm, GELU, tied head); modern: nanochat's and "
+        "modded-nanogpt's (rotary positions, parameter-free RMSNorm, QK-norm, ReLU², untied head, no biases, "
+        "zero-initialised output projections, logit softcap)",
+    )
+    softcap: float = param(
+        15.0, low=0.0, high=1000.0, help="arch modern: logits squashed as softcap * tanh(logits / softcap) (0: off)"
+    )
 
 
 @dataclass
@@ -83,6 +95,21 @@ class TrainConfig:
     min_lr: float = param(3e-4, low=0.0, high=1.0, help="learning rate at the end of the cosine decay")
     warmup_steps: int = param(50, low=0, help="steps of linear warmup from 0 to learning_rate")
     weight_decay: float = param(0.1, low=0.0, high=10.0, help="AdamW weight decay on 2-D weights")
+    optimizer: str = param(
+        "adamw",
+        choices=("adamw", "muon"),
+        help="adamw: AdamW on everything; muon: Muon on the blocks' 2-D weight matrices at muon_lr, AdamW on "
+        "embeddings, head, norms and biases at learning_rate (torch's Muon orthogonalises in bfloat16: slow on "
+        "most CPUs)",
+    )
+    muon_lr: float = param(
+        0.02,
+        low=0.0,
+        high=10.0,
+        help="optimizer muon: Muon's peak learning rate (the schedule scales it with learning_rate; later stages "
+        "keep its ratio to learning_rate)",
+    )
+    muon_momentum: float = param(0.95, low=0.0, high=0.9999, help="optimizer muon: Muon's (Nesterov) momentum")
     beta1: float = param(0.9, low=0.0, high=0.9999, help="AdamW beta1")
     beta2: float = param(0.99, low=0.0, high=0.99999, help="AdamW beta2")
     grad_clip: float = param(1.0, low=0.0, help="clip the gradient norm to this (0: no clipping)")

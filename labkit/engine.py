@@ -242,7 +242,7 @@ def generate_batch(
             hidden = model.hidden_states(sequence[:, cache.length :], kv_cache=cache)
         else:  # the slow way: the whole sequence again, through a cache that is thrown away
             hidden = model.hidden_states(sequence, kv_cache=KVCache(model.config.n_layer, sequence.size(1), cache.pad))
-        logits = model.lm_head(hidden[:, -1, :])  # only the last position predicts the next token
+        logits = model.logits(hidden[:, -1, :])  # only the last position predicts the next token
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         for row, token in zip(active.tolist(), next_ids[:, 0].tolist()):
             new_tokens[row].append(token)
@@ -306,7 +306,7 @@ def logprobs(model, batch: Completions, temperature: float = 1.0) -> torch.Tenso
     keeps gradients when they are on. Only the completion's positions go through the head and
     the softmax (a [B, T, vocab] tensor, not [B, L, vocab])."""
     hidden = batch.at_positions(model.hidden_states(batch.ids))
-    logits = model.lm_head(hidden).float()
+    logits = model.logits(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     logps = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)

@@ -1,4 +1,4 @@
-"""The GPT: a decoder-only Transformer with GPT-2's architecture, in one file.
+"""The GPT: a decoder-only Transformer with GPT-2's architecture or today's (`arch`), in one file.
 
 The lesson: a language model is a function from a sequence of token ids to, at every
 position, a score (a *logit*) for each possible next token. It is built from a few parts:
@@ -23,6 +23,20 @@ it where the new tokens sit (their positions, and which cached positions they ma
 
 `ScalarModel` is the same body with a one-number head instead of the vocabulary head: the reward
 model of RLHF and PPO's value model.
+
+`arch="modern"` is the recipe small GPTs train with since 2024 (nanochat, modded-nanogpt), the
+same skeleton with these parts changed, side by side with GPT-2's below:
+
+- positions enter as rotations of each head's queries and keys (rotary embeddings, RoPE): the
+  score of query i on key j then depends on i - j only, and there is no position table;
+- RMSNorm without parameters in place of LayerNorm, also right after the token embedding, and
+  on each head's queries and keys (QK-norm: attention scores cannot blow up);
+- a ReLU² MLP (relu(x)²) in place of GELU, no biases anywhere;
+- an untied head, and the projections that write the residual stream start at zero, so each
+  block starts as the identity and the untrained model is a bigram model;
+- logits squashed smoothly into (-softcap, softcap): softcap * tanh(logits / softcap).
+
+Only `arch="gpt2"` has GPT-2's modules and weights (`from_hf`).
 """
 
 from __future__ import annotations
@@ -34,6 +48,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+ARCHS = ("gpt2", "modern")
+ROPE_BASE = 10_000  # rotary: channel pair i turns by position * ROPE_BASE ** (-2i / head_size)
+
 
 @dataclass
 class GPTConfig:
@@ -43,7 +60,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 192
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2 (arch gpt2 only; modern has none)
+    arch: str = "gpt2"  # "gpt2": GPT-2's architecture; "modern": the recipe of nanochat and modded-nanogpt
+    softcap: float = 15.0  # arch modern: logits squashed into (-softcap, softcap); 0 turns it off
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -57,6 +76,40 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"GPTConfig.arch={self.arch!r} is not allowed; allowed: {', '.join(ARCHS)}")
+        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"GPTConfig: arch='modern' rotates channel pairs, so the head size n_embd // n_head = "
+                f"{self.n_embd // self.n_head} must be even"
+            )
+        if not self.softcap >= 0:
+            raise ValueError(f"GPTConfig.softcap={self.softcap!r} is not allowed; it must be >= 0 (0: off)")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) over the channels, with no parameters (the modern recipe's only norm)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(length: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_size // 2] of the angle each channel pair turns by at each position:
+    fast turns for the first pairs (near positions), slow ones for the last (far positions)."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate channel pairs (j, j + head_size / 2) of x [B, n_head, T, head_size] by their angles
+    (cos, sin [T, head_size // 2], or [B, 1, T, head_size // 2] for per-row positions). Rotating
+    a query by angle(i) and a key by angle(j) leaves their dot product a function of i - j."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,15 +122,29 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.modern = config.arch == "modern"
+        C = config.n_embd
+        if self.modern:  # three matrices (Muon orthogonalises each on its own), no biases
+            self.c_q, self.c_k, self.c_v = (nn.Linear(C, C, bias=False) for _ in range(3))
+            self.c_proj = nn.Linear(C, C, bias=False)
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)  # query, key, value at once
+            self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        if self.modern:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            # modern: positions enter here, as rotations of queries and keys (before they are
+            # cached), then QK-norm: unit-scale queries and keys keep the scores in range
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         past, mask = 0, None
         if kv_cache is not None:
             # keep this step's keys/values and attend over everything cached so far
@@ -102,32 +169,44 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Per-position feed-forward network: widen 4x, GELU, project back."""
+    """Per-position feed-forward network: widen 4x, GELU (gpt2) or ReLU² (modern), project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new" is the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        bias = config.bias and config.arch == "gpt2"
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
+        # GPT-2's "gelu_new" is the tanh approximation of GELU
+        self.act = nn.GELU(approximate="tanh") if config.arch == "gpt2" else ReLUSquared()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm with a gain (and a bias) for gpt2; the parameter-free RMSNorm for modern."""
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.arch == "gpt2" else RMSNorm()
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: normalise, transform, add back onto the residual stream."""
+    """Pre-norm residual block: normalise, transform, add back onto the residual stream."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -136,45 +215,65 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        gpt2 = config.arch == "gpt2"
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+                # gpt2: a learned position embedding; modern: a norm (positions are rotations)
+                **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if gpt2 else dict(ln_e=RMSNorm())),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=make_norm(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
+        if gpt2:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
+            self.init_gpt2()
+        else:
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt, never saved
+            self.register_buffer("rope_sin", sin, persistent=False)
+            self.init_modern()
 
-        # GPT-2's initialisation: small normal weights, zero biases; the projections that write
-        # into the residual stream are scaled down by 1/sqrt(2 * n_layer), because each of the
-        # 2 * n_layer of them adds to the same stream and the sum's variance would grow with depth.
-        self.apply(self._init_weights)
+    def init_gpt2(self):
+        """GPT-2's initialisation: small normal weights, zero biases; the projections that write
+        into the residual stream are scaled down by 1/sqrt(2 * n_layer), because each of the
+        2 * n_layer of them adds to the same stream and the sum's variance would grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def init_modern(self):
+        """nanochat's initialisation: unit-scale embeddings (normed anyway), matrices at std
+        1/sqrt(fan_in) (each output starts at about unit scale), a near-zero head, and the
+        projections that write the residual stream at exactly zero: every block starts as the
+        identity, and each learns to add something only as training finds it useful."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for name, p in self.transformer.h.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=p.size(1) ** -0.5)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count. The position embedding is left out by default (it does no compute);
-        the token embedding stays in because, tied, it is also the output head."""
+        """Parameter count. By default the lookup tables that do no compute are left out: gpt2's
+        position embedding (its token embedding, tied, is also the head), modern's token embedding
+        (its head is a matrix of its own)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= (self.transformer.wpe if self.config.arch == "gpt2" else self.transformer.wte).weight.numel()
         return n
 
     def hidden_states(self, idx, kv_cache=None):
-        """The final layer-normed states [B, T, n_embd]: what the head reads (a reward or value
-        head reads them too)."""
+        """The final normed states [B, T, n_embd]: what the head reads (a reward or value head
+        reads them too)."""
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -182,13 +281,30 @@ class GPT(nn.Module):
                 f"sequence of length {past + T} is longer than the model's block_size={self.config.block_size}; "
                 f"give at most {self.config.block_size} tokens"
             )
+        # [T], or [B, T] when the cache's rows are padded on the left (each row starts at 0)
         pos = torch.arange(T, device=idx.device) if kv_cache is None else kv_cache.positions(T, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        else:
+            x = self.transformer.ln_e(x)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # over the heads
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.advance(T)  # every layer has stored this step's keys and values
         return self.transformer.ln_f(x)
+
+    def logits(self, hidden):
+        """Hidden states [..., n_embd] -> next-token logits [..., vocab_size]: the head, and for
+        modern the softcap (in float32, where tanh is exact enough)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.softcap
+        if self.config.arch == "modern" and cap > 0:
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx [B, T] token ids -> (logits [B, T, vocab_size], loss or None).
@@ -197,22 +313,11 @@ class GPT(nn.Module):
         The loss is the mean cross-entropy of `targets` [B, T]; positions whose target is -1
         are ignored (SFT masks everything but the assistant's tokens that way).
         """
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))
+        logits = self.logits(self.hidden_states(idx, kv_cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW where only 2-D tensors (matmul weights, embeddings) are decayed; biases and
-        LayerNorm gains are not, since shrinking them towards zero is no regularisation."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
-        ]
-        fused = device_type == "cuda"  # one kernel for the whole update
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (PaLM appendix B): 6 per parameter (forward 2, backward 4)
@@ -233,6 +338,12 @@ class GPT(nn.Module):
         GPT-2's checkpoints store the four projections as `Conv1D` ([in, out]), ours are
         `nn.Linear` ([out, in]), so those weights are transposed on the way in.
         """
+        if isinstance(model_or_path, GPT):
+            raise ValueError(
+                f"from_hf reads Hugging Face's GPT2LMHeadModel, not a labkit GPT (this one is arch "
+                f"{model_or_path.config.arch!r}); only arch 'gpt2' is GPT-2-compatible, and a labkit model "
+                f"loads with labkit.checkpoint.load_model"
+            )
         is_model = isinstance(model_or_path, nn.Module)
         if not is_model:
             from transformers import GPT2Config, GPT2LMHeadModel

@@ -109,21 +109,19 @@ def loss_curves(history: list[dict], title: str = "Pretraining: loss") -> go.Fig
 def fact_recall_bars(
     metrics: dict, title: str = "What the base model remembers: facts recalled by page frequency"
 ) -> go.Figure:
-    """Share of facts recalled per bucket of pages about a person, with the number of people."""
-    buckets = list(metrics["fact_recall"])
-    shares = [metrics["fact_recall"][b] or 0.0 for b in buckets]
-    people = [metrics["fact_recall_people"].get(b, 0) for b in buckets]
-    fig = go.Figure(
-        go.Bar(
-            x=buckets,
-            y=[100 * s for s in shares],
-            text=[f"{100 * s:.0f}% of {n} people" for s, n in zip(shares, people)],
-            textposition="outside",
-            marker_color="#4c78a8",
-        )
-    )
-    fig.update_yaxes(range=[0, 110])
-    return _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)")
+    """Share of facts recalled per bucket of pages about a person, with the number of people in each.
+    `metrics` is a stage's metrics, or {legend name: metrics} for models side by side."""
+    models = {"": metrics} if "fact_recall" in metrics else metrics
+    first = next(iter(models.values()))
+    buckets, people = list(first["fact_recall"]), first["fact_recall_people"]
+    fig = go.Figure()
+    for name, m in models.items():
+        values = [100 * (m["fact_recall"][b] or 0.0) for b in buckets]
+        x = [f"{b} ({people.get(b, 0)} people)" for b in buckets]
+        fig.add_bar(x=x, y=values, name=name, showlegend=bool(name), **_value_labels(values))
+    fig.update_yaxes(range=[0, 112])
+    _layout(fig, title, "pages about the person on the mini-web", "facts recalled (%)", barmode="group")
+    return _legend_above(fig) if len(models) > 1 else fig
 
 
 def phase_change(history: list[dict], title: str = "Induction heads form: the phase change") -> go.Figure:
@@ -133,12 +131,8 @@ def phase_change(history: list[dict], title: str = "Induction heads form: the ph
 
     rows = [r for r in history if "copy_accuracy" in r]
     steps = [r["step"] for r in rows]
-    fig = make_subplots(
-        rows=1,
-        cols=3,
-        horizontal_spacing=0.08,
-        subplot_titles=("loss by half", "copy accuracy, repeated half", "ICL score: repeated half minus first"),
-    )
+    titles = ("loss by half", "copy accuracy, repeated half", "ICL score: repeated half minus first")
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=titles)
     fig.add_scatter(x=steps, y=[r["first_half_loss"] for r in rows], name="first half (random)", row=1, col=1)
     fig.add_scatter(x=steps, y=[r["repeated_half_loss"] for r in rows], name="repeated half", row=1, col=1)
     fig.add_scatter(x=steps, y=[100 * r["copy_accuracy"] for r in rows], name="copy: as trained", row=1, col=2)
@@ -146,11 +140,8 @@ def phase_change(history: list[dict], title: str = "Induction heads form: the ph
         other = [100 * r["other_distance_copy_accuracy"] for r in rows]
         fig.add_scatter(x=steps, y=other, name="copy: a repeat at another distance", row=1, col=2)
     fig.add_scatter(x=steps, y=[r["icl_score"] for r in rows], name="ICL score", showlegend=False, row=1, col=3)
-    for col, label in (
-        (1, "cross-entropy (nats per token)"),
-        (2, "next token right (%)"),
-        (3, "loss difference (nats)"),
-    ):
+    labels = ("cross-entropy (nats per token)", "next token right (%)", "loss difference (nats)")
+    for col, label in enumerate(labels, start=1):
         fig.update_yaxes(title_text=label, row=1, col=col)
         fig.update_xaxes(title_text="optimizer step", row=1, col=col)
     fig.update_yaxes(range=[0, 105], row=1, col=2)
@@ -199,6 +190,19 @@ def loss_by_position(
             title += "</sup>"
     fig = go.Figure(go.Scatter(x=list(range(len(losses))), y=losses, mode="lines", name="validation loss"))
     return _layout(fig, title, "position in the context (tokens before it)", "cross-entropy (nats per token)")
+
+
+def recipe_val_curves(
+    histories: dict[str, list[dict]], title: str = "Two recipes, the same data: validation loss"
+) -> go.Figure:
+    """Validation loss against optimizer step, one line per recipe (its legend name: the key)."""
+    fig = go.Figure()
+    for name, history in histories.items():
+        val = [r for r in history if "val_loss" in r]
+        fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name=name, mode="lines+markers")
+    _whole_steps(fig, [r["step"] for h in histories.values() for r in h])
+    _layout(fig, title, "optimizer step", "validation cross-entropy (nats per token)")
+    return _legend_above(fig)
 
 
 # --- stage 4: sft ----------------------------------------------------------------------------

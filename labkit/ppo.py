@@ -38,7 +38,7 @@ from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import check_config
 from .engine import chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .run import notify
-from .train import autocast, autocast_dtype, make_optimizer
+from .train import autocast, autocast_dtype, make_optimizer, muon_lr_at
 
 # --- losses ---------------------------------------------------------------------------------------
 
@@ -316,7 +316,14 @@ def ppo_train(
     # a value model copied from a reward model an earlier run froze must still learn
     trained.requires_grad_(True)
     optimizer = make_optimizer(
-        trained, dataclasses.replace(config.train, learning_rate=p.learning_rate, weight_decay=0.0), device
+        trained,
+        dataclasses.replace(
+            config.train,
+            learning_rate=p.learning_rate,
+            muon_lr=muon_lr_at(config.train, p.learning_rate),
+            weight_decay=0.0,
+        ),
+        device,
     )
     step, history = 0, []
     if (state := resume(checkpoint, resume_key)) is not None:

@@ -26,6 +26,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,15 +67,19 @@ def make_model(config: Config, vocab_size: int) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab_size, **asdict(config.model)))  # the model section's fields are GPTConfig's
 
 
-def build(config: Config, run: Run, made_from: str) -> dict:
+def build(config: Config, run: Run, made_from: str, out: Path | None = None) -> dict:
     """Pretrain a GPT on the run's cleaned corpus and measure it; return the stage's metrics.
-    `made_from` is the stage's fingerprint (what a resumable checkpoint must match)."""
+    `made_from` is the stage's fingerprint (what a resumable checkpoint must match). `out`: where
+    the model, its history and its probes go (default: the stage's folder; labkit/recipes.py trains
+    other recipes into folders of their own); the token files are the stage's, whatever `out`."""
     from .tokenizer import Tokenizer
 
     start = time.time()
-    out, device = run.stage_dir("base"), resolve_device(config.device)
+    out, device = out or run.stage_dir("base"), resolve_device(config.device)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.load(run.path / "tokenizer")
-    files = main_first(tokenize_run, run, tokenizer, out, config.train.val_fraction)  # rank 0 writes, the others read
+    # rank 0 writes the token files, the others read them
+    files = main_first(tokenize_run, run, tokenizer, run.stage_dir("base"), config.train.val_fraction)
     train_ids, val_ids = files.tokens("train"), files.tokens("val")
     model = make_model(config, tokenizer.n_vocab)
     block, cfg = model.config.block_size, config.train

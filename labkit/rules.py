@@ -77,6 +77,11 @@ def check_shapes(config) -> None:
             f"model.n_embd={m.n_embd} is not a multiple of model.n_head={m.n_head}; n_embd must be a multiple "
             f"of n_head (each head gets n_embd // n_head channels)"
         )
+    if m.arch == "modern" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(
+            f"model.arch='modern' rotates pairs of channels, and model.n_embd={m.n_embd} // model.n_head={m.n_head} "
+            f"= {m.n_embd // m.n_head} channels per head is odd; allowed: an even head size"
+        )
     if p.batch_size % p.minibatches:
         raise ConfigError(
             f"ppo.batch_size={p.batch_size} is not a multiple of ppo.minibatches={p.minibatches}; "

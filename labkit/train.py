@@ -4,7 +4,8 @@ The lesson: every stage of an LLM's life trains the same way, and only the loss 
 A stage hands this loop a model, a batch source and a `loss_fn(model, batch) -> (loss, metrics)`;
 the loop does the rest, the way nanoGPT does it:
 
-- AdamW (the fused kernel on CUDA), with weight decay on 2-D weights only;
+- AdamW (the fused kernel on CUDA), with weight decay on 2-D weights only; or Muon on the
+  blocks' weight matrices and AdamW on the rest (`train.optimizer`);
 - the learning rate rises linearly for `warmup_steps` (early gradients are large and noisy),
   then follows a cosine down to `min_lr` at `max_steps`;
 - `grad_accum` micro-batches are summed into one step (a big batch on a small machine: each
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed, setup_distributed
+from .model import Block
 from .run import notify
 
 
@@ -131,19 +133,81 @@ def _first_tensor(batch) -> torch.Tensor:
 # --- optimizer, checkpoints --------------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
-    """The model's own `configure_optimizers` when it has one (the GPT), else the same recipe:
-    AdamW, weight decay on tensors of 2 or more dimensions only, fused on CUDA."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str):
+    """The one way labkit builds an optimizer, for any model (a GPT, a reward model, PPO's policy
+    and value together).
+
+    adamw: AdamW with weight decay on tensors of 2 or more dimensions only (shrinking a bias or a
+    norm's gain towards zero is no regularisation), fused on CUDA.
+    muon: Muon on the 2-D weight matrices inside the Transformer blocks (momentum, then the update
+    orthogonalised by Newton-Schulz iterations: every direction of the matrix moves alike), at
+    `muon_lr`; AdamW as above on everything else (embeddings, heads, norms, biases), at
+    `learning_rate`. Embeddings and heads stay with AdamW because a row of them is one token's,
+    not a direction of a linear map (nanochat, modded-nanogpt).
+    """
     device_type = torch.device(device).type
-    betas = (cfg.beta1, cfg.beta2)
-    if hasattr(model, "configure_optimizers"):
-        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
     params = [p for p in model.parameters() if p.requires_grad]
+    muon_ids = {id(p) for p in block_matrices(model)} if cfg.optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in muon_ids]
     groups = [
-        dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
+        dict(params=[p for p in rest if p.dim() >= 2], weight_decay=cfg.weight_decay),
+        dict(params=[p for p in rest if p.dim() < 2], weight_decay=0.0),
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type == "cuda")
+    adamw = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device_type == "cuda",
+    )
+    if not muon_ids:
+        return adamw
+    # Muon follows the same schedule as AdamW, at muon_lr / learning_rate times its rate; no
+    # weight decay (modded-nanogpt's records: weight_decay stays AdamW's)
+    muon = torch.optim.Muon(
+        [p for p in params if id(p) in muon_ids], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0
+    )
+    for group in muon.param_groups:
+        group["lr_scale"] = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate > 0 else 0.0
+    return Optimizers(muon, adamw)
+
+
+def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights of every Transformer block in `model` (Muon's share)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    return [p for block in blocks for p in block.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon and AdamW): the loop, the schedule and the
+    checkpoints see one `param_groups`, `step`, `zero_grad`, `state_dict`."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return dict(optimizers=[o.state_dict() for o in self.optimizers])
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Every group at `lr` (AdamW's rate), times its `lr_scale` (Muon's groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -318,8 +382,7 @@ def train(
     while step < last:
         start = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         step_loss, step_metrics = torch.zeros((), device=device), {}
         for micro in range(cfg.grad_accum):
             batch = batches.next()
@@ -402,7 +465,8 @@ def fine_tuning(
 ) -> TrainConfig:
     """Pretraining's optimizer settings (betas, weight decay, clipping, precision) with a later
     model's length, batch and learning rates. Unless given: cosine down to a tenth of the peak,
-    pretraining's warmup (at most a tenth of the steps), evaluated and saved 5 times."""
+    pretraining's warmup (at most a tenth of the steps), evaluated and saved 5 times. Muon's rate
+    moves with AdamW's (`muon_lr_at`)."""
     every = eval_every or max(1, steps // 5)
     return dataclasses.replace(
         cfg,
@@ -410,8 +474,15 @@ def fine_tuning(
         batch_size=batch_size,
         grad_accum=1,
         learning_rate=learning_rate,
+        muon_lr=muon_lr_at(cfg, learning_rate),
         min_lr=learning_rate / 10 if min_lr is None else min_lr,
         warmup_steps=min(cfg.warmup_steps, steps // 10) if warmup_steps is None else warmup_steps,
         eval_every=every,
         checkpoint_every=every,
     )
+
+
+def muon_lr_at(cfg: TrainConfig, learning_rate: float) -> float:
+    """Muon's rate for a later stage whose AdamW rate is `learning_rate`: pretraining's ratio of the
+    two is kept (a fine-tuning rate lowers every group alike, as nanochat's SFT does)."""
+    return cfg.muon_lr * learning_rate / cfg.learning_rate if cfg.learning_rate > 0 else cfg.muon_lr

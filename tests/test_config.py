@@ -47,6 +47,18 @@ def test_environment_preset_wins(monkeypatch):
             "tokenizer.pattern='gpt5' is not allowed; allowed: gpt4, gpt2",
         ),
         (lambda: get_config("cpu", device="tpu"), "device='tpu' is not allowed; allowed: auto, cpu, cuda, mps"),
+        (
+            lambda: get_config("cpu", model={"arch": "llama"}),
+            "model.arch='llama' is not allowed; allowed: gpt2, modern",
+        ),
+        (
+            lambda: get_config("cpu", train={"optimizer": "sgd"}),
+            "train.optimizer='sgd' is not allowed; allowed: adamw, muon",
+        ),
+        (
+            lambda: get_config("cpu", model={"arch": "modern", "n_embd": 20, "n_head": 4}),
+            "model.arch='modern' rotates pairs of channels, and model.n_embd=20 // model.n_head=4 = 5 channels",
+        ),
         (lambda: get_config("cpu", data=3), "data=3: data is a section; give a dict of its fields"),
         (lambda: parse_stages("data,tokeniser"), "unknown stage 'tokeniser'; allowed: data, tokenizer, base"),
         (lambda: parse_assignments(["seed"]), "--set expects FIELD=VALUE, got 'seed'"),

@@ -14,11 +14,12 @@ VOCAB, BLOCK = 300, 64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
-    """A tiny GPT with weights shaken up so that its greedy output varies from step to step."""
+@pytest.fixture(scope="module", params=["gpt2", "modern"])
+def model(request):
+    """A tiny GPT of each architecture with weights shaken up so that its greedy output varies from
+    step to step (and the modern one's zero-initialised projections do something)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, arch=request.param))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -1,4 +1,5 @@
-"""The GPT: same logits as Hugging Face's GPT-2 on the same weights, masked loss, init, optimizer groups."""
+"""The GPT: same logits as Hugging Face's GPT-2 on the same weights, masked loss, init, optimizer groups;
+the modern recipe's parts (rotary, RMSNorm, softcap, zero-initialised projections) and Muon's groups."""
 
 import dataclasses
 import math
@@ -9,7 +10,8 @@ from torch.nn import functional as F
 
 from labkit.config import get_config
 from labkit.engine import KVCache
-from labkit.model import GPT, GPTConfig
+from labkit.model import GPT, GPTConfig, ScalarModel, apply_rotary, rotary_tables
+from labkit.train import make_optimizer
 
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=48)
 
@@ -48,6 +50,18 @@ def small_gpt(**overrides) -> GPT:
     return GPT(GPTConfig(**{**SMALL, **overrides})).eval()
 
 
+def shaken(model: GPT) -> GPT:
+    """The model with noise on every weight: the modern recipe's zero projections made non-zero,
+    so that attention and the MLPs do something (an untrained modern model is a bigram model)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+ARCHS = pytest.mark.parametrize("arch", ["gpt2", "modern"])
+
+
 def test_same_logits_as_transformers_gpt2():
     hf = hf_gpt2(**SMALL)
     model = GPT.from_hf(hf).eval()
@@ -68,7 +82,7 @@ def test_from_hf_reads_a_saved_folder(tmp_path):
     hf = hf_gpt2(**SMALL)
     hf.save_pretrained(tmp_path)
     model = GPT.from_hf(str(tmp_path)).eval()
-    assert dataclasses.asdict(model.config) == dict(SMALL, dropout=0.0, bias=True)
+    assert dataclasses.asdict(model.config) == dict(SMALL, dropout=0.0, bias=True, arch="gpt2", softcap=15.0)
     idx = torch.randint(0, SMALL["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
@@ -81,8 +95,9 @@ def test_from_hf_refuses_another_activation():
         GPT.from_hf(hf)
 
 
-def test_loss_ignores_masked_targets():
-    model = small_gpt()
+@ARCHS
+def test_loss_ignores_masked_targets(arch):
+    model = small_gpt(arch=arch)
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 97, (2, 10), generator=g)
     targets = torch.randint(0, 97, (2, 10), generator=g)
@@ -96,22 +111,25 @@ def test_loss_ignores_masked_targets():
     torch.testing.assert_close(loss, F.cross_entropy(logits[targets != -1], targets[targets != -1]))
 
 
-def test_backward_reaches_every_parameter():
-    model = small_gpt().train()
+@ARCHS
+def test_backward_reaches_every_parameter(arch):
+    model = shaken(small_gpt(arch=arch)).train()
     idx = torch.randint(0, 97, (2, 16))
     _, loss = model(idx, idx)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_too_long_input_is_refused():
-    model = small_gpt()
+@ARCHS
+def test_too_long_input_is_refused(arch):
+    model = small_gpt(arch=arch)
     with pytest.raises(ValueError, match="length 33 .*block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_kv_cache_gives_the_same_logits_as_one_pass():
-    model = small_gpt()
+@ARCHS
+def test_kv_cache_gives_the_same_logits_as_one_pass(arch):
+    model = shaken(small_gpt(arch=arch))
     idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full, _ = model(idx)
@@ -140,7 +158,8 @@ def test_init_follows_gpt2():
 
 def test_weight_decay_groups_only_decay_matrices():
     model = small_gpt()
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, betas=(0.9, 0.95), device_type="cpu")
+    cfg = get_config("tiny").train
+    optimizer = make_optimizer(model, dataclasses.replace(cfg, weight_decay=0.1, learning_rate=3e-4), "cpu")
     assert isinstance(optimizer, torch.optim.AdamW)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -150,8 +169,28 @@ def test_weight_decay_groups_only_decay_matrices():
     assert len(no_decay["params"]) == 2 + 8 * n_layer  # ln_f, 2 LayerNorms x 2 + 4 biases per block
     grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters()}
-    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (0.9, 0.95)
+    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (cfg.beta1, cfg.beta2)
     assert not optimizer.defaults["fused"]  # fused only on CUDA
+
+
+@ARCHS
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(arch):
+    model = ScalarModel(small_gpt(arch=arch))  # a reward model: its one-number head stays with AdamW
+    cfg = dataclasses.replace(get_config("tiny").train, optimizer="muon", learning_rate=3e-3, muon_lr=0.02)
+    optimizer = make_optimizer(model, cfg, "cpu")
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = [id(p) for g in muon.param_groups for p in g["params"]]
+    in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert sorted(in_muon + in_adamw) == sorted(id(p) for p in model.parameters())  # each exactly once
+    names = {id(p): name for name, p in model.named_parameters()}
+    block_matrices = {name for name, p in model.named_parameters() if ".h." in name and p.dim() == 2}
+    assert {names[i] for i in in_muon} == block_matrices
+    matrices_per_block = 4 if arch == "gpt2" else 6  # c_attn or c_q, c_k, c_v; attn and mlp c_proj; c_fc
+    assert len(block_matrices) == matrices_per_block * SMALL["n_layer"]
+    assert {names[i] for i in in_adamw} >= {"body.transformer.wte.weight", "head.weight", "head.bias"}
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
+    assert muon.param_groups[0]["momentum"] == cfg.muon_momentum
 
 
 def test_num_params_and_mfu():
@@ -179,7 +218,7 @@ def test_model_section_of_the_presets():
     model = GPT(GPTConfig(vocab_size=cpu.tokenizer.vocab_size, **dataclasses.asdict(cpu.model)))
     assert 1.9e6 < model.num_params() < 2.5e6  # "about 2M parameters with a 2048 vocabulary"
     assert dataclasses.asdict(get_config("gpu").model) == dict(
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True, arch="gpt2", softcap=15.0
     )
 
 
@@ -199,3 +238,113 @@ def test_from_hf_refuses_another_mlp_width_before_reading_weights(tmp_path):
     idx = torch.randint(0, SMALL["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(GPT.from_hf(hf)(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+# --- the modern recipe ---------------------------------------------------------------------------
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+    head_size = 16
+    cos, sin = rotary_tables(64, head_size)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, head_size, generator=g), torch.randn(1, 1, 1, head_size, generator=g)
+
+    def score(i, j):  # the query at position i, the key at position j
+        return (apply_rotary(q, cos[[i]], sin[[i]]) * apply_rotary(k, cos[[j]], sin[[j]])).sum().item()
+
+    for offset in (0, 3, 17):
+        scores = [score(i + offset, i) for i in (0, 5, 40)]
+        assert scores == pytest.approx([scores[0]] * 3, abs=1e-5)
+    assert abs(score(3, 0) - score(17, 0)) > 1e-3  # other offsets give other scores: positions matter
+    assert apply_rotary(q, cos[[9]], sin[[9]]).norm().item() == pytest.approx(q.norm().item())  # a rotation
+    torch.testing.assert_close(apply_rotary(q, cos[[0]], sin[[0]]), q)  # position 0 is not turned
+
+
+def test_rmsnorm_has_no_parameters_and_unit_rms():
+    model = small_gpt(arch="modern")
+    x = 5 * torch.randn(2, 7, SMALL["n_embd"]) + 3
+    y = model.transformer.h[0].ln_1(x)
+    assert y.pow(2).mean(-1).sqrt().numpy() == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(y, x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(x.dtype).eps).sqrt())
+    assert not any("ln_" in name for name, _ in model.named_parameters())
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    assert model.lm_head.weight is not model.transformer.wte.weight  # untied
+    assert "transformer.wpe.weight" not in model.state_dict()  # no position table
+
+
+def test_softcap_bounds_the_logits():
+    model = shaken(small_gpt(arch="modern", softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # raw logits far beyond the cap
+        idx = torch.randint(0, SMALL["vocab_size"], (2, 12))
+        capped = model(idx)[0]
+        raw = model.lm_head(model.hidden_states(idx))
+    assert capped.abs().max() <= 2.0 and raw.abs().max() > 20
+    torch.testing.assert_close(capped, 2.0 * torch.tanh(raw / 2.0))
+    off = GPT(GPTConfig(**SMALL, arch="modern", softcap=0.0))
+    with torch.no_grad():
+        off.lm_head.weight.normal_(std=10.0)
+        assert off(idx)[0].abs().max() > 20  # softcap=0: no cap
+
+
+def test_modern_at_init_is_a_bigram_model():
+    """Zero output projections: every block adds nothing, so a position's logits depend on its own
+    token only (not on the context), and the first gradient step moves only the projections,
+    the embedding and the head."""
+    model = small_gpt(arch="modern").train()
+    a = torch.tensor([[5, 9, 2, 7, 11]])
+    b = torch.tensor([[60, 1, 33, 80, 4, 19, 7, 11]])  # other contexts before the same last tokens
+    logits_a, logits_b = model(a)[0], model(b)[0]
+    torch.testing.assert_close(logits_a[0, -2:], logits_b[0, -2:])
+    assert (logits_a[0, -1] - logits_a[0, 0]).abs().max() > 0  # other tokens: other logits
+    _, loss = model(b, torch.roll(b, -1, 1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        moved = p.grad is not None and p.grad.abs().sum() > 0
+        assert moved == (name.endswith("c_proj.weight") or name in ("transformer.wte.weight", "lm_head.weight")), name
+    zero = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
+    assert len(zero) == 2 * SMALL["n_layer"] and all(p.abs().sum() == 0 for p in zero)
+
+
+def test_modern_config_checks():
+    with pytest.raises(ValueError, match=r"arch='llama' .*allowed: gpt2, modern"):
+        GPTConfig(arch="llama")
+    with pytest.raises(ValueError, match=r"head size n_embd // n_head = 5 must be even"):
+        GPTConfig(arch="modern", n_embd=20, n_head=4)
+    GPTConfig(arch="gpt2", n_embd=20, n_head=4)  # gpt2 has no rotary: any head size
+
+
+def test_from_hf_refuses_a_labkit_model():
+    with pytest.raises(ValueError, match="only arch 'gpt2' is GPT-2-compatible"):
+        GPT.from_hf(small_gpt(arch="modern"))
+
+
+@ARCHS
+def test_scalar_model_reads_either_body(arch):
+    body = shaken(small_gpt(arch=arch))
+    model = ScalarModel(body)
+    idx = torch.randint(0, SMALL["vocab_size"], (3, 10))
+    values = model(idx)
+    assert values.shape == (3, 10)
+    torch.testing.assert_close(values, model.head(body.hidden_states(idx)).squeeze(-1))
+    torch.testing.assert_close(model.score(idx, torch.tensor([2, 5, 9])), values[[0, 1, 2], [2, 5, 9]])
+
+
+def test_checkpoints_keep_the_arch_and_old_ones_load_as_gpt2(tmp_path):
+    from labkit.checkpoint import load_model, save_model
+
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    modern = shaken(small_gpt(arch="modern", softcap=7.0))
+    save_model(tmp_path / "modern.pt", modern)
+    loaded = load_model(tmp_path / "modern.pt")
+    assert loaded.config == modern.config
+    torch.testing.assert_close(loaded(idx)[0], modern(idx)[0])
+
+    old = shaken(small_gpt())
+    save_model(tmp_path / "old.pt", old)
+    checkpoint = torch.load(tmp_path / "old.pt", weights_only=True)
+    del checkpoint["config"]["arch"], checkpoint["config"]["softcap"]  # written before the fields existed
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config.arch == "gpt2"
+    torch.testing.assert_close(loaded(idx)[0], old(idx)[0])

@@ -56,7 +56,8 @@ def same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_ppo_killed_midway_resumes_to_the_weights_of_a_run_never_killed(assistant, tiny_run, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ppo_killed_midway_resumes_to_the_weights_of_a_run_never_killed(assistant, tiny_run, tmp_path, optimizer):
     from labkit.data import read_world
     from labkit.ppo import ppo_train
     from labkit.preferences import ranking_prompts
@@ -65,7 +66,7 @@ def test_ppo_killed_midway_resumes_to_the_weights_of_a_run_never_killed(assistan
     prompts = ranking_prompts(read_world(tiny_run), 8, seed=1, heldout_people=0.3)
     torch.manual_seed(0)
     reward_model = ScalarModel(copy.deepcopy(sft)).eval()
-    config = get_config("tiny", ppo=dict(steps=4))
+    config = get_config("tiny", ppo=dict(steps=4), train=dict(optimizer=optimizer))  # muon: two optimizers' states
 
     def ppo(checkpoint, kill_at_step=None):
         policy, value = copy.deepcopy(sft), copy.deepcopy(reward_model)

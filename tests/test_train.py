@@ -14,12 +14,18 @@ from labkit.config import ConfigError, TrainConfig, get_config
 from labkit.dataloader import EOT, TokenWindows, document_text, sequential_batches, tokenize_corpus
 from labkit.model import GPT, GPTConfig
 from labkit.run import in_share
-from labkit.train import lr_at, train
+from labkit.train import lr_at, make_optimizer, set_lr, train
 
 
-def tiny_gpt(seed=0, dropout=0.0):
+def tiny_gpt(seed=0, dropout=0.0, arch="gpt2"):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, dropout=dropout, bias=False))
+    return GPT(
+        GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, dropout=dropout, bias=False, arch=arch)
+    )
+
+
+# today's recipe and the modern one (labkit/model.py arch, train.optimizer)
+RECIPES = pytest.mark.parametrize("arch, optimizer", [("gpt2", "adamw"), ("modern", "muon"), ("modern", "adamw")])
 
 
 def lm_loss(model, batch):
@@ -114,13 +120,14 @@ def test_train_config_checks():  # the rules that tie two fields together: tests
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def test_loss_goes_down_and_history_is_complete():
+@RECIPES
+def test_loss_goes_down_and_history_is_complete(arch, optimizer):
     batches = random_batches(2, 4)
     result = train(
-        tiny_gpt(),
+        tiny_gpt(arch=arch),
         lm_loss,
         ListBatches(batches),
-        config(max_steps=30, eval_every=10, warmup_steps=3),
+        config(max_steps=30, eval_every=10, warmup_steps=3, optimizer=optimizer),
         val_batches=lambda: batches[:1],
     )
     steps = [r for r in result.history if "loss" in r]
@@ -140,12 +147,13 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_resume_after_a_kill_is_bit_identical(tmp_path):
+@RECIPES
+def test_resume_after_a_kill_is_bit_identical(tmp_path, arch, optimizer):
     tokens = np.random.default_rng(0).integers(0, 32, 500).astype(np.uint16)
-    cfg = config(max_steps=8, checkpoint_every=4, eval_every=2)
+    cfg = config(max_steps=8, checkpoint_every=4, eval_every=2, optimizer=optimizer)
     val = lambda: [(b[0][:2], b[1][:2]) for b in random_batches(1, 2, seed=9)]  # noqa: E731
 
-    model_once = tiny_gpt(dropout=0.2)  # dropout: the torch generator's state matters too
+    model_once = tiny_gpt(dropout=0.2, arch=arch)  # dropout: the torch generator's state matters too
     once = train(
         model_once,
         lm_loss,
@@ -158,7 +166,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
 
     killed = tmp_path / "b.pt"
     first = train(
-        tiny_gpt(dropout=0.2),
+        tiny_gpt(dropout=0.2, arch=arch),
         lm_loss,
         TokenWindows(tokens, 8, 4, seed=5),
         cfg,
@@ -169,7 +177,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
     )
     assert first.step == 4 and load_checkpoint(killed)["step"] == 4
     torch.manual_seed(999)  # the resumed run must not depend on the generator states it starts with
-    resumed_model = tiny_gpt(seed=7, dropout=0.2)  # fresh weights: everything must come from the checkpoint
+    resumed_model = tiny_gpt(seed=7, dropout=0.2, arch=arch)  # fresh weights: everything must come from the checkpoint
     resumed = train(
         resumed_model,
         lm_loss,
@@ -184,6 +192,24 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
     assert [r.get("val_loss") for r in resumed.history] == [r.get("val_loss") for r in once.history]
     for (name, a), b in zip(model_once.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_schedule_scales_muon_and_adamw_alike(tmp_path):
+    cfg = config(optimizer="muon", learning_rate=1e-2, min_lr=1e-3, muon_lr=0.05, max_steps=6, warmup_steps=2)
+    optimizer = make_optimizer(tiny_gpt(arch="modern"), cfg, "cpu")
+    set_lr(optimizer, 4e-3)
+    muon, adamw = optimizer.optimizers
+    assert {g["lr"] for g in adamw.param_groups} == {4e-3}
+    assert [g["lr"] for g in muon.param_groups] == pytest.approx([4e-3 * 0.05 / 1e-2])
+    # in the loop: the last step's rates, as the checkpoint keeps them
+    train(tiny_gpt(arch="modern"), lm_loss, ListBatches(random_batches(2, 4)), cfg, checkpoint=tmp_path / "m.pt")
+    muon_state, adamw_state = load_checkpoint(tmp_path / "m.pt")["optimizer"]["optimizers"]
+    last = lr_at(5, cfg)
+    assert [g["lr"] for g in adamw_state["param_groups"]] == pytest.approx(
+        [last]
+    )  # modern has no 1-D weights: one AdamW group
+    assert [g["lr"] for g in muon_state["param_groups"]] == pytest.approx([last * 0.05 / 1e-2])
+    assert len(muon_state["state"]) == 6  # c_q, c_k, c_v, attn c_proj, c_fc, mlp c_proj: momentum kept
 
 
 def test_checkpoint_with_another_key_is_not_resumed(tmp_path):
