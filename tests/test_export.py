@@ -118,3 +118,9 @@ def test_cli_exports_a_runs_model(tmp_path, tiny_run, tiny_config):
         text=True,
     )
     assert missing.returncode == 2 and "no dpo model at" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_model_of_the_modern_architecture_is_refused_as_gpt2(tmp_path, tokenizer):
+    with pytest.raises(ExportError, match="architecture 'modern' cannot be exported as GPT-2"):
+        export(trained_looking_gpt(tokenizer.n_vocab, arch="modern"), tokenizer, tmp_path / "modern")
+    assert not (tmp_path / "modern").exists()
