@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from .errors import LabkitError
-from .model import GPT, ScalarModel
+from .model import GPT, GPT2_CONV1D, ScalarModel
 from .run import read_json, write_json
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # labkit.chat.render_prompt as Jinja: <|endoftext|>, then each turn, then the assistant's opening
 CHAT_TEMPLATE = (
     "<|endoftext|>{% for message in messages %}<|im_start|>{{ message['role'] }}<|im_sep|>"
@@ -81,7 +80,7 @@ def to_hf(model: GPT):
                     raise ExportError(f"no weight for {name} in the labkit model")
                 target.zero_()
                 continue
-            target.copy_(ours[name].t() if name.endswith(CONV1D) else ours[name])
+            target.copy_(ours[name].t() if name.endswith(GPT2_CONV1D) else ours[name])
     return hf.eval()
 
 

@@ -112,6 +112,10 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+# GPT-2's checkpoints store these projections as Conv1D ([in, out]); labkit's are nn.Linear ([out, in])
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class CausalSelfAttention(nn.Module):
     """Every position mixes in the values of itself and earlier positions, weighted by how
     well its query matches their keys; `n_head` heads do this in parallel on slices of the
@@ -368,10 +372,9 @@ class GPT(nn.Module):
                 f"from_hf: parameter names differ; missing {sorted(set(ours) - set(theirs))}, "
                 f"unexpected {sorted(set(theirs) - set(ours))}"
             )
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for name, tensor in theirs.items():
-                if name.endswith(conv1d):
+                if name.endswith(GPT2_CONV1D):
                     tensor = tensor.t()
                 ours[name].copy_(tensor)
         return model
