@@ -99,8 +99,8 @@ class TrainConfig:
         "adamw",
         choices=("adamw", "muon"),
         help="adamw: AdamW on everything; muon: Muon on the blocks' 2-D weight matrices at muon_lr, AdamW on "
-        "embeddings, head, norms and biases at learning_rate (torch's Muon orthogonalises in bfloat16: slow on "
-        "most CPUs)",
+        "embeddings, head, norms and biases at learning_rate (orthogonalised in bfloat16 on CUDA, float32 "
+        "elsewhere)",
     )
     muon_lr: float = param(
         0.02,

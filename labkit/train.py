@@ -163,12 +163,55 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str):
         return adamw
     # Muon follows the same schedule as AdamW, at muon_lr / learning_rate times its rate; no
     # weight decay (modded-nanogpt's records: weight_decay stays AdamW's)
-    muon = torch.optim.Muon(
-        [p for p in params if id(p) in muon_ids], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0
+    muon = Muon(
+        [p for p in params if id(p) in muon_ids],
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum,
+        weight_decay=0.0,
+        ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32,
     )
     for group in muon.param_groups:
         group["lr_scale"] = cfg.muon_lr / cfg.learning_rate if cfg.learning_rate > 0 else 0.0
     return Optimizers(muon, adamw)
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, with the Newton-Schulz iterations in a chosen precision. torch runs them in
+    bfloat16, cheap on a GPU; on a CPU without bfloat16 matrix units that is about 25x slower than
+    float32 (a `cpu`-preset step went from 1 s to 6 s). The update is torch's otherwise (tested)."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kw):
+        super().__init__(params, **kw)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                # a tall matrix takes a larger step: its orthogonalised update has a smaller RMS
+                p.add_(update, alpha=-group["lr"] * max(1, p.shape[0] / p.shape[1]) ** 0.5)
+
+
+def orthogonalise(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz: a quintic polynomial in g g^T applied `steps` times pushes every singular
+    value of g towards 1 (roughly U V^T of g's SVD), so every direction of the update moves alike."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -31,6 +31,20 @@ def busy(button: w.Button, doing: str = "sampling..."):
         button.disabled, button.description, button.icon = False, label, icon
 
 
+def show_figure(output: w.Output, figure=None) -> None:
+    """Make `output` show `figure` (nothing if None) in one state update, as plotly's JSON (what
+    JupyterLab, Notebook 7 and VS Code draw). Displaying inside `with output:` instead routes the
+    figure through the kernel's output capture, which papermill's client replays so slowly that
+    a 48x48 heatmap stalls it for minutes."""
+    import plotly.io as pio
+
+    if figure is None:
+        output.outputs = ()
+        return
+    data = pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict())
+    output.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
+
+
 # --- stage 1: data ---------------------------------------------------------------------------
 
 
@@ -147,13 +161,9 @@ class LiveLoss(w.VBox):
         self.show(event["history"], event.get("step"), event.get("sample"))
 
     def show(self, history: list[dict], step: int | None = None, sample: str | None = None) -> None:
-        from IPython.display import display
-
         from .plots import loss_curves
 
-        with self.plot:
-            self.plot.clear_output(wait=True)
-            display(loss_curves(history, self.title))
+        show_figure(self.plot, loss_curves(history, self.title))
         if sample is not None:
             self.sample.value = (
                 f"<b>sample at step {step}</b><pre style='white-space: pre-wrap'>{html.escape(sample)}</pre>"
@@ -184,8 +194,6 @@ def sampler(model, tokenizer, prompt: str = "https://wikiverse.org/wiki/") -> w.
 def head_browser(patterns, tokens: list, scores: list[dict]) -> w.VBox:
     """Step through the attention heatmaps of every layer and head (patterns [n_layer, n_head, T, T]
     from `labkit.induction.attention_patterns`), each titled with its scores (`head_scores`)."""
-    from IPython.display import display
-
     from .plots import attention_heatmap
 
     n_layer, n_head = patterns.shape[:2]
@@ -195,9 +203,7 @@ def head_browser(patterns, tokens: list, scores: list[dict]) -> w.VBox:
 
     def show(_=None):
         row = next(r for r in scores if r["layer"] == layer.value and r["head"] == head.value)
-        with plot:
-            plot.clear_output(wait=True)
-            display(attention_heatmap(patterns[layer.value, head.value], tokens, layer.value, head.value, row))
+        show_figure(plot, attention_heatmap(patterns[layer.value, head.value], tokens, layer.value, head.value, row))
 
     layer.observe(show, "value")
     head.observe(show, "value")
@@ -375,20 +381,14 @@ class LivePPO(w.VBox):
         self.show(event["history"])
 
     def show(self, history: list[dict]) -> None:
-        from IPython.display import display
-
         from .plots import ppo_curves
 
-        with self.plot:
-            self.plot.clear_output(wait=True)
-            if history:
-                self.figure = ppo_curves(history, self.title)
-                display(self.figure)
+        self.figure = ppo_curves(history, self.title) if history else None
+        show_figure(self.plot, self.figure)
         if history:
             row = history[-1]
             self.sample.value = f"<b>step {row['step']}, a sampled answer:</b> {html.escape(row.get('sample', ''))}"
         else:
-            self.figure = None
             self.sample.value = f"<b>{html.escape(self.title)}</b>: this run was not made (0 steps)"
 
 
@@ -430,13 +430,9 @@ class LiveGRPO(w.VBox):
             self.show(event["history"])
 
     def show(self, history: list[dict]) -> None:
-        from IPython.display import display
-
         from .plots import grpo_curves
 
-        with self.plot:
-            self.plot.clear_output(wait=True)
-            display(grpo_curves(history, self.title))
+        show_figure(self.plot, grpo_curves(history, self.title))
 
 
 # --- stage 7: hallucinations --------------------------------------------------------------------

@@ -167,9 +167,7 @@ def test_text_windows_are_consecutive_slices():
     assert windows.shape == (4, 11) and windows[1].tolist() == list(range(10, 21))
 
 
-def test_toy_figures_and_head_browser_are_labelled(toy, monkeypatch):
-    import IPython.display
-
+def test_toy_figures_and_head_browser_are_labelled(toy):
     from labkit import plots, widgets
 
     model, history = toy
@@ -181,18 +179,21 @@ def test_toy_figures_and_head_browser_are_labelled(toy, monkeypatch):
     ids = induction.repeated_sequences(1, seed=5)[0]
     patterns = induction.attention_patterns(model, ids)
     scores = induction.head_scores(patterns)
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", shown.append)
     browser = widgets.head_browser(patterns, ids.tolist(), scores)
-    layer, head = browser.children[0].children
+    (layer, head), output = browser.children[0].children, browser.children[1]
+
+    def shown_title() -> str:
+        (shown,) = output.outputs  # replaced, never stacked
+        return shown["data"]["application/vnd.plotly.v1+json"]["layout"]["title"]["text"]
+
     assert list(layer.options) == [0, 1] and list(head.options) == [0, 1, 2, 3]
     heatmap = plots.attention_heatmap(patterns[1, 2], ids.tolist(), 1, 2, scores[6])
     assert "layer 1, head 2: previous-token" in heatmap.layout.title.text
     assert heatmap.layout.xaxis.title.text.startswith("key position") and list(heatmap.data[0].x) == list(range(48))
     assert len(heatmap.data[0].z) == 48
-    assert shown[-1].layout.title.text.startswith("Attention of layer 0, head 0")
+    assert shown_title().startswith("Attention of layer 0, head 0")
     layer.value, head.value = 1, 3
-    assert shown[-1].layout.title.text.startswith("Attention of layer 1, head 3: previous-token")
+    assert shown_title().startswith("Attention of layer 1, head 3: previous-token")
     curve = plots.loss_by_position([3.0, 2.5, 2.0], icl_score=-1.0, copy_accuracy=0.25)
     assert "ICL score -1.00" in curve.layout.title.text and "copy accuracy 0.25" in curve.layout.title.text
     assert curve.layout.xaxis.title.text.startswith("position in the context")

@@ -191,6 +191,33 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(arch):
     assert {names[i] for i in in_adamw} >= {"body.transformer.wte.weight", "head.weight", "head.bias"}
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
     assert muon.param_groups[0]["momentum"] == cfg.muon_momentum
+    assert muon.ns_dtype == torch.float32  # on a CPU; bfloat16 on CUDA
+
+
+def test_muon_is_torchs_update_in_the_chosen_precision():
+    from labkit.train import Muon
+
+    torch.manual_seed(0)
+    start = [torch.randn(48, 16), torch.randn(16, 40), torch.randn(24, 24)]  # tall, wide, square
+    grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
+
+    def train(make):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        return params
+
+    settings = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+    reference = train(lambda ps: torch.optim.Muon(ps, **settings))
+    same = train(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **settings))
+    in_float32 = train(lambda ps: Muon(ps, ns_dtype=torch.float32, **settings))
+    for r, s, f, w in zip(reference, same, in_float32, start, strict=True):
+        assert torch.equal(r, s)  # torch's own update, bit for bit
+        moved = (r - w).abs().max()
+        assert moved > 0.01 and (f - r).abs().max() < 0.05 * moved  # float32 differs by bfloat16's rounding only
 
 
 def test_num_params_and_mfu():

@@ -286,16 +286,20 @@ def test_a_failing_action_still_frees_its_button():
     assert not button.disabled and button.description == "ask"
 
 
-def test_live_loss_and_live_grpo_draw_labelled_lines(monkeypatch):
-    import IPython.display
+def shown_figure(output) -> dict:
+    """The plotly figure an Output widget holds, as the browser receives it (one output only)."""
+    (shown,) = output.outputs
+    return shown["data"]["application/vnd.plotly.v1+json"]
 
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", shown.append)
+
+def test_live_loss_and_live_grpo_draw_labelled_lines():
     loss = widgets.LiveLoss()
     history = [dict(step=0, val_loss=5.0), dict(step=1, loss=4.0), dict(step=2, loss=3.5, val_loss=3.6)]
     loss.update(dict(history=history, step=2, sample="<b>a page</b>"))
-    assert [t.name for t in shown[-1].data] == ["train", "validation"]
-    assert "&lt;b&gt;a page&lt;/b&gt;" in loss.sample.value and shown[-1].layout.xaxis.dtick == 1
+    loss.update(dict(history=history, step=2))  # redrawn in place: still one figure
+    figure = shown_figure(loss.plot)
+    assert [t["name"] for t in figure["data"]] == ["train", "validation"]
+    assert "&lt;b&gt;a page&lt;/b&gt;" in loss.sample.value and figure["layout"]["xaxis"]["dtick"] == 1
     grpo = widgets.LiveGRPO()
     rows = [
         dict(
@@ -313,10 +317,10 @@ def test_live_loss_and_live_grpo_draw_labelled_lines(monkeypatch):
     ]
     rows[0].update(pass_at_1=0.5, heldout_response_tokens=18)
     grpo.update(dict(history=rows, row=rows[-1], step=3))
-    figure = shown[-1]
-    labelled = {t.name for t in figure.data if t.showlegend is not False}
+    figure = shown_figure(grpo.plot)
+    labelled = {t["name"] for t in figure["data"] if t.get("showlegend") is not False}
     assert {"reward: weighted sum", "reward: correct", "reward: format"} <= labelled
-    assert [t.y for t in figure.data if t.name == "groups that teach nothing"] == [(25.0, 25.0, 25.0)]
+    assert [list(t["y"]) for t in figure["data"] if t["name"] == "groups that teach nothing"] == [[25.0, 25.0, 25.0]]
 
 
 # --- stage 6 ------------------------------------------------------------------------------------------
