@@ -101,23 +101,11 @@ def bench_many_prompts(device, repeats, n_prompts=64, new_tokens=32):
 
 def bench_training(config, device, batch_size, repeats, steps=3, bf16=False):
     """Tokens/s of forward + backward (no optimizer step), labkit against transformers."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    hf_config = GPT2Config(
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        vocab_size=config.vocab_size,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    from labkit.export import hf_config
     torch.manual_seed(0)
-    theirs = GPT2LMHeadModel(hf_config).to(device).train()
+    theirs = GPT2LMHeadModel(hf_config(config)).to(device).train()
     ours = GPT.from_hf(theirs).to(device).train()  # same weights
     g = torch.Generator().manual_seed(0)
     batches = [

@@ -35,21 +35,11 @@ def hf_loss(model, batch):
 
 
 def hf_model(c: GPTConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        activation_function="gelu_new",
-        attn_implementation="sdpa",
-    )
-    return GPT2LMHeadModel(config)
+    from labkit.export import hf_config
+
+    return GPT2LMHeadModel(hf_config(c, attn_implementation="sdpa"))
 
 
 def tokens_per_second(make_model, loss_fn, batches, train_cfg, device, repeats):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import LabkitError
-from .model import GPT, GPT2_CONV1D, ScalarModel
+from .model import GPT, GPT2_CONV1D, GPTConfig, ScalarModel
 from .run import read_json, write_json
 
 # labkit.chat.render_prompt as Jinja: <|endoftext|>, then each turn, then the assistant's opening
@@ -41,20 +41,13 @@ class ExportError(LabkitError):
     """A model that Hugging Face's GPT-2 cannot hold."""
 
 
-def to_hf(model: GPT):
-    """The same network as a `transformers.GPT2LMHeadModel` (same logits, in float32)."""
-    if isinstance(model, ScalarModel) or not isinstance(model, GPT):
-        raise ExportError(f"only a language model (labkit.model.GPT) can be exported; got {type(model).__name__}")
-    arch = getattr(model.config, "arch", "gpt2")
-    if arch != "gpt2":
-        raise ExportError(
-            f"a model of architecture {arch!r} cannot be exported as GPT-2 (rotary positions, RMSNorm and the rest "
-            f"have no place in GPT2LMHeadModel); only model.arch='gpt2' exports"
-        )
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_config(c: GPTConfig, **kw):
+    """The `transformers.GPT2Config` of a labkit GPT of config `c` (no dropout, GPT-2's tanh GELU,
+    tied head); `kw` sets any other field. The token ids are left unset: GPT2Config's defaults
+    are GPT-2's own, and `export` sets the tokenizer's."""
+    from transformers import GPT2Config
 
-    c = model.config
-    config = GPT2Config(
+    fields = dict(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,
         n_embd=c.n_embd,
@@ -65,9 +58,25 @@ def to_hf(model: GPT):
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=True,
-        bos_token_id=None,  # the tokenizer's, set by `export` (GPT2Config's defaults are GPT-2's own ids)
+        bos_token_id=None,
         eos_token_id=None,
     )
+    return GPT2Config(**{**fields, **kw})
+
+
+def to_hf(model: GPT):
+    """The same network as a `transformers.GPT2LMHeadModel` (same logits, in float32)."""
+    if isinstance(model, ScalarModel) or not isinstance(model, GPT):
+        raise ExportError(f"only a language model (labkit.model.GPT) can be exported; got {type(model).__name__}")
+    arch = getattr(model.config, "arch", "gpt2")
+    if arch != "gpt2":
+        raise ExportError(
+            f"a model of architecture {arch!r} cannot be exported as GPT-2 (rotary positions, RMSNorm and the rest "
+            f"have no place in GPT2LMHeadModel); only model.arch='gpt2' exports"
+        )
+    from transformers import GPT2LMHeadModel
+
+    config = hf_config(model.config)
     hf = GPT2LMHeadModel(config)
     theirs = hf.state_dict()
     ours = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
