@@ -70,6 +70,7 @@ Writes to `runs/<run>/grpo/`:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -80,7 +81,7 @@ import torch
 
 from .chat import render, render_prompt
 from .checkpoint import load_model, model_path, resume, rng_state, save_checkpoint, save_model, set_rng_state
-from .config import Config, ConfigError, GRPOConfig, check_config, resolve_device
+from .config import Config, ConfigError, GRPOConfig, TrainConfig, check_config, resolve_device
 from .distributed import is_main_process
 from .engine import Completions, chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .groups import group_view, score_groups
@@ -88,7 +89,7 @@ from .rewards import combine, parse_weights
 from .rules import LOSS_TYPES
 from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
-from .train import autocast, autocast_dtype
+from .train import autocast, autocast_dtype, make_optimizer, muon_lr_at, set_lr
 
 # --- the algorithm -----------------------------------------------------------------------------------
 
@@ -306,8 +307,7 @@ def train_grpo(
     *,
     seed: int = 0,
     device: str = "cpu",
-    grad_clip: float = 1.0,
-    betas=(0.9, 0.99),
+    train: TrainConfig | None = None,
     run: Run | None = None,
     checkpoint=None,
     resume_key: str | None = None,
@@ -318,9 +318,13 @@ def train_grpo(
     max_batch: int = 64,
 ) -> dict:
     """GRPO from `model` (the reference is a frozen copy of it as given). Returns history and groups.
+    `train`: pretraining's settings, whose optimizer (AdamW, or Muon with AdamW), betas and gradient
+    clip GRPO keeps, at `cfg.learning_rate` and without weight decay (as PPO does).
     `dtype`: the autocast dtype (bf16 on CUDA); `max_batch`: rows per pass when sampling and scoring."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=betas, weight_decay=0.0)
+    train = train or TrainConfig()
+    rates = dict(learning_rate=cfg.learning_rate, muon_lr=muon_lr_at(train, cfg.learning_rate), weight_decay=0.0)
+    optimizer = make_optimizer(model, dataclasses.replace(train, **rates), device)
     step, history, groups, seconds = 0, [], [], 0.0
     if (state := resume(checkpoint, resume_key)) is not None:
         model.load_state_dict(state["model"])
@@ -353,12 +357,11 @@ def train_grpo(
     while step < last:
         start = time.perf_counter()
         lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         tasks = stream.next(cfg.prompts_per_step)
         samples = sample_groups(model, tokenizer, tasks, cfg, seed=seed * 1_000_003 + step, max_batch=max_batch)
         zero_variance = score_groups(samples, weights, cfg.num_generations, cfg.scale_rewards)
-        stats = grpo_step(model, ref_model, optimizer, samples, cfg, grad_clip, dtype, max_batch)
+        stats = grpo_step(model, ref_model, optimizer, samples, cfg, train.grad_clip, dtype, max_batch)
         step += 1
         seconds += time.perf_counter() - start
         row = dict(
@@ -501,8 +504,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         weights,
         seed=config.seed,
         device=device,
-        grad_clip=config.train.grad_clip,
-        betas=(config.train.beta1, config.train.beta2),
+        train=config.train,
         run=run,
         checkpoint=out / "train_state.pt",
         resume_key=made_from,

@@ -486,6 +486,23 @@ def test_sampling_scoring_and_a_training_loop_on_a_random_model(tiny_tokenizer):
     assert all(set(s) >= {"text", "reward", "advantage", "rewards"} for s in group["samples"])
 
 
+def test_grpo_trains_with_pretrainings_optimizer(tiny_tokenizer, monkeypatch):
+    from labkit.config import TrainConfig
+    from labkit.train import Muon
+
+    stepped = []
+    monkeypatch.setattr(Muon, "step", lambda self, closure=None: stepped.append(self.param_groups[0]["lr"]))
+    cfg = get_config("tiny").grpo
+    model = tiny_gpt(tiny_tokenizer.n_vocab)
+    stream = tasks.TaskStream(["addition"], seed=0)
+    train = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    grpo.train_grpo(model, tiny_tokenizer, stream, [], cfg, parse_weights(cfg.rewards), seed=0, train=train)
+    # Muon steps every GRPO step, at pretraining's ratio of Muon's rate to AdamW's (warmup included)
+    ratio = 0.02 / 1e-3
+    expected = [cfg.learning_rate * min(1.0, (s + 1) / cfg.warmup_steps) * ratio for s in range(cfg.max_steps)]
+    assert stepped == pytest.approx(expected)
+
+
 def test_a_failing_reward_stops_training(tiny_tokenizer, monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "broken", lambda c, t: float("nan"))
     cfg = get_config("tiny").grpo
