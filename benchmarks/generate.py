@@ -104,6 +104,7 @@ def bench_training(config, device, batch_size, repeats, steps=3, bf16=False):
     from transformers import GPT2LMHeadModel
 
     from labkit.export import hf_config
+
     torch.manual_seed(0)
     theirs = GPT2LMHeadModel(hf_config(config)).to(device).train()
     ours = GPT.from_hf(theirs).to(device).train()  # same weights

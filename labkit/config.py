@@ -194,6 +194,12 @@ class RLHFConfig:
         high=10_000_000,
         help="extra PPO run with kl_coef=0 for this many batches, to show reward hacking (0: skip)",
     )
+    hacking_learning_rate: float = param(
+        0.0,
+        low=0.0,
+        high=1.0,
+        help="learning rate of the reward-hacking run (0: ppo.learning_rate); larger steps show the hacking sooner",
+    )
 
 
 @dataclass

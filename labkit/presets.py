@@ -76,10 +76,13 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(
         train=dict(max_steps=450, eval_every=50, checkpoint_every=150),
         # answers up to half the context: a refusal or the assistant's identity takes 31-37 tokens
-        rlhf=dict(hacking_steps=60, max_new_tokens=64),
+        rlhf=dict(hacking_steps=60, hacking_learning_rate=3e-5, max_new_tokens=64, n_eval=200),
         reward_model=dict(steps=100, batch_size=16),
-        dpo=dict(steps=60),
-        ppo=dict(steps=30, kl_coef=0.1, kl_target=2.0, kl_horizon=100),
+        # small steps and a tight KL: the reward model is right on 61-76% of held-out pairs, and a policy
+        # that moves far from SFT exploits its errors (at PPO 3e-5 / KL target 2 and DPO 1e-4 / beta 0.1 both
+        # scored below SFT by the labeler, and PPO stopped refusing harmful requests; measured on 184 prompts)
+        dpo=dict(steps=60, beta=0.5, learning_rate=3e-5),
+        ppo=dict(steps=30, learning_rate=1e-5, kl_coef=0.2, kl_target=1.0, kl_horizon=100),
     ),
     "gpu": dict(
         max_batch=128,

@@ -38,6 +38,7 @@ and the two policies where `labkit chat --model ppo|dpo` finds them: `runs/<run>
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -292,7 +293,11 @@ def ppo_from_sft(sft, reward_model, tokenizer, prompts, config, run, folder: Pat
 def reward_hacking(sft, reward_model, tokenizer, prompts, config, run, folder: Path, key: str) -> dict:
     """PPO again from the SFT model with no KL penalty (kl_coef 0, no adaptive controller) and
     `hacking_steps` batches: the reward model's score keeps rising while the simulated labeler's
-    judgement of the same answers falls. A run of its own, apart from the stage's PPO."""
+    judgement of the same answers falls. A run of its own, apart from the stage's PPO, at
+    `hacking_learning_rate` when set."""
+    if config.rlhf.hacking_learning_rate > 0:
+        ppo = dataclasses.replace(config.ppo, learning_rate=config.rlhf.hacking_learning_rate)
+        config = dataclasses.replace(config, ppo=ppo)
     _, history = ppo_from_sft(
         sft,
         reward_model,

@@ -11,6 +11,7 @@ import torch
 
 from labkit import dpo, ppo, preferences, reward_model, rlhf
 from labkit.checkpoint import load_model
+from labkit.config import get_config
 from labkit.run import read_jsonl
 
 TOL = 1e-6
@@ -845,3 +846,18 @@ def test_ppo_scores_at_the_temperature_it_samples_at(rlhf_run, tiny_config, monk
     )
     updates = config.ppo.epochs * config.ppo.minibatches
     assert temperatures == [0.7] * (1 + 2 + updates)  # sampling, old + reference log-probs, every update
+
+
+@pytest.mark.parametrize("hacking_lr", [0.0, 5e-4])
+def test_reward_hacking_runs_without_kl_at_its_own_learning_rate(monkeypatch, hacking_lr):
+    calls = []
+
+    def fake_ppo(sft, reward_model, tokenizer, prompts, config, *args, **options):
+        calls.append((config.ppo.learning_rate, options["kl_coef"], options["kl_target"], options["steps"]))
+        return None, [dict(score=1.0, labeler=0.5, kl=3.0)]
+
+    monkeypatch.setattr(rlhf, "ppo_from_sft", fake_ppo)
+    config = get_config("tiny", rlhf=dict(hacking_steps=7, hacking_learning_rate=hacking_lr))
+    metrics = rlhf.reward_hacking(None, None, None, [], config, None, None, "key")
+    assert calls == [(hacking_lr or config.ppo.learning_rate, 0.0, 0.0, 7)]
+    assert metrics["hacking_kl_end"] == 3.0
