@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,18 +104,46 @@ def tokenize_corpus(pages: list[dict], tokenizer, out_dir: str | Path, val_fract
         made_from=made_from, dtype=np.dtype(dtype).name, n_vocab=tokenizer.n_vocab, eot=eot, val_fraction=val_fraction
     )
     for split, docs in splits.items():
-        ids: list[int] = []
-        for page in docs:
-            ids.append(eot)
-            ids.extend(tokenizer.encode(document_text(page)))
-        array = np.array(ids, dtype=dtype)
-        with atomic_path(out_dir / f"{split}.bin") as tmp:
-            array.tofile(tmp)
+        n_tokens = 0
+        with atomic_path(out_dir / f"{split}.bin") as tmp, open(tmp, "wb") as f:
+            for page in docs:  # page by page: memory holds one page's ids, not the corpus's
+                ids = np.array([eot, *tokenizer.encode(document_text(page))], dtype=dtype)
+                ids.tofile(f)
+                n_tokens += len(ids)
         meta[split] = dict(
-            pages=len(docs), tokens=len(array), bytes=sum(len(document_text(p).encode("utf-8")) for p in docs)
+            pages=len(docs), tokens=n_tokens, bytes=sum(len(document_text(p).encode("utf-8")) for p in docs)
         )
     write_json(meta_path, meta)
     return TokenFiles(out_dir / "train.bin", out_dir / "val.bin", meta)
+
+
+def encode_stream(tokenizer, pieces: Iterable[str]) -> Iterator[int]:
+    r"""The ids of the text that `pieces` make when joined (a file read block by block), equal to
+    `tokenizer.encode` of the whole, holding one piece at a time (plus a line) in memory.
+
+    The text is cut only after a lone newline (no whitespace before it) followed by a letter or
+    digit: both split patterns end a chunk there, in the whole text as at the end of a piece (a
+    longer run of whitespace is split differently at the end of a text, where GPT-2's `\s+(?!\S)`
+    sees nothing after it), and BPE never merges across chunks. A text with no such place is held
+    whole."""
+    rest = ""
+    for piece in pieces:
+        rest += piece
+        cut = rest.rfind("\n", 1, len(rest) - 1)
+        while cut >= 1 and (rest[cut - 1].isspace() or not rest[cut + 1].isalnum()):
+            cut = rest.rfind("\n", 1, cut)
+        if cut >= 0:
+            yield from tokenizer.encode(rest[: cut + 1])
+            rest = rest[cut + 1 :]
+    if rest:
+        yield from tokenizer.encode(rest)
+
+
+def encode_file(tokenizer, path: str | Path, block_chars: int = 1 << 20) -> Iterator[int]:
+    """The ids of a UTF-8 text file too large for memory, as a stream (`encode_stream` over blocks
+    of `block_chars` characters)."""
+    with open(path, encoding="utf-8", newline="") as f:  # the text as written: "\r\n" stays
+        yield from encode_stream(tokenizer, iter(lambda: f.read(block_chars), ""))
 
 
 def tokenize_run(run: Run, tokenizer, out_dir: str | Path, val_fraction: float) -> TokenFiles:
