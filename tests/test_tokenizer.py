@@ -356,3 +356,24 @@ def test_stage_says_when_the_corpus_cannot_fill_the_vocabulary(tiny_run, capsys)
         f"tokenizer: the training text ran out of pairs after {metrics['n_merges']} merges" in capsys.readouterr().err
     )
     assert f"The vocabulary holds {got} tokens, not the 100000 asked for" in render(load_run(run.name, run.runs_dir))
+
+
+def test_compresses_held_out_english_as_hugging_faces_byte_level_bpe():
+    """Real English prose that ships with Python (its documentation's help topics), split 3:1: with
+    GPT-2's split pattern, labkit's BPE and `tokenizers`' byte-level BPE learn the same compression;
+    the GPT-4 pattern (labkit's default) compresses it no more than 1% worse (here 1.2% better)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    docs = [topics[name] for name in sorted(topics)]
+    train, heldout = [d for i, d in enumerate(docs) if i % 4], [d for i, d in enumerate(docs) if not i % 4]
+    theirs = ByteLevelBPETokenizer(add_prefix_space=False)
+    theirs.train_from_iterator(train, vocab_size=1024, min_frequency=2, special_tokens=[], show_progress=False)
+    n_bytes = sum(len(d.encode("utf-8")) for d in heldout)
+    hf = n_bytes / sum(len(theirs.encode(d).ids) for d in heldout)
+    gpt2 = bytes_per_token(Tokenizer.train(train, 1024, pattern="gpt2", special_tokens=[]), heldout)
+    gpt4 = bytes_per_token(Tokenizer.train(train, 1024), heldout)  # the default: gpt4, special tokens included
+    assert hf > 2.3  # real compression, not a degenerate vocabulary
+    assert gpt2 == pytest.approx(hf, rel=1e-3)
+    assert gpt4 >= 0.99 * hf
