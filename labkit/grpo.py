@@ -70,7 +70,6 @@ Writes to `runs/<run>/grpo/`:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 import time
@@ -89,7 +88,7 @@ from .rewards import combine, parse_weights
 from .rules import LOSS_TYPES
 from .run import Run, atomic_write, notify, write_json
 from .tasks import TaskStream, heldout_problems, load_gsm8k, parse_tasks
-from .train import autocast, autocast_dtype, make_optimizer, muon_lr_at, set_lr
+from .train import autocast, autocast_dtype, rl_optimizer, set_lr
 
 # --- the algorithm -----------------------------------------------------------------------------------
 
@@ -323,8 +322,7 @@ def train_grpo(
     `dtype`: the autocast dtype (bf16 on CUDA); `max_batch`: rows per pass when sampling and scoring."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta != 0.0 else None
     train = train or TrainConfig()
-    rates = dict(learning_rate=cfg.learning_rate, muon_lr=muon_lr_at(train, cfg.learning_rate), weight_decay=0.0)
-    optimizer = make_optimizer(model, dataclasses.replace(train, **rates), device)
+    optimizer = rl_optimizer(model, train, cfg.learning_rate, device)
     step, history, groups, seconds = 0, [], [], 0.0
     if (state := resume(checkpoint, resume_key)) is not None:
         model.load_state_dict(state["model"])

@@ -25,7 +25,6 @@ The losses below are written out one by one and tested to equal TRL's on the sam
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from .checkpoint import resume, rng_state, save_checkpoint, set_rng_state
 from .config import check_config
 from .engine import chunks, decode_reply, fit, generate, logprobs, pack, reply_stops, score
 from .run import notify
-from .train import autocast, autocast_dtype, make_optimizer, muon_lr_at
+from .train import autocast, autocast_dtype, rl_optimizer
 
 # --- losses ---------------------------------------------------------------------------------------
 
@@ -315,16 +314,7 @@ def ppo_train(
     trained = nn.ModuleDict(dict(policy=policy, value=value_model))
     # a value model copied from a reward model an earlier run froze must still learn
     trained.requires_grad_(True)
-    optimizer = make_optimizer(
-        trained,
-        dataclasses.replace(
-            config.train,
-            learning_rate=p.learning_rate,
-            muon_lr=muon_lr_at(config.train, p.learning_rate),
-            weight_decay=0.0,
-        ),
-        device,
-    )
+    optimizer = rl_optimizer(trained, config.train, p.learning_rate, device)
     step, history = 0, []
     if (state := resume(checkpoint, resume_key)) is not None:
         trained.load_state_dict(state["model"])
