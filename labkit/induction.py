@@ -8,21 +8,25 @@ work together (Olsson et al., 2022, "In-context learning and induction heads"):
   the current token, i.e. the token that followed the last time the current token appeared, and
   copies it: having seen "... A B ... A", it predicts "B".
 
-Here a tiny GPT (2 layers, width 64) trains on nothing but random token sequences whose second
-half repeats the first. The first half cannot be predicted at all (the tokens are random); the
-second half can, but only by reading the first half. For a few dozen steps the model learns
-next to nothing; then, within some tens of steps, the repeated half's loss falls far below the
-first half's, which stays at chance: a *phase change*. The attention read-out
-(`attention_patterns`, `head_scores`) shows what formed. With the repeat always 24 tokens back,
-it is a shortcut, not an induction pair: one layer-0 head attends 23 positions back by position
-alone, and a repeat at another distance is not copied (`shifted_repeats`). Repeats of varying
-length and place (`ToyConfig.shortest`) rule the shortcut out, and then this model needs far
-more steps than the toy's few hundred.
+Here a tiny GPT (2 layers, 2 heads, width 64) trains on nothing but random tokens that repeat:
+a segment of 8 to 24 random tokens, repeated until the 48-token context is full. The first copy
+of the segment cannot be predicted (its tokens are random); every later token can, but only by
+finding the same token earlier in the context and reading what followed it, since the distance
+back (the segment's length) differs from sequence to sequence. No fixed offset, no memorised
+token works: only an induction pair does. For a few hundred steps the model gains little from
+the context; then, within some tens of steps, the loss on the repeats falls far below the first
+copy's, which stays at chance: a *phase change*. The attention read-out (`attention_patterns`,
+`head_scores`) shows the two heads that formed, and segments shorter than any the toy trained on
+(`ToyConfig.unseen_period`) are copied as well: the rule found is the general one.
+
+The model uses rotary positions (`arch="modern"`): attending to the previous token is one fixed
+rotation away. With GPT-2's learned position embeddings the same toy first has to learn what
+"previous" means for each of the 48 positions, and no jump comes within the toy's budget.
 
 The in-context learning (ICL) score is Olsson's: the loss late in the context minus the loss
 early in it (they took token 500 minus token 50). It is negative when the context helps. For
-the toy, late is the repeated half and early the first half; for the base model of stage 3,
-the last eighth of the context and its second sixteenth (`loss_by_position`, `icl_score`).
+the toy, late is the repeats and early the first copy; for the base model of stage 3, the last
+eighth of the context and its second sixteenth (`loss_by_position`, `icl_score`).
 """
 
 from __future__ import annotations
@@ -38,53 +42,61 @@ from .dataloader import sequential_batches
 from .model import GPT, GPTConfig
 from .train import train
 
-# the toy: 24 random tokens, then the same 24 again (a 48-token context)
-HALF, VOCAB = 24, 256
+
+@dataclass
+class ToyConfig:
+    """The toy's data, model and optimizer. With these, copy accuracy passes 50% at steps 325,
+    350 and 400 for seeds 0, 1 and 2, and ends at 0.90-0.92 (4 heads a layer: about step 450;
+    vocabulary 128: no jump in 600 steps; arch gpt2: a slow climb, no jump)."""
+
+    length: int = 48  # the context
+    shortest: int = 8  # the repeated segment's length is drawn from shortest .. longest
+    longest: int = 24
+    vocab_size: int = 64
+    arch: str = "modern"
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    steps: int = 600
+    record_every: int = 25  # steps between measurements
+    n_probes: int = 128  # held-out sequences the measurements average over
+    # a segment length outside shortest .. longest: copied only by the general rule. Shorter, not
+    # longer: no training sequence needed to look back further than `longest` tokens, and segments
+    # of 32 are copied at 0.37 after the jump (those of 4-20 at 0.92-0.95)
+    unseen_period: int = 5
 
 
-def repeated_sequences(
-    n: int, half: int = HALF, vocab_size: int = VOCAB, seed: int = 0, generator=None
-) -> torch.Tensor:
-    """[n, 2 * half] token ids: `half` random tokens followed by the same tokens again (drawn
-    from `generator` when given, else from `seed`)."""
-    generator = generator or torch.Generator().manual_seed(seed)
-    first = torch.randint(0, vocab_size, (n, half), generator=generator)
-    return torch.cat([first, first], dim=1)
+def periodic_sequences(n: int, toy: ToyConfig, generator: torch.Generator, period: int | None = None):
+    """(ids [n, toy.length], periods [n]): each row a segment of random tokens repeated until the
+    context is full, the segment `period` long, or shortest .. longest drawn per row."""
+    if period is None:
+        periods = torch.randint(toy.shortest, toy.longest + 1, (n,), generator=generator)
+    else:
+        periods = torch.full((n,), period)
+    ids = torch.empty(n, toy.length, dtype=torch.long)
+    for row, p in zip(ids, periods.tolist()):
+        row[:] = torch.randint(0, toy.vocab_size, (p,), generator=generator).repeat(toy.length // p + 1)[: toy.length]
+    return ids, periods
 
 
-class RepeatedBatches:
-    """Fresh repeated sequences at every `next()`, as (inputs, targets) for `labkit.train.train`.
+def probe_sequence(toy: ToyConfig, period: int = 16, seed: int = 0) -> torch.Tensor:
+    """[toy.length] ids: `period` distinct random tokens, repeated. Distinct, so that each token's
+    earlier copies are the segment's repeats only and an induction head draws clean diagonals."""
+    segment = torch.randperm(toy.vocab_size, generator=torch.Generator().manual_seed(seed))[:period]
+    return segment.repeat(toy.length // period + 1)[: toy.length]
 
-    With `shortest` below `half`, each row instead holds a segment of `shortest` .. `half` random
-    tokens repeated right after it, at a random place among random tokens: the distance to the
-    earlier copy varies, so only finding it by its content works (the knob the notebook names)."""
 
-    def __init__(
-        self, batch_size: int, half: int = HALF, vocab_size: int = VOCAB, seed: int = 0, shortest: int | None = None
-    ):
-        self.batch_size, self.half, self.vocab_size = batch_size, half, vocab_size
-        self.shortest = half if shortest is None else shortest
-        self.generator = torch.Generator().manual_seed(seed)
+class PeriodicBatches:
+    """Fresh periodic sequences at every `next()`, as (inputs, targets) for `labkit.train.train`."""
+
+    def __init__(self, toy: ToyConfig, seed: int = 0):
+        self.toy, self.generator = toy, torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = repeated_sequences(self.batch_size, self.half, self.vocab_size, generator=self.generator)
-        if self.shortest < self.half:
-            for row in ids:
-                length = int(torch.randint(self.shortest, self.half + 1, (), generator=self.generator))
-                start = int(torch.randint(0, 2 * (self.half - length) + 1, (), generator=self.generator))
-                row[:] = torch.randint(0, self.vocab_size, row.shape, generator=self.generator)
-                row[start + length : start + 2 * length] = row[start : start + length]
+        ids, _ = periodic_sequences(self.toy.batch_size, self.toy, self.generator)
         return ids[:, :-1], ids[:, 1:]
-
-
-def shifted_repeats(n: int, half: int, length: int, start: int, vocab_size: int = VOCAB, seed: int = 0) -> torch.Tensor:
-    """[n, length] random tokens with `half` tokens at `start` repeated right after them: a repeat
-    at another distance and place than the training sequences'. A model that finds the earlier
-    copy by its content copies it as well; one that learned "the token 23 places back" does not."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (n, length), generator=generator)
-    ids[:, start + half : start + 2 * half] = ids[:, start : start + half]
-    return ids
 
 
 def next_token_loss(model, batch):
@@ -97,66 +109,43 @@ def next_token_loss(model, batch):
 
 
 @torch.no_grad()
-def copy_measures(model, ids: torch.Tensor, half: int = HALF, start: int = 0) -> dict:
-    """Loss (nats per token) on a sequence's first copy and on its repeat, copy accuracy (greedy
-    next token right on the repeat) and the ICL score (the repeat's loss minus the first copy's),
-    for ids [B, T] whose positions start .. start + half - 1 repeat right after.
+def copy_measures(model, ids: torch.Tensor, periods: torch.Tensor) -> dict:
+    """Loss (nats per token) on each sequence's first copy of its segment and on the repeats,
+    copy accuracy (greedy next token right on the repeats) and the ICL score (the repeats' loss
+    minus the first copy's), for periodic ids [B, T] with segment lengths periods [B].
 
-    The first token of each copy is left out of both: nothing before it says what it will be.
-    Position t predicts token t + 1, so the first copy's targets are tokens start + 1 ..
-    start + half - 1 and the repeat's are start + half + 1 .. start + 2 * half - 1."""
+    Target j (predicted at position j - 1) is in the first copy for 1 <= j < period (token 0 is
+    no target), in the repeats for j >= period."""
     model.eval()
-    ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
     logits, _ = model(ids[:, :-1])
     losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T - 1]
-    first = losses[:, start : start + half - 1]
-    repeat = slice(start + half, start + 2 * half - 1)
-    right = logits[:, repeat].argmax(-1) == ids[:, repeat.start + 1 : repeat.stop + 1]
+    target = torch.arange(1, ids.size(1), device=device)[None]
+    repeat = target >= periods.to(device)[:, None]
+    right = (logits.argmax(-1) == ids[:, 1:]).float()
+    first_loss, repeat_loss = losses[~repeat].mean(), losses[repeat].mean()
     return dict(
-        first_half_loss=first.mean().item(),
-        repeated_half_loss=losses[:, repeat].mean().item(),
-        copy_accuracy=right.float().mean().item(),
-        icl_score=(losses[:, repeat].mean() - first.mean()).item(),
+        first_copy_loss=first_loss.item(),
+        repeat_loss=repeat_loss.item(),
+        copy_accuracy=right[repeat].mean().item(),
+        icl_score=(repeat_loss - first_loss).item(),
     )
 
 
-@dataclass
-class ToyConfig:
-    """The toy's sizes and optimizer: what REFERENCES.md measured (2 layers, width 64, vocabulary
-    256, 24-token halves, batch 32, AdamW at 3e-3)."""
+def train_toy(toy: ToyConfig | None = None, seed: int = 0, device: str = "cpu"):
+    """Train a tiny GPT on periodic sequences only, measuring it every `toy.record_every` steps.
 
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    vocab_size: int = VOCAB
-    half: int = HALF
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    record_every: int = 10  # steps between measurements
-    n_probes: int = 128  # held-out sequences the measurements average over
-    other_half: int = 16  # the repeat at another distance: 16 tokens at position 16, repeated at 32
-    shortest: int | None = None  # below `half`: repeats of varying length and place (RepeatedBatches)
-
-
-def toy_steps(preset: str) -> int:
-    """The toy's length for a preset. It takes seconds anywhere, so only `tiny` is cut (to a
-    length still well past the jump)."""
-    return 150 if preset == "tiny" else 300
-
-
-def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, device: str = "cpu"):
-    """Train a tiny GPT on repeated sequences only, measuring it every `toy.record_every` steps.
-
-    Returns (model, history): history holds a row per measurement with `step`, `first_half_loss`,
-    `repeated_half_loss`, `copy_accuracy` and `icl_score` (on `toy.n_probes` held-out sequences)
-    and `other_distance_copy_accuracy` (on repeats at another distance, `shifted_repeats`), plus
+    Returns (model, history): history holds a row per measurement with `step`, `first_copy_loss`,
+    `repeat_loss`, `copy_accuracy` and `icl_score` (on `toy.n_probes` held-out sequences) and
+    `unseen_period_copy_accuracy` (on sequences whose segment is `toy.unseen_period` long), plus
     the training loss of every step, as `labkit.train.train` records it."""
     toy = toy or ToyConfig()
     torch.manual_seed(seed)
-    shape = dict(n_layer=toy.n_layer, n_head=toy.n_head, n_embd=toy.n_embd)
-    model = GPT(GPTConfig(block_size=2 * toy.half, vocab_size=toy.vocab_size, **shape))
+    shape = dict(n_layer=toy.n_layer, n_head=toy.n_head, n_embd=toy.n_embd, arch=toy.arch)
+    model = GPT(GPTConfig(block_size=toy.length, vocab_size=toy.vocab_size, **shape))
     cfg = TrainConfig(
-        max_steps=steps,
+        max_steps=toy.steps,
         batch_size=toy.batch_size,
         learning_rate=toy.learning_rate,
         min_lr=toy.learning_rate,  # constant after warmup: a shorter run is a longer one's start
@@ -165,14 +154,13 @@ def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, dev
         eval_every=toy.record_every,
         checkpoint_every=0,
     )
-    probes = repeated_sequences(toy.n_probes, toy.half, toy.vocab_size, seed=-1 - seed)  # never a training batch
-    start = toy.half - toy.other_half // 2
-    others = shifted_repeats(toy.n_probes, toy.other_half, 2 * toy.half, start, toy.vocab_size, seed=-2 - seed)
+    held_out = torch.Generator().manual_seed(-1 - seed)  # never a training batch
+    probes = periodic_sequences(toy.n_probes, toy, held_out)
+    unseen = periodic_sequences(toy.n_probes, toy, held_out, period=toy.unseen_period)
 
     def measure(event: dict) -> None:
-        event.update({k: round(v, 4) for k, v in copy_measures(event["model"], probes, toy.half).items()})
-        other = copy_measures(event["model"], others, toy.other_half, start)["copy_accuracy"]
-        event["other_distance_copy_accuracy"] = round(other, 4)
+        event.update({k: round(v, 4) for k, v in copy_measures(event["model"], *probes).items()})
+        event["unseen_period_copy_accuracy"] = round(copy_measures(event["model"], *unseen)["copy_accuracy"], 4)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the toy's ops are too small to share out: more threads only wait on each other
@@ -180,10 +168,10 @@ def train_toy(steps: int = 300, seed: int = 0, toy: ToyConfig | None = None, dev
         result = train(
             model,
             next_token_loss,
-            RepeatedBatches(toy.batch_size, toy.half, toy.vocab_size, seed, toy.shortest),
+            PeriodicBatches(toy, seed),
             cfg,
             device=device,
-            val_batches=lambda: [(probes[:, :-1], probes[:, 1:])],
+            val_batches=lambda: [(probes[0][:, :-1], probes[0][:, 1:])],
             on_eval=measure,
             desc="induction",
         )
@@ -206,15 +194,14 @@ def jump_step(history: list[dict], threshold: float = 0.5) -> int | None:
 # --- attention patterns ---------------------------------------------------------------------------
 
 
-def attention_weights(attn, x: torch.Tensor) -> torch.Tensor:
+def attention_weights(attn, x: torch.Tensor, rope=None) -> torch.Tensor:
     """The attention weights [B, n_head, T, T] of a `CausalSelfAttention` given its input
-    x [B, T, C] (already layer-normed): softmax(q k^T / sqrt(head_size)) with the causal mask,
-    from the layer's own query and key projections. Row i is how position i spreads its
-    attention over positions 0 .. i."""
-    B, T, C = x.size()
-    q, k, _ = attn.c_attn(x).split(C, dim=2)
-    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(C // attn.n_head)
+    x [B, T, C] (already normed): softmax(q k^T / sqrt(head_size)) with the causal mask, from
+    the layer's own queries and keys (rotated by `rope` in the modern recipe). Row i is how
+    position i spreads its attention over positions 0 .. i."""
+    q, k, _ = attn.queries_keys_values(x, rope)
+    T = x.size(1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
@@ -226,14 +213,21 @@ def attention_patterns(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     batched = ids.dim() == 2
     ids = (ids if batched else ids[None]).to(next(model.parameters()).device)
-    t = model.transformer
-    x = t.wte(ids) + t.wpe(torch.arange(ids.size(1), device=ids.device))
+    x, rope = model.embed(ids, torch.arange(ids.size(1), device=ids.device))
     patterns = []
-    for block in t.h:
-        patterns.append(attention_weights(block.attn, block.ln_1(x)))
-        x = block(x)
+    for block in model.transformer.h:
+        patterns.append(attention_weights(block.attn, block.ln_1(x), rope))
+        x = block(x, rope=rope)
     patterns = torch.stack(patterns, dim=1).cpu()
     return patterns if batched else patterns[0]
+
+
+def induction_targets(ids: torch.Tensor) -> torch.Tensor:
+    """[T, T] bool for ids [T]: key j is an induction target of query i when the token before j
+    is the token at i (j <= i): what followed the current token when it appeared before."""
+    T = ids.size(-1)
+    previous = torch.cat([ids.new_full((1,), -1), ids[:-1]])  # the token before each key
+    return (previous[None, :] == ids[:, None]) & torch.ones(T, T, dtype=torch.bool).tril()
 
 
 def previous_token_score(pattern: torch.Tensor) -> float:
@@ -241,22 +235,23 @@ def previous_token_score(pattern: torch.Tensor) -> float:
     return pattern.diagonal(offset=-1).mean().item()
 
 
-def induction_score(pattern: torch.Tensor, half: int = HALF) -> float:
-    """Mean attention, over the repeated half, to the token right after the earlier copy of the
-    current token: position i (i >= half) holds the token of i - half, which was followed by
-    the token at i - half + 1."""
-    return pattern.diagonal(offset=-(half - 1))[1:].mean().item()
+def induction_score(pattern: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean attention a position puts on its induction targets (`induction_targets`), over the
+    positions of ids [T] that have any, for one head's [T, T] pattern."""
+    targets = induction_targets(ids.cpu())
+    has = targets.any(-1)
+    return (pattern * targets).sum(-1)[has].mean().item() if has.any() else 0.0
 
 
-def head_scores(patterns: torch.Tensor, half: int = HALF) -> list[dict]:
-    """One row per (layer, head) of patterns [n_layer, n_head, T, T]: its previous-token and
-    induction scores."""
+def head_scores(patterns: torch.Tensor, ids: torch.Tensor) -> list[dict]:
+    """One row per (layer, head) of patterns [n_layer, n_head, T, T] on ids [T]: its
+    previous-token and induction scores."""
     return [
         dict(
             layer=layer,
             head=head,
             previous_token=round(previous_token_score(patterns[layer, head]), 4),
-            induction=round(induction_score(patterns[layer, head], half), 4),
+            induction=round(induction_score(patterns[layer, head], ids), 4),
         )
         for layer in range(patterns.size(0))
         for head in range(patterns.size(1))

@@ -136,7 +136,8 @@ class CausalSelfAttention(nn.Module):
             self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, rope=None):
+    def queries_keys_values(self, x, rope=None):
+        """x [B, T, C] -> q, k, v [B, n_head, T, head_size], positions already in q and k (modern)."""
         B, T, C = x.size()
         if self.modern:
             q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
@@ -149,6 +150,11 @@ class CausalSelfAttention(nn.Module):
             # cached), then QK-norm: unit-scale queries and keys keep the scores in range
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        return q, k, v
+
+    def forward(self, x, kv_cache=None, rope=None):
+        B, T, C = x.size()
+        q, k, v = self.queries_keys_values(x, rope)
         past, mask = 0, None
         if kv_cache is not None:
             # keep this step's keys/values and attend over everything cached so far
@@ -287,19 +293,23 @@ class GPT(nn.Module):
             )
         # [T], or [B, T] when the cache's rows are padded on the left (each row starts at 0)
         pos = torch.arange(T, device=idx.device) if kv_cache is None else kv_cache.positions(T, idx.device)
-        x, rope = self.transformer.wte(idx), None
-        if self.config.arch == "gpt2":
-            x = x + self.transformer.wpe(pos)
-        else:
-            x = self.transformer.ln_e(x)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # over the heads
+        x, rope = self.embed(idx, pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.advance(T)  # every layer has stored this step's keys and values
         return self.transformer.ln_f(x)
+
+    def embed(self, idx, pos):
+        """Token ids [B, T] at positions pos ([T] or [B, T]) -> (the residual stream's start
+        [B, T, n_embd], the rotary tables the attention layers turn queries and keys by, or None)."""
+        x = self.transformer.wte(idx)
+        if self.config.arch == "gpt2":
+            return x + self.transformer.wpe(pos), None
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # over the heads
+        return self.transformer.ln_e(x), rope
 
     def logits(self, hidden):
         """Hidden states [..., n_embd] -> next-token logits [..., vocab_size]: the head, and for

@@ -125,20 +125,21 @@ def fact_recall_bars(
 
 
 def phase_change(history: list[dict], title: str = "Induction heads form: the phase change") -> go.Figure:
-    """The toy's measurements against step: loss on the first (unpredictable) half and on the
-    repeated half, copy accuracy, and the ICL score (repeated half's loss minus the first's)."""
+    """The toy's measurements against step: loss on the first (unpredictable) copy of the segment
+    and on its repeats, copy accuracy (also for a segment length never trained on), and the ICL
+    score (the repeats' loss minus the first copy's)."""
     from plotly.subplots import make_subplots
 
     rows = [r for r in history if "copy_accuracy" in r]
     steps = [r["step"] for r in rows]
-    titles = ("loss by half", "copy accuracy, repeated half", "ICL score: repeated half minus first")
+    titles = ("loss: first copy vs repeats", "copy accuracy on the repeats", "ICL score: repeats minus first copy")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=titles)
-    fig.add_scatter(x=steps, y=[r["first_half_loss"] for r in rows], name="first half (random)", row=1, col=1)
-    fig.add_scatter(x=steps, y=[r["repeated_half_loss"] for r in rows], name="repeated half", row=1, col=1)
-    fig.add_scatter(x=steps, y=[100 * r["copy_accuracy"] for r in rows], name="copy: as trained", row=1, col=2)
-    if rows and "other_distance_copy_accuracy" in rows[0]:
-        other = [100 * r["other_distance_copy_accuracy"] for r in rows]
-        fig.add_scatter(x=steps, y=other, name="copy: a repeat at another distance", row=1, col=2)
+    fig.add_scatter(x=steps, y=[r["first_copy_loss"] for r in rows], name="first copy (random tokens)", row=1, col=1)
+    fig.add_scatter(x=steps, y=[r["repeat_loss"] for r in rows], name="repeats", row=1, col=1)
+    fig.add_scatter(x=steps, y=[100 * r["copy_accuracy"] for r in rows], name="copy: segments of 8-24", row=1, col=2)
+    if rows and "unseen_period_copy_accuracy" in rows[0]:
+        unseen = [100 * r["unseen_period_copy_accuracy"] for r in rows]
+        fig.add_scatter(x=steps, y=unseen, name="copy: a segment length never trained on", row=1, col=2)
     fig.add_scatter(x=steps, y=[r["icl_score"] for r in rows], name="ICL score", showlegend=False, row=1, col=3)
     labels = ("cross-entropy (nats per token)", "next token right (%)", "loss difference (nats)")
     for col, label in enumerate(labels, start=1):
