@@ -37,6 +37,7 @@ class UrlFilter:
     banned_words: frozenset = frozenset(BLOCKED_URL_WORDS)
     soft_words: frozenset = frozenset(SOFT_URL_WORDS)
     name: str = "url"
+    per_page = True  # decides each page alone (labkit.scale_out runs it on every shard)
 
     def reason(self, page: Page) -> str | None:
         host = re.sub(r"^\w+://", "", page.url).split("/")[0].lower()
@@ -76,6 +77,7 @@ class QualityFilter:
     top_ngram_char_frac: tuple = ((2, 0.20), (3, 0.18), (4, 0.16))
     dup_ngram_char_frac: tuple = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
     name: str = "quality"
+    per_page = True
 
     def reason(self, page: Page) -> str | None:
         return self.quality(page.text) or self.repetition(page.text)
@@ -301,6 +303,7 @@ class PIIRedactor:
     """Replace personal data with placeholders; pages are kept. `redactions` maps URL -> spans found."""
 
     name: str = "pii"
+    per_page = True
 
     def run(self, pages):
         self.redactions: dict[str, list[tuple[int, int, str, str]]] = {}

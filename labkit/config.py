@@ -39,6 +39,12 @@ class DataConfig:
     )
     text_column: str = param("text", help="column holding the text when source is a dataset")
     max_docs: int = param(0, low=0, help="read at most this many documents from a dataset (0: all)")
+    workers: int = param(
+        1,
+        low=1,
+        help="processes that clean the crawl: 1 runs the steps in this process (the readable path); "
+        "more runs the same steps on datatrove's local executor (labkit.scale_out), same corpus",
+    )
     n_people: int = param(100, low=5, high=1_000_000, help="people in the mini-web's world")
     median_pages: float = param(3.0, low=0.5, high=1000.0, help="median number of pages about a person")
     spread: float = param(1.2, low=0.0, high=5.0, help="log-normal spread of pages per person (heavy tail)")

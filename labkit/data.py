@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cleaning import PIIRedactor, default_steps
+from .cleaning import default_steps
 from .config import Config, ConfigError, DataConfig
 from .run import Run, read_json, read_jsonl, write_json, write_jsonl
 from .web import Page, crawl
@@ -72,15 +72,22 @@ class Cleaned:
 
 
 def clean(pages: list[Page], steps: list) -> Cleaned:
-    decisions, funnel, redactions = {}, [], {}
+    decisions, redactions = {}, {}
+    kept = pages
     for step in tqdm(steps, desc="cleaning", leave=False):
-        kept, removed = step.run(pages)
+        kept, removed = step.run(kept)
         decisions.update({page.url: (step.name, reason) for page, reason in removed})
-        funnel.append({"step": step.name, "pages_in": len(pages), "pages_out": len(kept)})
-        if isinstance(step, PIIRedactor):
-            redactions = step.redactions
-        pages = kept
-    return Cleaned(pages, decisions, funnel, redactions)
+        redactions.update(getattr(step, "redactions", {}))
+    return Cleaned(kept, decisions, funnel(pages, steps, decisions), redactions)
+
+
+def funnel(pages: list[Page], steps: list, decisions: dict) -> list[dict]:
+    """One row per step: the pages that reached it, and those it let through."""
+    removed, rows, n = Counter(step for step, _ in decisions.values()), [], len(pages)
+    for step in steps:
+        rows.append({"step": step.name, "pages_in": n, "pages_out": n - removed[step.name]})
+        n -= removed[step.name]
+    return rows
 
 
 def score(pages: list[Page], cleaned: Cleaned) -> dict:
@@ -129,7 +136,13 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
         world, pages = None, load_documents(cfg)
         (out / "world.json").unlink(missing_ok=True)
     steps = default_steps(cfg.min_words, cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, config.seed)
-    cleaned = clean(pages, steps)
+    if cfg.workers > 1:
+        from . import scale_out  # datatrove takes seconds to import: only when asked for
+
+        kept, decisions, redactions = scale_out.clean(pages, steps, out / "datatrove", cfg.workers)
+        cleaned = Cleaned(kept, decisions, funnel(pages, steps, decisions), redactions)
+    else:
+        cleaned = clean(pages, steps)
 
     write_jsonl(
         out / "pages.jsonl",
