@@ -7,7 +7,7 @@ dataset's documents, as research on knowledge in language models plants syntheti
 text, and the cleaning steps run over both (`mix_in_mini_web`).
 
 Writes to `runs/<run>/data/`:
-  world.json     the world every later stage judges answers against (mini-web only)
+  world.json     the world every later stage judges answers against (the mini-web, alone or mixed in)
   pages.jsonl    every crawled page: its labels, and which step removed it and why
   corpus.jsonl   the cleaned corpus (url, text, genre, about): what the tokenizer and model read
   metrics.json   pages in and out, removals by step and reason, precision and recall per step
@@ -75,7 +75,7 @@ def mix_in_mini_web(web: list[Page], cfg: DataConfig) -> list[Page]:
     `cfg.mini_web_share` of the cleaned corpus's characters.
 
     A share of characters, not of documents: the model reads tokens (about characters / 4), and
-    a FineWeb-Edu document is some 50 times as long as a mini-web page, so a share of documents
+    a FineWeb-Edu document is several times as long as a mini-web page, so a share of documents
     would hide how little of the text the world is. Cleaning keeps about the pages the generator
     labels clean, so the dataset is read until its characters reach (1 - share) / share times
     theirs; the share the cleaned corpus ends with is measured in `mix_metrics`. The dataset's

@@ -182,25 +182,20 @@ def finetune(
 
 
 def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) conversations: written from the world, read from a dataset, or both."""
+    """(training, held-out) conversations: written from the world, read from a dataset, or both mixed."""
     s = config.sft
-    if s.source == "mini-web" or s.mini_web_share > 0:
-        if world is None:
-            raise ConfigError(
-                f"sft.source={s.source!r} with sft.mini_web_share={s.mini_web_share} needs the mini-web's world, and "
-                "this run's data stage read a dataset alone; give sft.source a dataset (or .jsonl/.parquet file) "
-                "with a 'messages' column and sft.mini_web_share=0, or set data.mini_web_share > 0"
-            )
-        mini_web = (
-            make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people),
-            make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people),
+    if s.source != "mini-web" and s.mini_web_share == 0:
+        rows = load_messages(s.source, s.messages_column, s.max_conversations, s.split, s.config)
+        return split_dataset(rows, s, config.seed)
+    if world is None:
+        raise ConfigError(
+            f"sft.source={s.source!r} with sft.mini_web_share={s.mini_web_share} needs the mini-web's world, and "
+            "this run's data stage read a dataset alone; give sft.source a dataset (or .jsonl/.parquet file) "
+            "with a 'messages' column and sft.mini_web_share=0, or set data.mini_web_share > 0"
         )
-        if s.source == "mini-web":
-            return mini_web
-        return mix_conversations(*mini_web, s, config.seed)
-    return split_dataset(
-        load_messages(s.source, s.messages_column, s.max_conversations, s.split, s.config), s, config.seed
-    )
+    train = make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people)
+    val = make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people)
+    return (train, val) if s.source == "mini-web" else mix_conversations(train, val, s, config.seed)
 
 
 def split_dataset(rows: list[dict], s, seed: int) -> tuple[list[dict], list[dict]]:

@@ -163,6 +163,8 @@ def test_real_data_through_all_seven_stages(local_files, tmp_path, one_thread):
     assert run.stages == list(STAGES)
     m = run.metrics
     assert abs(m["data"]["mix"]["mini_web_share_measured"] - 0.3) < 0.01 and m["data"]["precision"]["url"] == 1.0
+    share = f"Mini-web share of the cleaned corpus's characters: **{m['data']['mix']['mini_web_share_measured']}**"
+    assert share in (tmp_path / "real" / "report.md").read_text()
     assert m["tokenizer"]["vocab_size"] == 300
     assert set(m["base"]["fact_recall"]) == {"0", "1", "2-4", "5-16", "17+"}  # probed on the planted world
 
