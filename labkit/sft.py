@@ -188,10 +188,11 @@ def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
         rows = load_messages(s.source, s.messages_column, s.max_conversations, s.split, s.config)
         return split_dataset(rows, s, config.seed)
     if world is None:
+        what = "sft.source='mini-web'" if s.source == "mini-web" else f"sft.mini_web_share={s.mini_web_share}"
         raise ConfigError(
-            f"sft.source={s.source!r} with sft.mini_web_share={s.mini_web_share} needs the mini-web's world, and "
-            "this run's data stage read a dataset alone; give sft.source a dataset (or .jsonl/.parquet file) "
-            "with a 'messages' column and sft.mini_web_share=0, or set data.mini_web_share > 0"
+            f"{what} needs the mini-web's world, and this run's data stage read a dataset alone; give sft.source "
+            "a dataset (or .jsonl/.parquet file) with a 'messages' column and sft.mini_web_share=0, or set "
+            "data.mini_web_share > 0"
         )
     train = make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people)
     val = make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people)
