@@ -12,6 +12,7 @@ from labkit.data import load_documents, read_corpus, read_world
 from labkit.pipeline import ensure
 from labkit.presets import PRESETS, REAL_DATA
 from labkit.run import Run, load_run, read_jsonl
+from labkit.search import SearchIndex
 
 TOPICS = ["rivers", "volcanoes", "bees", "bridges", "clouds", "forests", "glaciers", "comets", "tides", "deserts"]
 NOUNS = ["students", "farmers", "engineers", "children", "teachers", "sailors", "doctors", "artists", "miners"]
@@ -47,7 +48,10 @@ def fineweb_edu_rows(n: int, seed: int = 0) -> list[dict]:
     rng, rows = random.Random(seed), []
     for i in range(n):
         topic = rng.choice(TOPICS)
-        text = " ".join(sentence(t, topic, rng) for t in rng.sample(SENTENCES, 8))
+        body = [sentence(t, topic, rng) for t in rng.sample(SENTENCES, 8)]
+        text = (
+            f"What {rng.choice(NOUNS)} should know about {topic}\n" + " ".join(body[:4]) + "\n\n" + " ".join(body[4:])
+        )
         rows.append(
             dict(
                 text=text,
@@ -181,6 +185,9 @@ def test_real_data_through_all_seven_stages(local_files, tmp_path, one_thread):
     assert m["grpo"]["pass_at_1_after"] is not None
     assert m["halluc"]["n_questions"]["all"] == 40 and 0 <= m["halluc"]["hallucination_rate_before"]["all"] <= 1
     assert m["halluc"]["search_accuracy"] is not None
+    # and its search tool searches the mixed corpus, the dataset's passages with the mini-web's
+    mini_web = [p for p in read_corpus(run.run) if p["url"] not in local_files["urls"]]
+    assert m["halluc"]["n_passages"] > len(SearchIndex(mini_web).passages)
 
 
 # --- settings -----------------------------------------------------------------------------------------
