@@ -16,6 +16,7 @@ Writes to `runs/<run>/data/`:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,7 +84,15 @@ def mix_in_mini_web(web: list[Page], cfg: DataConfig) -> list[Page]:
     mini-web's pages."""
     clean = sum(len(p.text) for p in web if p.label == "clean")
     wanted = math.ceil(clean * (1 - cfg.mini_web_share) / cfg.mini_web_share)
-    return web + load_documents(cfg, max_chars=wanted)
+    documents = load_documents(cfg, max_chars=wanted)
+    read = sum(len(p.text) for p in documents)
+    if read < wanted:  # said on a line of its own; metrics.json's `mix` has the share measured
+        tqdm.write(
+            f"data: data.source={cfg.source!r} gave {read:,} characters of the {wanted:,} wanted (data.max_docs="
+            f"{cfg.max_docs}): the mini-web is more than data.mini_web_share={cfg.mini_web_share} of the corpus",
+            file=sys.stderr,
+        )
+    return web + documents
 
 
 def mix_metrics(pages: list[Page], kept: list[Page], share: float) -> dict:

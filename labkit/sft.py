@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 
@@ -221,6 +222,12 @@ def mix_conversations(train: list[dict], val: list[dict], s, seed: int) -> tuple
     limit = min(s.max_conversations or math.inf, wanted + max(1, wanted // 10))
     rows = load_messages(s.source, s.messages_column, int(limit), s.split, s.config)
     dataset_train, dataset_val = split_dataset(rows, s, seed)
+    if len(dataset_train) < wanted:  # said on a line of its own; metrics.json has the share measured
+        print(
+            f"sft: sft.source={s.source!r} gave {len(dataset_train)} training conversations of the {wanted} wanted: "
+            f"the mini-web's are more than sft.mini_web_share={s.mini_web_share} of them",
+            file=sys.stderr,
+        )
     return train + dataset_train[:wanted], val + dataset_val
 
 

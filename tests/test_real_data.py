@@ -300,3 +300,12 @@ def test_a_mixed_corpus_reads_only_the_documents_its_share_needs(monkeypatch, tm
     metrics = ensure("data", config, Run("hub-mix", tmp_path))
     assert calls[0]["read"] == metrics["mix"]["dataset_docs_read"] + 1 < 200
     assert abs(metrics["mix"]["mini_web_share_measured"] - 0.5) < 0.01
+
+
+def test_a_dataset_too_short_for_the_share_says_so(local_files, tmp_path, capsys):
+    """400 documents cannot be 90% of a corpus whose mini-web is 75k characters: all are read, the
+    share measured is the mini-web's real one, and a line says so."""
+    config = get_config("tiny", data=dict(source=local_files["fineweb"], mini_web_share=0.1))
+    metrics = ensure("data", config, Run("short", tmp_path))
+    assert metrics["mix"]["dataset_docs_read"] == 400 and metrics["mix"]["mini_web_share_measured"] > 0.2
+    assert "characters of the" in capsys.readouterr().err
