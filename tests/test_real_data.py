@@ -267,27 +267,29 @@ def fake_hub(monkeypatch, rows: list[dict]) -> list:
 
 
 def test_a_hub_name_goes_to_datasets_with_its_config_and_split_and_streams(monkeypatch):
+    """Each stage hands `datasets.load_dataset` the source, config and split its settings name, streaming."""
     from labkit.conversations import load_messages
-    from labkit.tasks import load_gsm8k
+    from labkit.grpo import load_tasks
+    from labkit.sft import load_conversations
+
+    def sent(call):
+        return call["path"], call["name"], call["split"], call["streaming"]
 
     calls = fake_hub(monkeypatch, fineweb_edu_rows(50))
     cfg = get_config("tiny", data=dict(source="HuggingFaceFW/fineweb-edu", config="sample-10BT", max_docs=7)).data
     assert len(load_documents(cfg)) == 7
-    assert calls == [
-        dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True, read=8)
-    ]  # streamed: the 8th row read shows the limit was reached, and nothing after it
+    assert [sent(c) for c in calls] == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert calls[0]["read"] == 8  # the 8th row shows the limit was reached, and nothing after it was read
 
     calls = fake_hub(monkeypatch, smoltalk_rows(20))
-    assert len(load_messages("HuggingFaceTB/smoltalk", max_conversations=5, split="test", config="all")) == 5
-    assert (calls[0]["path"], calls[0]["name"], calls[0]["split"], calls[0]["streaming"]) == (
-        "HuggingFaceTB/smoltalk",
-        "all",
-        "test",
-        True,
-    )
-    calls = fake_hub(monkeypatch, gsm8k_rows(4))
-    assert len(load_gsm8k("openai/gsm8k", split="test", config="socratic")) == 4
-    assert (calls[0]["name"], calls[0]["split"], calls[0]["streaming"]) == ("socratic", "test", True)
+    sft = dict(source="HuggingFaceTB/smoltalk", config="all", split="test", max_conversations=10)
+    train, val = load_conversations(get_config("tiny", sft=sft), world=None)
+    assert (len(train), len(val)) == (9, 1) and sent(calls[0]) == ("HuggingFaceTB/smoltalk", "all", "test", True)
+
+    calls = fake_hub(monkeypatch, gsm8k_rows(10))
+    _, heldout = load_tasks(get_config("tiny", grpo=dict(source="openai/gsm8k", split="test")), world=None)
+    assert len(heldout) == 3 and sent(calls[0]) == ("openai/gsm8k", "main", "test", True)
+
     calls = fake_hub(monkeypatch, smoltalk_rows(3))
     load_messages("some/chats")
     assert calls[0]["name"] is None  # config '' is the dataset's default
