@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         choices=list(cfg.PRESETS),
         default=None,
-        help="named bundle of sizes: tiny (seconds, for tests), cpu (default, minutes on a laptop), gpu",
+        help="named bundle of sizes: tiny (seconds, for tests), cpu (default, minutes on a laptop), gpu, gpu-check "
+        "(gpu, a few steps per stage), real (gpu on FineWeb-Edu, SmolTalk and GSM8K from the hub)",
     )
     run.add_argument("--run", default="default", metavar="NAME", help="run folder name (default: default)")
     run.add_argument("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)

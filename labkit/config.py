@@ -37,8 +37,17 @@ class DataConfig:
     source: str = param(
         "mini-web", help="'mini-web', a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'text' column"
     )
+    config: str = param("", help="the dataset's config on the hub, e.g. 'sample-10BT' ('': its default)")
+    split: str = param("train", help="the dataset's split on the hub (a local file is one split)")
     text_column: str = param("text", help="column holding the text when source is a dataset")
-    max_docs: int = param(0, low=0, help="read at most this many documents from a dataset (0: all)")
+    max_docs: int = param(0, low=0, help="read at most this many documents from a dataset (0: all, a local file only)")
+    mini_web_share: float = param(
+        0.0,
+        low=0.0,
+        high=0.99,
+        help="with a dataset: the mini-web's share of the cleaned corpus's characters, planted so that later stages "
+        "have known facts to judge by (labkit/data.py, mix_in_mini_web); 0: the dataset alone, no world",
+    )
     workers: int = param(
         1,
         low=1,
@@ -140,7 +149,16 @@ class SFTConfig:
     messages_column: str = param(
         "messages", help="column holding the list of {role, content} messages when source is a dataset"
     )
-    max_conversations: int = param(0, low=0, help="read at most this many conversations from a dataset (0: all)")
+    config: str = param("", help="the dataset's config on the hub ('': its default)")
+    split: str = param("train", help="the dataset's split on the hub (a local file is one split)")
+    max_conversations: int = param(0, low=0, help="read at most this many from a dataset (0: all, a local file only)")
+    mini_web_share: float = param(
+        0.0,
+        low=0.0,
+        high=0.99,
+        help="with a dataset: the share of training conversations written from the mini-web (n_conversations; the "
+        "dataset fills the rest), so that QA is judged against known facts; 0: the dataset alone",
+    )
     n_conversations: int = param(3000, low=10, high=10_000_000, help="training conversations written from the mini-web")
     val_conversations: int = param(200, low=10, high=1_000_000, help="held-out conversations for the validation loss")
     heldout_people: float = param(
@@ -283,6 +301,8 @@ class GRPOConfig:
         "mini-web",
         help="'mini-web' (tasks generated from the world), a Hugging Face dataset name, or a local .jsonl/.parquet path in GSM8K's format ('question', 'answer' ending in '#### N')",
     )
+    config: str = param("main", help="the dataset's config on the hub (GSM8K: 'main' or 'socratic')")
+    split: str = param("train", help="the dataset's split on the hub (held-out problems are split from it)")
     tasks: str = param(
         "larger", help=f"comma-separated mini-web tasks to train and evaluate on; allowed: {', '.join(TASK_NAMES)}"
     )

@@ -301,20 +301,21 @@ def example(world: World, seed: int = 0) -> list[dict]:
 
 
 def load_messages(
-    source: str, column: str = "messages", max_conversations: int = 0, split: str = "train"
+    source: str, column: str = "messages", max_conversations: int = 0, split: str = "train", config: str = ""
 ) -> list[dict]:
-    """Conversations from a `datasets` source: a local .jsonl/.json/.parquet file or a hub name.
-    Each row's `column` is a list of {"role", "content"} dicts (other keys are dropped);
-    a row that is not a valid training conversation raises ChatError naming the row."""
+    """Conversations from a `datasets` source, streamed: a local .jsonl/.json/.parquet file or a hub
+    name (with its `config` and `split`). Each row's `column` is a list of {"role", "content"} dicts
+    (other keys are dropped); a row that is not a valid training conversation raises ChatError
+    naming the row."""
     from .data import open_dataset
 
-    data = open_dataset(source, "sft.source", split)
-    if column not in data.column_names:
-        raise ChatError(f"sft.source={source!r} has no {column!r} column; its columns: {', '.join(data.column_names)}")
+    data = open_dataset(source, "sft.source", split, config, streaming=True)
     conversations = []
     for i, row in enumerate(data):
         if max_conversations and i >= max_conversations:
             break
+        if column not in row:
+            raise ChatError(f"sft.source={source!r} has no {column!r} column; its columns: {', '.join(row)}")
         messages = row[column]
         if isinstance(messages, list):
             messages = [

@@ -1,7 +1,13 @@
-"""Stage 1, data: crawl the mini-web (or read a real dataset), clean it, score the cleaning.
+"""Stage 1, data: crawl the mini-web (or read a real dataset, or both), clean it, score the cleaning.
+
+Real data mixed with planted facts: a dataset (FineWeb-Edu's web text) alone has no world whose
+facts are known, and the later stages judge answers by one (fact recall, SFT's QA, the RLHF
+labeler, stage 7's probes). With `data.mini_web_share` the mini-web's pages are mixed into the
+dataset's documents, as research on knowledge in language models plants synthetic facts in real
+text, and the cleaning steps run over both (`mix_in_mini_web`).
 
 Writes to `runs/<run>/data/`:
-  world.json     the world every later stage judges answers against (mini-web only)
+  world.json     the world every later stage judges answers against (the mini-web, alone or mixed in)
   pages.jsonl    every crawled page: its labels, and which step removed it and why
   corpus.jsonl   the cleaned corpus (url, text, genre, about): what the tokenizer and model read
   metrics.json   pages in and out, removals by step and reason, precision and recall per step
@@ -9,6 +15,8 @@ Writes to `runs/<run>/data/`:
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,14 +26,12 @@ from tqdm.auto import tqdm
 
 from .cleaning import default_steps
 from .config import Config, ConfigError, DataConfig
+from .rules import LOCAL_FORMATS, from_hub, has_world
 from .run import Run, read_json, read_jsonl, write_json, write_jsonl
 from .web import Page, crawl
 from .world import BUCKETS, World, bucket, make_world
 
 TARGET_LABEL = {"url": "blocked", "quality": "low_quality", "exact_dedup": "exact_dup", "near_dedup": "near_dup"}
-
-
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def open_dataset(source: str, setting: str, split: str = "train", name: str | None = None, streaming: bool = False):
@@ -35,7 +41,7 @@ def open_dataset(source: str, setting: str, split: str = "train", name: str | No
     import datasets
 
     path = Path(source)
-    if path.suffix in LOCAL_FORMATS or path.exists():
+    if not from_hub(source):
         if path.suffix not in LOCAL_FORMATS:
             raise ConfigError(f"{setting}={source!r}: a local file must be .jsonl, .json or .parquet")
         if not path.exists():
@@ -43,24 +49,64 @@ def open_dataset(source: str, setting: str, split: str = "train", name: str | No
         return datasets.load_dataset(
             LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming
         )
-    return datasets.load_dataset(source, name, split=split, streaming=streaming)
+    return datasets.load_dataset(source, name or None, split=split, streaming=streaming)
 
 
-def load_documents(cfg: DataConfig) -> list[Page]:
-    """Pages from a dataset with a text column (fineweb-edu's format), at most `max_docs` of them."""
-    rows = open_dataset(cfg.source, "data.source", streaming=True)
-    pages = []
+def load_documents(cfg: DataConfig, max_chars: int = 0) -> list[Page]:
+    """Pages from a dataset with a text column (FineWeb-Edu's format), streamed: at most `max_docs`
+    of them and, given `max_chars`, only until their text holds that many characters."""
+    rows = open_dataset(cfg.source, "data.source", cfg.split, cfg.config, streaming=True)
+    pages, chars = [], 0
     for i, row in enumerate(rows):
-        if cfg.max_docs and i >= cfg.max_docs:
+        if (cfg.max_docs and i >= cfg.max_docs) or (max_chars and chars >= max_chars):
             break
         if cfg.text_column not in row:
             raise ConfigError(
                 f"data.source={cfg.source!r} has no column {cfg.text_column!r}; columns: {', '.join(row)}"
             )
         pages.append(Page(row.get("url") or f"{cfg.source}#{i}", row[cfg.text_column], "web", label=None))
+        chars += len(row[cfg.text_column])
     if not pages:
         raise ConfigError(f"data.source={cfg.source!r} holds no documents")
     return pages
+
+
+def mix_in_mini_web(web: list[Page], cfg: DataConfig) -> list[Page]:
+    """The mini-web's pages followed by as many of the dataset's documents as make the mini-web
+    `cfg.mini_web_share` of the cleaned corpus's characters.
+
+    A share of characters, not of documents: the model reads tokens (about characters / 4), and
+    a FineWeb-Edu document is several times as long as a mini-web page, so a share of documents
+    would hide how little of the text the world is. Cleaning keeps about the pages the generator
+    labels clean, so the dataset is read until its characters reach (1 - share) / share times
+    theirs; the share the cleaned corpus ends with is measured in `mix_metrics`. The dataset's
+    documents carry no labels: the cleaning steps run over them, and are scored only on the
+    mini-web's pages."""
+    clean = sum(len(p.text) for p in web if p.label == "clean")
+    wanted = math.ceil(clean * (1 - cfg.mini_web_share) / cfg.mini_web_share)
+    documents = load_documents(cfg, max_chars=wanted)
+    read = sum(len(p.text) for p in documents)
+    if read < wanted:  # said on a line of its own; metrics.json's `mix` has the share measured
+        tqdm.write(
+            f"data: data.source={cfg.source!r} gave {read:,} characters of the {wanted:,} wanted (data.max_docs="
+            f"{cfg.max_docs}): the mini-web is more than data.mini_web_share={cfg.mini_web_share} of the corpus",
+            file=sys.stderr,
+        )
+    return web + documents
+
+
+def mix_metrics(pages: list[Page], kept: list[Page], share: float) -> dict:
+    """How much of the cleaned corpus is the mini-web (the labelled pages), against the share asked for."""
+    web = sum(len(p.text) for p in kept if p.label is not None)
+    dataset = sum(len(p.text) for p in kept if p.label is None)
+    return dict(
+        mini_web_share=share,
+        mini_web_share_measured=round(web / max(1, web + dataset), 4),
+        mini_web_chars=web,
+        dataset_chars=dataset,
+        dataset_docs_read=sum(p.label is None for p in pages),
+        dataset_docs_kept=sum(p.label is None for p in kept),
+    )
 
 
 @dataclass
@@ -98,6 +144,7 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
     share of redacted strings that were planted, recall the share of planted strings (on pages
     reaching the step) that were redacted.
     """
+    pages = [p for p in pages if p.label is not None]  # a dataset's documents mixed in carry no labels
     precision, recall = {}, {}
     reached = list(pages)
     for row in cleaned.funnel[:-1]:
@@ -109,7 +156,8 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
         recall[step] = hits / positives if positives else 1.0
         reached = [p for p in reached if cleaned.decisions.get(p.url, ("",))[0] != step]
     planted = {(p.url, value) for p in reached for _, value in p.pii}
-    found = {(url, value) for url, spans in cleaned.redactions.items() for *_, value in spans}
+    labelled = {p.url for p in pages}
+    found = {(url, value) for url, spans in cleaned.redactions.items() if url in labelled for *_, value in spans}
     precision["pii"] = len(planted & found) / len(found) if found else 1.0
     recall["pii"] = len(planted & found) / len(planted) if planted else 1.0
     # a planted string lives only in its page and that page's copies, which carry the same `pii` list
@@ -126,11 +174,13 @@ def score(pages: list[Page], cleaned: Cleaned) -> dict:
 def build(config: Config, run: Run, made_from: str = "") -> dict:
     """Run stage 1 into `run`, returning its metrics."""
     cfg, out, start = config.data, run.stage_dir("data"), time.time()
-    if cfg.source == "mini-web":
+    if has_world(config):  # the mini-web alone, or mixed into a dataset
         world = make_world(
             config.seed, cfg.n_people, cfg.median_pages, cfg.spread, cfg.unseen_fraction, cfg.max_pages_per_person
         )
         pages = crawl(world, config.seed, cfg.filler_ratio, cfg.noise, cfg.pii_rate)
+        if cfg.source != "mini-web":
+            pages = mix_in_mini_web(pages, cfg)
         write_json(out / "world.json", world.to_dict())
     else:
         world, pages = None, load_documents(cfg)
@@ -182,7 +232,9 @@ def build(config: Config, run: Run, made_from: str = "") -> dict:
     if world is not None:
         metrics.update(score(pages, cleaned))
         metrics["people_by_bucket"] = dict(Counter(bucket(p.n_pages) for p in world.people))
-        metrics["labels"] = dict(Counter(p.label for p in pages))
+        metrics["labels"] = dict(Counter(p.label for p in pages if p.label is not None))
+        if cfg.source != "mini-web":
+            metrics["mix"] = mix_metrics(pages, cleaned.kept, cfg.mini_web_share)
     else:  # real data has no labels to score against
         metrics.update(precision={}, recall={}, pii_leaked=None)
     metrics["seconds"] = round(time.time() - start, 2)

@@ -411,7 +411,7 @@ def load_tasks(config: Config, world) -> tuple[TaskStream, list[dict]]:
     if g.source == "mini-web":
         names = parse_tasks(g.tasks)
         return TaskStream(names, config.seed, world), heldout_problems(names, g.n_heldout, config.seed, world)
-    rows = load_gsm8k(g.source)
+    rows = load_gsm8k(g.source, split=g.split, config=g.config)
     if len(rows) < 2:
         raise ConfigError(
             f"grpo.source={g.source!r} holds {len(rows)} problem; at least 2 are needed (train and held-out)"

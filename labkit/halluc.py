@@ -390,7 +390,8 @@ def build(config: Config, run: Run, made_from: str) -> dict:
     world = read_world(run)
     if world is None:
         raise ConfigError(
-            "the halluc stage needs the mini-web's world (data.source='mini-web'): its facts judge the answers"
+            "the halluc stage needs the mini-web's world (data.source='mini-web', or data.mini_web_share > 0 to mix "
+            "it into a dataset): its facts judge the answers"
         )
     tokenizer = Tokenizer.load(run.path / "tokenizer")
     sft_path = model_path(run, "sft")

@@ -51,6 +51,13 @@ def _data_section(m: dict) -> list[str]:
         f"PII strings leaked into the cleaned corpus: **{_fmt(m.get('pii_leaked'))}** "
         f"(planted: {_fmt(m.get('pii_planted'))}; redacted: {_fmt(m.get('redactions'))})"
     )
+    mix = m.get("mix")
+    if mix:  # a dataset with the mini-web mixed in (labkit/data.py, mix_in_mini_web)
+        pii += (
+            f"\n\nMini-web share of the cleaned corpus's characters: **{mix['mini_web_share_measured']}** "
+            f"(asked: {mix['mini_web_share']}; dataset documents read: {mix['dataset_docs_read']}, "
+            f"kept: {mix['dataset_docs_kept']})"
+        )
     return [*lines, "", pii, "", *reasons, "", *totals]
 
 

@@ -93,7 +93,7 @@ def open_rankings(run, config, device: str = "cpu") -> Rankings:
     if world is None:
         raise ConfigError(
             "the rlhf stage writes its prompts from the mini-web's world and judges answers by it; "
-            "this run's data stage read a dataset (use data.source='mini-web')"
+            "this run's data stage read a dataset alone (use data.source='mini-web', or data.mini_web_share > 0)"
         )
     model, tokenizer = load_assistant(run, device)
     out = run.stage_dir("rlhf")

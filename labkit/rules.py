@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -40,6 +41,10 @@ NOT_ABOVE = (
 REPLY_BUDGETS = ("sft", "rlhf", "grpo", "halluc")
 # the stages that start from the SFT model, and those that judge answers by the mini-web's facts
 FROM_SFT, NEED_WORLD = ("sft", "rlhf", "grpo", "halluc"), ("rlhf", "halluc")
+# a dataset source that is a local file, by its suffix, and the `datasets` loader that reads it
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# (section, its field that caps the rows read): the big hub datasets (FineWeb-Edu: 1.3T tokens) need a cap
+ROW_CAPS = (("data", "max_docs"), ("sft", "max_conversations"))
 
 
 def check_rules(config, stages: Sequence[str] = ()) -> None:
@@ -58,6 +63,7 @@ def check_rules(config, stages: Sequence[str] = ()) -> None:
             f"ratio goes below; epsilon must be < 1"
         )
     check_loss_type(g)
+    check_sources(config)
     if g.source == "mini-web":
         parse_tasks(g.tasks)
     parse_weights(g.rewards)
@@ -137,23 +143,48 @@ def check_loss_type(g) -> None:
             )
 
 
+def from_hub(source: str) -> bool:
+    """Is a dataset source a name on the Hugging Face hub (not the mini-web, not a local file)?"""
+    path = Path(source)
+    return source != "mini-web" and path.suffix not in LOCAL_FORMATS and not path.exists()
+
+
+def check_sources(config) -> None:
+    """A hub dataset is read with a cap on its rows (a local file may be read whole)."""
+    for section, cap in ROW_CAPS:
+        source, limit = getattr(config, section).source, getattr(getattr(config, section), cap)
+        if from_hub(source) and limit == 0:
+            raise ConfigError(
+                f"{section}.source={source!r} is read from the Hugging Face hub, and {section}.{cap}=0 reads every row "
+                f"(FineWeb-Edu has 1.3T tokens, SmolTalk 1M conversations); allowed: {section}.{cap} > 0, e.g. 100000"
+            )
+
+
+def has_world(config) -> bool:
+    """Stage 1 writes the mini-web's world: it crawls the mini-web alone or mixes it into a dataset."""
+    return config.data.source == "mini-web" or config.data.mini_web_share > 0
+
+
 def check_stages(config, stages: Sequence[str]) -> None:
-    """A dataset in data.source has no mini-web world: the stages that write or judge by it cannot run."""
-    source = config.data.source
-    if source == "mini-web":
+    """A dataset in data.source, with no mini-web mixed in, leaves no world: the stages that write or
+    judge by it cannot run."""
+    if has_world(config):
         return
+    source, mix = config.data.source, "data.mini_web_share > 0 (mixes the mini-web in)"
     for stage in NEED_WORLD:
         if stage in stages:
             raise ConfigError(
-                f"stage {stage} judges answers by the mini-web's facts, and data.source={source!r} is a dataset; "
-                f"allowed: data.source='mini-web', or stages without {' and '.join(NEED_WORLD)}"
+                f"stage {stage} judges answers by the mini-web's facts, and data.source={source!r} is a dataset "
+                f"with data.mini_web_share=0; allowed: data.source='mini-web', {mix}, or stages without "
+                f"{' and '.join(NEED_WORLD)}"
             )
     after_sft = [s for s in stages if s in FROM_SFT]
-    if after_sft and config.sft.source == "mini-web":
+    if after_sft and (config.sft.source == "mini-web" or config.sft.mini_web_share > 0):
+        field = "sft.source='mini-web'" if config.sft.source == "mini-web" else "sft.mini_web_share>0"
         raise ConfigError(
-            f"data.source={source!r} is a dataset, and sft.source='mini-web' writes conversations from the "
-            f"mini-web's world (stage {after_sft[0]} starts from them); allowed: sft.source a dataset or file "
-            f"with a 'messages' column, or data.source='mini-web'"
+            f"data.source={source!r} is a dataset with data.mini_web_share=0, and {field} writes conversations "
+            f"from the mini-web's world (stage {after_sft[0]} starts from them); allowed: sft.source a dataset or "
+            f"file with a 'messages' column and sft.mini_web_share=0, {mix}, or data.source='mini-web'"
         )
 
 

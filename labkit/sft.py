@@ -27,7 +27,9 @@ Writes to `runs/<run>/sft/`:
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import time
 from collections import defaultdict
 
@@ -181,26 +183,52 @@ def finetune(
 
 
 def load_conversations(config: Config, world) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) conversations: written from the world, or read from a dataset."""
+    """(training, held-out) conversations: written from the world, read from a dataset, or both mixed."""
     s = config.sft
-    if s.source == "mini-web":
-        if world is None:
-            raise ConfigError(
-                "sft.source='mini-web' needs the mini-web's world, and this run's data stage read a "
-                "dataset; give sft.source a dataset (or .jsonl/.parquet file) with a 'messages' column"
-            )
-        return (
-            make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people),
-            make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people),
+    if s.source != "mini-web" and s.mini_web_share == 0:
+        rows = load_messages(s.source, s.messages_column, s.max_conversations, s.split, s.config)
+        return split_dataset(rows, s, config.seed)
+    if world is None:
+        what = "sft.source='mini-web'" if s.source == "mini-web" else f"sft.mini_web_share={s.mini_web_share}"
+        raise ConfigError(
+            f"{what} needs the mini-web's world, and this run's data stage read a dataset alone; give sft.source "
+            "a dataset (or .jsonl/.parquet file) with a 'messages' column and sft.mini_web_share=0, or set "
+            "data.mini_web_share > 0"
         )
-    rows = load_messages(s.source, s.messages_column, s.max_conversations)
+    train = make_conversations(world, s.n_conversations, config.seed, False, s.heldout_people)
+    val = make_conversations(world, s.val_conversations, config.seed, True, s.heldout_people)
+    return (train, val) if s.source == "mini-web" else mix_conversations(train, val, s, config.seed)
+
+
+def split_dataset(rows: list[dict], s, seed: int) -> tuple[list[dict], list[dict]]:
+    """A dataset's conversations, shuffled, split into (training, held-out): a tenth held out, at most
+    `val_conversations`."""
     if len(rows) < 2:
         raise ChatError(
             f"sft.source={s.source!r} holds {len(rows)} conversation; at least 2 are needed (train and held-out)"
         )
-    random.Random(config.seed).shuffle(rows)
+    random.Random(seed).shuffle(rows)
     n_val = min(s.val_conversations, max(1, len(rows) // 10))
     return rows[n_val:], rows[:n_val]
+
+
+def mix_conversations(train: list[dict], val: list[dict], s, seed: int) -> tuple[list[dict], list[dict]]:
+    """The mini-web's conversations with a dataset's, the mini-web's `s.mini_web_share` of the training
+    ones (a share of conversations: batches draw whole conversations, uniformly). The dataset is read
+    for the rest, (1 - share) / share times the mini-web's, plus a tenth to hold out; held out are the
+    mini-web's and the dataset's together. A dataset shorter than that leaves the mini-web a larger
+    share (the sft metrics say which)."""
+    wanted = math.ceil(len(train) * (1 - s.mini_web_share) / s.mini_web_share)
+    limit = min(s.max_conversations or math.inf, wanted + max(1, wanted // 10))
+    rows = load_messages(s.source, s.messages_column, int(limit), s.split, s.config)
+    dataset_train, dataset_val = split_dataset(rows, s, seed)
+    if len(dataset_train) < wanted:  # said on a line of its own; metrics.json has the share measured
+        print(
+            f"sft: sft.source={s.source!r} gave {len(dataset_train)} training conversations of the {wanted} wanted: "
+            f"the mini-web's are more than sft.mini_web_share={s.mini_web_share} of them",
+            file=sys.stderr,
+        )
+    return train + dataset_train[:wanted], val + dataset_val
 
 
 # --- replies --------------------------------------------------------------------------------------
@@ -409,6 +437,7 @@ def build(config: Config, run: Run, made_from: str) -> dict:
         train_assistant_tokens=train_stats["assistant_tokens"],
         truncated_conversations=train_stats["truncated"],
         source=config.sft.source,
+        mini_web_share=round(sum(r["kind"] != "dataset" for r in train_rows) / len(train_rows), 4),
         device=device,
     )
     base, _ = load_base(run, device)

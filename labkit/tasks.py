@@ -262,22 +262,22 @@ def gsm8k_answer(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def load_gsm8k(source: str, max_rows: int = 0, split: str = "train") -> list[dict]:
-    """Tasks from GSM8K's format (`question`, `answer` ending in `#### N`): a local
+def load_gsm8k(source: str, max_rows: int = 0, split: str = "train", config: str = "main") -> list[dict]:
+    """Tasks from GSM8K's format (`question`, `answer` ending in `#### N`), streamed: a local
     .jsonl/.json/.parquet file or a Hugging Face dataset name (e.g. 'openai/gsm8k', config 'main')."""
     from .data import open_dataset
 
-    data = open_dataset(source, "grpo.source", split, name="main")
-    missing = {"question", "answer"} - set(data.column_names)
-    if missing:
-        raise ConfigError(
-            f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "
-            f"'question' and 'answer' (ending in '#### N'); its columns: {', '.join(data.column_names)}"
-        )
+    data = open_dataset(source, "grpo.source", split, config, streaming=True)
     tasks = []
     for i, row in enumerate(data):
         if max_rows and i >= max_rows:
             break
+        missing = {"question", "answer"} - set(row)
+        if missing:
+            raise ConfigError(
+                f"grpo.source={source!r} lacks column(s) {', '.join(sorted(missing))}; GSM8K's format has "
+                f"'question' and 'answer' (ending in '#### N'); its columns: {', '.join(row)}"
+            )
         try:
             answer = gsm8k_answer(row["answer"])
         except ValueError as error:

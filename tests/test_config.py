@@ -260,20 +260,23 @@ def test_stage_rules_refuse_what_a_dataset_cannot_feed(monkeypatch):
     from labkit.config import STAGES, check_config
 
     monkeypatch.delenv("LABKIT_PRESET", raising=False)
-    config = get_config("cpu", data=dict(source="HuggingFaceFW/fineweb-edu"))  # fine for data..base
+    config = get_config("cpu", data=dict(source="HuggingFaceFW/fineweb-edu", max_docs=1000))  # fine for data..base
     assert check_config(config, ["data", "tokenizer", "base"]) is config
     with pytest.raises(ConfigError) as error:
         check_config(config, list(STAGES))
-    assert str(error.value).startswith(
+    assert str(error.value) == (
         "stage rlhf judges answers by the mini-web's facts, and data.source='HuggingFaceFW/fineweb-edu' is a "
-        "dataset; allowed: data.source='mini-web', or stages without rlhf and halluc"
+        "dataset with data.mini_web_share=0; allowed: data.source='mini-web', data.mini_web_share > 0 (mixes the "
+        "mini-web in), or stages without rlhf and halluc"
     )
     with pytest.raises(ConfigError) as error:
         check_config(config, ["base", "grpo"])
     assert str(error.value).startswith(
-        "data.source='HuggingFaceFW/fineweb-edu' is a dataset, and sft.source='mini-web' writes conversations "
-        "from the mini-web's world (stage grpo starts from them)"
+        "data.source='HuggingFaceFW/fineweb-edu' is a dataset with data.mini_web_share=0, and sft.source='mini-web' "
+        "writes conversations from the mini-web's world (stage grpo starts from them)"
     )
+    mixed = get_config("cpu", data=dict(source="HuggingFaceFW/fineweb-edu", max_docs=1000, mini_web_share=0.5))
+    assert check_config(mixed, list(STAGES)) is mixed  # the mini-web mixed in: a world for every stage
     both = get_config("cpu", data=dict(source="docs.jsonl"), sft=dict(source="chats.jsonl"))
     assert check_config(both, ["sft", "grpo"]) is both
 
@@ -296,12 +299,12 @@ def test_a_config_built_by_hand_is_checked_too():
         check_config(config)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu", "gpu-check"])
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu", "gpu-check", "real"])
 def test_every_preset_passes_every_rule(preset, monkeypatch):
     from labkit.config import PRESETS, STAGES, check_config
 
     monkeypatch.delenv("LABKIT_PRESET", raising=False)
-    assert set(PRESETS) == {"tiny", "cpu", "gpu", "gpu-check"}
+    assert set(PRESETS) == {"tiny", "cpu", "gpu", "gpu-check", "real"}
     config = get_config(preset)
     assert config.preset == preset and check_config(config, list(STAGES)) is config
 
