@@ -35,7 +35,9 @@ def param(default, *, low=None, high=None, choices=None, help=""):
 @dataclass
 class DataConfig:
     source: str = param(
-        "mini-web", help="'mini-web', a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'text' column"
+        "mini-web",
+        help="'mini-web', a Hugging Face dataset name, a local .jsonl/.parquet path with a 'text' column, or a "
+        "local Common Crawl .warc/.warc.gz file (its HTML pages are extracted)",
     )
     text_column: str = param("text", help="column holding the text when source is a dataset")
     max_docs: int = param(0, low=0, help="read at most this many documents from a dataset (0: all)")
@@ -53,6 +55,29 @@ class DataConfig:
     minhash_bands: int = param(14, low=1, high=64, help="LSH bands")
     minhash_rows: int = param(8, low=1, high=64, help="LSH rows per band")
     min_words: int = param(50, low=1, help="Gopher: fewest words a page may have")
+    foreign_share: float = param(
+        0.1, low=0.0, high=2.0, help="mini-web pages in other languages (Chinese, French, German, Spanish) per page"
+    )
+    language: str = param("en", help="keep pages in this language (an ISO 639-1 code py3langid knows: en, fr, zh...)")
+    language_threshold: float = param(
+        0.65,
+        low=0.0,
+        high=1.0,
+        help="keep a page whose probability of being in `language` is at least this (FineWeb: 0.65)",
+    )
+    c4_terminal_punct: bool = param(
+        False,
+        help="C4: also drop lines not ending in . ! ? or a quote (FineWeb leaves this rule off: it drops too much)",
+    )
+    c4_keep_title: bool = param(
+        True, help="C4: spare a page's first line (its title) the length and punctuation rules (labkit's departure)"
+    )
+    site_line_share: float = param(
+        0.5,
+        low=0.0,
+        high=1.0,
+        help="drop a line found on at least this share of its site's pages (and on 3+): boilerplate",
+    )
 
 
 @dataclass

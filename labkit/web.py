@@ -276,6 +276,8 @@ class Page:
     about: str | None = None  # the person a page is about
     pii: list[list[str]] = field(default_factory=list)  # planted [kind, string] pairs
     dup_of: str | None = None  # URL of the page a duplicate copies
+    lang: str = "en"  # the language the generator wrote it in
+    boilerplate: list[str] = field(default_factory=list)  # lines its HTML carries around the text (labkit/crawl.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -446,7 +448,14 @@ def low_quality_page(rng: random.Random, k: int) -> Page:
         text = rng.choice(["Page not found.", "Loading, please wait.", "Welcome to my homepage! Under construction."])
     else:
         text = " ".join(f"#{w}" for w in rng.choices(_SPAM_WORDS, k=60))
-    return Page(f"https://webpages-{k % 7}.net/p/{k}", text, kind, label="low_quality")
+    # gibberish is in no language: "zxx", ISO 639's code for no linguistic content
+    return Page(
+        f"https://webpages-{k % 7}.net/p/{k}",
+        text,
+        kind,
+        label="low_quality",
+        lang="zxx" * (kind == "gibberish") or "en",
+    )
 
 
 def pii_string(kind: str, person_first: str, rng: random.Random) -> str:
