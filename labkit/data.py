@@ -121,9 +121,11 @@ def clean(pages: list[Page], steps: list, truth: dict[str, Page] | None = None) 
     for step in tqdm(steps, desc="cleaning", leave=False):
         if isinstance(step, PIIRedactor):
             texts = {page.url: page.text for page in pages}
+        started = time.time()
         kept, removed = step.run(pages)
+        seconds = round(time.time() - started, 2)
         decisions.update({page.url: (step.name, reason) for page, reason in removed})
-        funnel.append({"step": step.name, "pages_in": len(pages), "pages_out": len(kept)})
+        funnel.append({"step": step.name, "pages_in": len(pages), "pages_out": len(kept), "seconds": seconds})
         if isinstance(step, PIIRedactor):
             redactions = step.redactions
         if truth and step.name in LINE_STEPS:
