@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
@@ -46,6 +46,7 @@ class C4LineFilter:
     max_word_length: int = 1000
     min_sentences: int = 5
     name: str = "c4_lines"
+    reasons: Counter = field(default_factory=Counter)
 
     def line_reason(self, line: str, title: bool = False) -> str | None:
         words = line.split()
@@ -83,7 +84,7 @@ class C4LineFilter:
         return "\n\n".join(kept), None
 
     def run(self, pages):
-        self.reasons: Counter = Counter()
+        self.reasons = Counter()
         kept, removed = [], []
         for page in pages:
             text, reason = self.clean(page.text)

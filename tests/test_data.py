@@ -226,9 +226,10 @@ def test_stage_is_reused_unless_forced_or_changed(tiny_run, tiny_config):
 def test_real_data_from_a_local_file_in_the_hub_format(tmp_path, suffix):
     import datasets
 
+    long = GOOD + " " + OTHER  # C4's line rules keep a page of 5 sentences or more
     rows = [
-        {"text": GOOD, "url": "https://a.org/1"},
-        {"text": GOOD, "url": "https://a.org/2"},
+        {"text": long, "url": "https://a.org/1"},
+        {"text": long, "url": "https://a.org/2"},
         {"text": "Write to me at jo@mail.org. " + OTHER, "url": "https://a.org/3"},
         {"text": "Too short.", "url": "u4"},
     ]
@@ -238,7 +239,9 @@ def test_real_data_from_a_local_file_in_the_hub_format(tmp_path, suffix):
     config = get_config("tiny", data={"source": str(path)})
     run = Run("real", tmp_path)
     metrics = ensure("data", config, run)
-    assert metrics["pages_in"] == 4 and metrics["removed"]["exact_dedup"] == 1 and metrics["removed"]["quality"] >= 1
+    assert metrics["pages_in"] == 4 and metrics["removed"]["exact_dedup"] == 1 and metrics["pages_out"] == 2
+    assert "extract" not in metrics["removed"]  # a dataset's text is extracted already
+    assert metrics["removed"]["language"] + metrics["removed"]["quality"] == 1  # "Too short." (too short to be English)
     assert metrics["precision"] == {} and read_world(run) is None
     assert "<EMAIL>" in "".join(p["text"] for p in read_corpus(run))
     assert len(load_documents(get_config("tiny", data={"source": str(path), "max_docs": 2}).data)) == 2
