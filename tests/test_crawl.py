@@ -11,7 +11,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from labkit import language
-from labkit.config import get_config
+from labkit.config import ConfigError, get_config
 from labkit.crawl import Extractor, Site, dress, extract_text, read_warc, to_html, write_warc
 from labkit.data import count_lines, line_scores, read_corpus, read_pages, read_world
 from labkit.language import FOREIGN, LanguageFilter, foreign_page, mix_in_languages
@@ -251,3 +251,11 @@ def test_the_corpus_holds_no_boilerplate_and_every_fact_line_survives(tiny_run):
             assert set(row["text"].split("\n\n")) <= set(generated["text"].split("\n\n")), row["url"]
             assert row["text"] == generated["text"] or not generated["about"], row["url"]
     assert all(p["lang"] == "en" for p in corpus for p in [pages[p["url"]]])
+
+
+def test_an_unknown_language_fails_at_get_config():
+    assert get_config("tiny", data={"language": "fr"}).data.language == "fr"
+    with pytest.raises(
+        ConfigError, match="data.language='english' is not a language py3langid knows; allowed: ace, af, am,"
+    ):
+        get_config("tiny", data={"language": "english"})
