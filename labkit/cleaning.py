@@ -1,4 +1,6 @@
-"""The cleaning pipeline, in FineWeb's order: URL filter -> quality -> exact dedup -> near dedup -> PII.
+"""The page steps of cleaning (URL filter, quality, exact dedup, near dedup, PII), and `clean`,
+which runs a list of steps in order (`data.steps_for` gives FineWeb's order, with extraction,
+language and line steps from crawl.py, language.py and lines.py).
 
 Each step is a small object with a `name` and `run(pages) -> (kept, removed)`, where
 `removed` holds `(page, reason)` pairs, so every decision can be explained and scored. The
@@ -11,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from .lines import LINE_STEPS, count_lines
 from .web import BLOCKED_DOMAINS, BLOCKED_URL_WORDS, SOFT_URL_WORDS, Page
 
 WORD = re.compile(r"\w+")
@@ -328,11 +333,31 @@ def _split(pages, reason_of):
     return kept, removed
 
 
-def default_steps(min_words: int = 50, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 0) -> list:
-    return [
-        UrlFilter(),
-        QualityFilter(min_words=min_words),
-        ExactDedup(),
-        MinHashDedup(ngram, bands, rows, seed),
-        PIIRedactor(),
-    ]
+@dataclass
+class Cleaned:
+    kept: list[Page]
+    decisions: dict[str, tuple[str, str]]  # url -> (step, reason) for every removed page
+    funnel: list[dict]  # one row per step: pages in, pages out
+    redactions: dict[str, list] = field(default_factory=dict)  # url -> [(start, end, kind, string)]
+    texts: dict[str, str] = field(default_factory=dict)  # url -> text as cleaning left it, before PII
+    lines: dict[str, Counter] = field(default_factory=dict)  # line step -> boilerplate/main lines in and dropped
+
+
+def clean(pages: list[Page], steps: list, truth: dict[str, Page] | None = None, progress: bool = True) -> Cleaned:
+    """Run `steps` in order. With `truth` (url -> generated page), count for each line step the
+    boilerplate and main-text lines it kept and dropped."""
+    decisions, funnel, redactions, texts, lines = {}, [], {}, {}, {}
+    for step in tqdm(steps, desc="cleaning", leave=False, disable=not progress):
+        if isinstance(step, PIIRedactor):
+            texts = {page.url: page.text for page in pages}
+        started = time.time()
+        kept, removed = step.run(pages)
+        seconds = time.time() - started
+        decisions.update({page.url: (step.name, reason) for page, reason in removed})
+        funnel.append({"step": step.name, "pages_in": len(pages), "pages_out": len(kept), "seconds": seconds})
+        if isinstance(step, PIIRedactor):
+            redactions = step.redactions
+        if truth and step.name in LINE_STEPS:
+            lines[step.name] = count_lines(step.name, pages, kept, truth)
+        pages = kept
+    return Cleaned(pages, decisions, funnel, redactions, texts, lines)

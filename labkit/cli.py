@@ -15,6 +15,21 @@ EPILOG = "fields for --set (FIELD=VALUE, any number of times):\n" + "\n".join(
 )
 
 
+def parse_assignments(assignments: list[str]) -> dict:
+    """['data.n_people=50', 'seed=3'] -> {'data': {'n_people': '50'}, 'seed': '3'} (values parsed later)."""
+    nested: dict = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise cfg.ConfigError(f"--set expects FIELD=VALUE, got {assignment!r}")
+        *sections, name = key.strip().split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value.strip()
+    return nested
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Build a large language model stage by stage.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -79,7 +94,7 @@ def _run(args) -> None:
     from .report import write_report
     from .run import Run, load_run
 
-    config = cfg.get_config(args.preset, **cfg.parse_assignments(args.assignments))
+    config = cfg.get_config(args.preset, **parse_assignments(args.assignments))
     stages = cfg.parse_stages(args.stages)
     check_world_size(stages, config, world_size())
     cfg.check_config(config, stages)  # and the rules of the stages asked for, before any is built

@@ -35,7 +35,9 @@ def param(default, *, low=None, high=None, choices=None, help=""):
 @dataclass
 class DataConfig:
     source: str = param(
-        "mini-web", help="'mini-web', a Hugging Face dataset name, or a local .jsonl/.parquet path with a 'text' column"
+        "mini-web",
+        help="'mini-web', a Hugging Face dataset name, a local .jsonl/.parquet path with a 'text' column, or a "
+        "local Common Crawl .warc/.warc.gz file (its HTML pages are extracted)",
     )
     config: str = param("", help="the dataset's config on the hub, e.g. 'sample-10BT' ('': its default)")
     split: str = param("train", help="the dataset's split on the hub (a local file is one split)")
@@ -49,10 +51,7 @@ class DataConfig:
         "have known facts to judge by (labkit/data.py, mix_in_mini_web); 0: the dataset alone, no world",
     )
     workers: int = param(
-        1,
-        low=1,
-        help="processes that clean the crawl: 1 runs the steps in this process (the readable path); "
-        "more runs the same steps on datatrove's local executor (labkit.scale_out), same corpus",
+        1, low=1, help="cleaning processes: 1 is this one (the lesson); more: datatrove (scale_out.py)"
     )
     n_people: int = param(100, low=5, high=1_000_000, help="people in the mini-web's world")
     median_pages: float = param(3.0, low=0.5, high=1000.0, help="median number of pages about a person")
@@ -68,6 +67,18 @@ class DataConfig:
     minhash_bands: int = param(14, low=1, high=64, help="LSH bands")
     minhash_rows: int = param(8, low=1, high=64, help="LSH rows per band")
     min_words: int = param(50, low=1, help="Gopher: fewest words a page may have")
+    foreign_share: float = param(
+        0.1, low=0.0, high=2.0, help="mini-web pages in other languages (Chinese, French, German, Spanish) per page"
+    )
+    language: str = param("en", help="keep pages in this language (an ISO 639-1 code py3langid knows: en, fr, zh...)")
+    language_threshold: float = param(0.65, low=0.0, high=1.0, help="least P(language) a page kept has (FineWeb: 0.65)")
+    c4_terminal_punct: bool = param(False, help="C4: drop lines not ending in . ! ? or a quote (FineWeb: off)")
+    c4_keep_title: bool = param(
+        True, help="C4: spare a page's first line (its title) the length and punctuation rules (labkit's departure)"
+    )
+    site_line_share: float = param(
+        0.5, low=0.0, high=1.0, help="drop a line on this share of its site's pages (and 3+)"
+    )
 
 
 @dataclass
@@ -450,21 +461,6 @@ def loss_recipe(name: str) -> dict:
     if name not in LOSS_RECIPES:
         raise ConfigError(f"unknown GRPO loss recipe {name!r}; allowed: {', '.join(LOSS_RECIPES)}")
     return dict(LOSS_RECIPES[name])
-
-
-def parse_assignments(assignments: list[str]) -> dict:
-    """['data.n_people=50', 'seed=3'] -> {'data': {'n_people': '50'}, 'seed': '3'} (values parsed later)."""
-    nested: dict = {}
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {assignment!r}")
-        *sections, name = key.strip().split(".")
-        target = nested
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = value.strip()
-    return nested
 
 
 def parse_stages(text: str | list[str] | None) -> list[str]:

@@ -72,7 +72,19 @@ def check_rules(config, stages: Sequence[str] = ()) -> None:
             f"train.dtype='bfloat16' needs a CUDA device, and device={config.device!r}; allowed: "
             f"device='cuda' or 'auto', or train.dtype='auto' or 'float32'"
         )
+    check_language(config.data.language)
     check_stages(config, stages)
+
+
+def check_language(language: str) -> None:
+    """data.language must be one the identifier knows (English needs no look-up)."""
+    if language == "en":
+        return
+    from .language import identifier
+
+    known = sorted(set(identifier().nb_classes))
+    if language not in known:
+        raise ConfigError(f"data.language={language!r} is not a language py3langid knows; allowed: {', '.join(known)}")
 
 
 def check_shapes(config) -> None:

@@ -8,8 +8,9 @@ tasks, one shard each, on local processes (`LocalPipelineExecutor`) or on a Slur
 
 Here labkit's own steps run inside datatrove, so the same code decides and the corpus is the
 same (tests/test_scale_out.py checks it with 2 workers). A step that judges a page alone
-(`per_page = True`: URL filter, quality, PII) runs on every shard in parallel; a step that
-compares pages (the dedups) runs where all the pages meet, in one task and in crawl order
+(`per_page = True`: URL filter, extraction, language, quality, C4's line rules, PII) runs on
+every shard in parallel; a step that compares pages (site-level line dedup, the dedups) runs
+where all the pages meet, in one task and in crawl order
 (which copy is "the first" depends on the order). `stages` cuts the steps into such runs, and
 each run becomes one datatrove stage, started when the one before it has finished. At FineWeb's
 scale the comparing steps are split into stages too (datatrove's `MinhashDedupSignature` per
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
+from .cleaning import Cleaned, clean
 from .web import Page
 
 
@@ -60,47 +63,68 @@ def to_page(doc: Document) -> Page:
 
 
 class LabkitSteps(PipelineStep):
-    """labkit cleaning steps as one datatrove pipeline step. Kept pages go on down the pipeline
-    (with their PII redactions in the metadata); removed ones are written to
-    `<removed_dir>/<rank>.jsonl` with the step and the reason. Per page: each document alone as
-    it streams past. Comparing: all the task's documents at once, back in crawl order."""
+    """labkit cleaning steps as one datatrove pipeline step, run by `cleaning.clean` itself. Kept
+    pages go on down the pipeline; what `clean` found (removals, funnel, redactions, texts before
+    PII, line counts, C4's reasons) is written to `<report_dir>/<rank>.json`. Per page: each
+    document alone as it streams past. Comparing: all the task's documents at once, in crawl order."""
 
     type = "🧹 - LABKIT"
+    name = "cleaning steps"
 
-    def __init__(self, steps: list, removed_dir: str):
+    def __init__(self, steps: list, report_dir: str, truth: dict[str, Page] | None = None):
         super().__init__()
-        self.steps, self.removed_dir = steps, removed_dir
+        self.steps, self.report_dir, self.truth = steps, report_dir, truth
         self.per_page = all(is_per_page(step) for step in steps)
-        self.name = " + ".join(step.name for step in steps)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        path = Path(self.removed_dir) / f"{rank:05d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
         batches = ([doc] for doc in data) if self.per_page else [sorted(data, key=index_of)]
-        with path.open("w") as removed_file:
-            for docs in batches:
-                index = {doc.id: doc.metadata["index"] for doc in docs}
-                pages, redactions = [to_page(doc) for doc in docs], {}
-                for step in self.steps:
-                    pages, removed = step.run(pages)
-                    redactions.update(getattr(step, "redactions", {}))
-                    for page, reason in removed:
-                        self.stat_update(f"removed_by_{step.name}")
-                        removed_file.write(json.dumps(dict(url=page.url, step=step.name, reason=reason)) + "\n")
-                for page in pages:
-                    yield to_document(page, index[page.url], redactions=redactions.get(page.url, []))
+        reports = []
+        for docs in batches:
+            index = {doc.id: doc.metadata["index"] for doc in docs}
+            part = clean([to_page(doc) for doc in docs], self.steps, self.truth, progress=False)
+            reports.append(as_report(part, self.steps))
+            for page in part.kept:
+                yield to_document(page, index[page.url])
+        report = merge_reports(reports, self.steps)
+        Path(self.report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.report_dir) / f"{rank:05d}.json").write_text(json.dumps(report))
 
 
-def pipelines(steps: list, workdir: Path) -> list[tuple[list, bool]]:
+def as_report(part: Cleaned, steps: list) -> dict:
+    """What one `clean` call found, as JSON, with the counts of the steps that keep them (C4's
+    dropped lines by rule: a step counts over one `run`)."""
+    fields = ("decisions", "funnel", "redactions", "texts", "lines")
+    reasons = {step.name: dict(step.reasons) for step in steps if hasattr(step, "reasons")}
+    return {name: getattr(part, name) for name in fields} | {"reasons": reasons}
+
+
+def merge_reports(reports: list[dict], steps: list) -> dict:
+    """Reports of `clean` calls over parts of the pages as one: funnel rows and line and reason
+    counts summed, per-page findings gathered."""
+    merged = dict(decisions={}, redactions={}, texts={}, lines={}, reasons={})
+    funnel = {step.name: Counter() for step in steps}
+    for report in reports:
+        for row in report["funnel"]:
+            funnel[row["step"]].update({k: v for k, v in row.items() if k != "step"})
+        for key in ("decisions", "redactions", "texts"):
+            merged[key].update(report[key])
+        for key in ("lines", "reasons"):
+            for step, counts in report[key].items():
+                merged[key].setdefault(step, Counter()).update(counts)
+    merged["funnel"] = [{"step": name, **counts} for name, counts in funnel.items()]
+    return merged
+
+
+def pipelines(steps: list, workdir: Path, truth: dict[str, Page] | None = None) -> list[tuple[list, bool]]:
     """The datatrove pipelines, one per run of `stages`: (pipeline, per_page). Stage n reads
-    `workdir/stage_<n-1>/kept` and writes `workdir/stage_<n>/kept` and `.../removed`. Hand them
-    to `LocalPipelineExecutor` (as `clean` does) or to `SlurmPipelineExecutor` for a cluster."""
+    `workdir/stage_<n-1>/kept` and writes `workdir/stage_<n>/kept` and `.../report`. Hand them
+    to `LocalPipelineExecutor` (as `clean_on_datatrove` does) or to `SlurmPipelineExecutor`."""
     runs = []
     for n, run in enumerate(stages(steps), start=1):
         out = workdir / f"stage_{n}"
         pipeline = [
             JsonlReader(str(workdir / f"stage_{n - 1}" / "kept"), compression=None),
-            LabkitSteps(run, str(out / "removed")),
+            LabkitSteps(run, str(out / "report"), truth),
             JsonlWriter(str(out / "kept"), output_filename="${rank}.jsonl", compression=None),
         ]
         runs.append((pipeline, is_per_page(run[0])))
@@ -118,27 +142,35 @@ def write_shards(pages: list[Page], folder: Path, shards: int) -> None:
                 f.write(json.dumps(dict(text=doc.text, id=doc.id, metadata=doc.metadata)) + "\n")
 
 
-def clean(pages: list[Page], steps: list, workdir: str | Path, workers: int = 2) -> tuple[list, dict, dict]:
-    """The steps on datatrove's local executor: per-page runs as `workers` tasks over as many
-    shards, comparing runs as one task. Returns what `data.clean` finds: (kept pages in crawl
-    order, {url: (step, reason)} for every removed page, {url: redactions})."""
+def clean_on_datatrove(
+    pages: list[Page], steps: list, workdir: str | Path, workers: int = 2, truth: dict[str, Page] | None = None
+) -> Cleaned:
+    """`cleaning.clean` on datatrove's local executor: per-page runs as `workers` tasks over as
+    many shards, comparing runs as one task. Returns the same `Cleaned` (its funnel's seconds are
+    summed over the tasks: processor time, not wall time)."""
     workdir = Path(workdir)
     shutil.rmtree(workdir, ignore_errors=True)  # datatrove skips tasks it finds completed
     write_shards(pages, workdir / "stage_0" / "kept", workers)
-    executor, runs = None, pipelines(steps, workdir)
+    executor, runs = None, pipelines(steps, workdir, truth)
     for n, (pipeline, per_page) in enumerate(runs, start=1):
         tasks = workers if per_page else 1
         logs = str(workdir / f"stage_{n}" / "logs")
         executor = LocalPipelineExecutor(pipeline, tasks=tasks, workers=tasks, logging_dir=logs, depends=executor)
     executor.run()  # runs the stages it depends on first
-    decisions = {}
-    for path in sorted(workdir.glob("stage_*/removed/*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            decisions[row["url"]] = (row["step"], row["reason"])
+    reports = [json.loads(path.read_text()) for path in sorted(workdir.glob("stage_*/report/*.json"))]
+    report = merge_reports(reports, steps)  # the stages' reports hold disjoint steps
+    for step in steps:  # dropped lines by rule, counted in the workers, into this process's steps
+        if hasattr(step, "reasons"):
+            step.reasons.update(report["reasons"].get(step.name, {}))
     docs = sorted(JsonlReader(str(workdir / f"stage_{len(runs)}" / "kept"), compression=None)(), key=index_of)
-    redactions = {doc.id: [tuple(span) for span in doc.metadata["redactions"]] for doc in docs}
-    return [to_page(doc) for doc in docs], decisions, {url: spans for url, spans in redactions.items() if spans}
+    return Cleaned(
+        kept=[to_page(doc) for doc in docs],
+        decisions={url: tuple(d) for url, d in report["decisions"].items()},
+        funnel=report["funnel"],
+        redactions={url: [tuple(span) for span in spans] for url, spans in report["redactions"].items()},
+        texts=report["texts"],
+        lines=report["lines"],
+    )
 
 
 def index_of(doc: Document) -> int:

@@ -30,7 +30,7 @@ def page_html(page: dict) -> str:
         head += (
             f' &middot; <span style="color:#b00">removed by {page["removed_by"]}: {html.escape(page["reason"])}</span>'
         )
-    text, parts, last = page["text"], [], 0
+    text, parts, last = page.get("extracted") or page["text"], [], 0  # redactions index the cleaned text
     for start, end, kind, _ in page["redactions"]:
         parts += [
             html.escape(text[last:start]),

@@ -276,6 +276,8 @@ class Page:
     about: str | None = None  # the person a page is about
     pii: list[list[str]] = field(default_factory=list)  # planted [kind, string] pairs
     dup_of: str | None = None  # URL of the page a duplicate copies
+    lang: str = "en"  # the language the generator wrote it in
+    boilerplate: list[str] = field(default_factory=list)  # lines its HTML carries around the text (labkit/crawl.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,15 +375,20 @@ _TIPS = [
     "Compare your answer with a friend's before turning the page.",
 ]
 _ORDINALS = ["one", "two", "three", "four"]
+_INSTRUCTIONS = [
+    "Work through each problem on your own, and then check your work against the worked answer.",
+    "Try every problem yourself first, and only then read the worked answer below it.",
+    "Solve the four problems in order, and compare each result with the worked answer.",
+    "Do each problem on paper before you look at how the worked answer does it.",
+]
 
 
 def worksheet_page(rng: random.Random, k: int) -> Page:
     """Arithmetic with the steps written out in words, each problem phrased differently (Gopher
     drops pages made of repeated n-grams, and wants most tokens to be words)."""
-    lines = [
-        f"Arithmetic practice sheet number {k}",
-        "Work through each problem on your own, and then check your work against the worked answer.",
-    ]
+    # the instruction is worded by sheet number, not by the rng: one sentence on every sheet of a
+    # site would be that site's boilerplate to site-level line dedup (labkit/lines.py)
+    lines = [f"Arithmetic practice sheet number {k}", _INSTRUCTIONS[k % len(_INSTRUCTIONS)]]
     templates = rng.sample([(t, "+") for t in _ADDITION] + [(t, "*") for t in _MULTIPLICATION], 4)
     for ordinal, tip, (template, op) in zip(_ORDINALS, rng.sample(_TIPS, 4), templates):
         a, b, m = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
@@ -446,7 +453,14 @@ def low_quality_page(rng: random.Random, k: int) -> Page:
         text = rng.choice(["Page not found.", "Loading, please wait.", "Welcome to my homepage! Under construction."])
     else:
         text = " ".join(f"#{w}" for w in rng.choices(_SPAM_WORDS, k=60))
-    return Page(f"https://webpages-{k % 7}.net/p/{k}", text, kind, label="low_quality")
+    # gibberish is in no language: "zxx", ISO 639's code for no linguistic content
+    return Page(
+        f"https://webpages-{k % 7}.net/p/{k}",
+        text,
+        kind,
+        label="low_quality",
+        lang="zxx" * (kind == "gibberish") or "en",
+    )
 
 
 def pii_string(kind: str, person_first: str, rng: random.Random) -> str:

@@ -1,6 +1,7 @@
 import pytest
 
-from labkit.config import ConfigError, get_config, parse_assignments, parse_stages, resolve_device
+from labkit.cli import parse_assignments
+from labkit.config import ConfigError, get_config, parse_stages, resolve_device
 
 
 def test_presets_differ_and_default_is_cpu(monkeypatch):
