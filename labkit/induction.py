@@ -174,6 +174,9 @@ def train_toy(toy: ToyConfig | None = None, seed: int = 0, device: str = "cpu"):
             val_batches=lambda: [(probes[0][:, :-1], probes[0][:, 1:])],
             on_eval=measure,
             desc="induction",
+            # no bar: in notebooks its ~10 updates a second for a minute made nbval lose the
+            # kernel's output now and then ("Timeout of 5 seconds exceeded waiting for output")
+            progress=False,
         )
     finally:
         torch.set_num_threads(threads)

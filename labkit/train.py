@@ -336,6 +336,7 @@ def train(
     on_eval: Callable[[dict], None] | None = None,
     stop_at_step: int | None = None,
     desc: str = "training",
+    progress: bool = True,
     loss_terms: Callable[[object], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps; return the step count and history.
@@ -354,6 +355,7 @@ def train(
     keys it adds to `event` (JSON-able: a text sample, say) are kept in that step's history row;
     the random generators are saved and restored around it, so what it does (sampling text,
     drawing plots) never changes the training.
+    desc, progress: the progress bar's label (also the loop's name for `watch`), and whether to show it.
     stop_at_step: stop early after this step (a run "killed" there, for tests); the learning
     rate schedule still runs to max_steps.
     loss_terms(batch): how many terms the batch's mean loss averages over, for a loss where that
@@ -430,7 +432,7 @@ def train(
             )
 
     last = min(cfg.max_steps, stop_at_step or cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not dist_info.is_main, leave=False)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not (progress and dist_info.is_main), leave=False)
     trained.train()
     if step == 0 and val_batches is not None:  # the loss of the untrained model, for the curve's start
         history.append(dict(step=0, lr=0.0))
