@@ -58,8 +58,10 @@ def cleaning_funnel(metrics: dict) -> go.Figure:
     """Pages left after each cleaning step."""
     steps = ["crawled"] + [r["step"] for r in metrics["funnel"]]
     counts = [metrics["pages_in"]] + [r["pages_out"] for r in metrics["funnel"]]
-    fig = go.Figure(go.Funnel(y=steps, x=counts, textinfo="value+percent initial"))
-    return _layout(fig, "Cleaning funnel: pages left after each step", "pages", "step")
+    # the counts in a readable size, and a row tall enough to hold them (ten steps since WARC)
+    funnel = go.Funnel(y=steps, x=counts, textinfo="value+percent initial", textfont=dict(size=12))
+    height = 120 + 40 * len(steps)
+    return _layout(go.Figure(funnel), "Cleaning funnel: pages left after each step", "pages", "step", height=height)
 
 
 def pages_per_person(world) -> go.Figure:
