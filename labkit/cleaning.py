@@ -59,7 +59,7 @@ class UrlFilter:
         return None
 
     def run(self, pages):
-        return _split(pages, self.reason)
+        return split_pages(pages, self.reason)
 
 
 @dataclass
@@ -141,7 +141,7 @@ class QualityFilter:
         return None
 
     def run(self, pages):
-        return _split(pages, self.reason)
+        return split_pages(pages, self.reason)
 
 
 def _duplicates(parts: list[str]) -> tuple[int, int]:
@@ -322,7 +322,8 @@ class PIIRedactor:
         return kept, []
 
 
-def _split(pages, reason_of):
+def split_pages(pages, reason_of):
+    """(kept, removed) for a step that judges each page alone: `reason_of(page)` is None to keep it."""
     kept, removed = [], []
     for page in pages:
         reason = reason_of(page)

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from functools import cache
 
+from .cleaning import split_pages
 from .web import Page
 
 CITIES = ["Vouton", "Bargoford", "Drairford", "Lismore", "Kettering", "Ashby"]
@@ -145,11 +146,4 @@ class LanguageFilter:
         return f"lang_{max(scores, key=scores.get)}"
 
     def run(self, pages):
-        kept, removed = [], []
-        for page in pages:
-            reason = self.reason(page)
-            if reason:
-                removed.append((page, reason))
-            else:
-                kept.append(page)
-        return kept, removed
+        return split_pages(pages, self.reason)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
 
+from .crawl import domain_of
 from .web import Page
 
 LINE_STEPS = ("extract", "c4_lines", "site_lines")  # scored line by line: boilerplate removed, main text lost
@@ -112,7 +112,7 @@ class SiteLineDedup:
     def run(self, pages):
         sites: dict[str, list[int]] = {}
         for i, page in enumerate(pages):
-            sites.setdefault(urlsplit(page.url).netloc.lower(), []).append(i)
+            sites.setdefault(domain_of(page.url), []).append(i)
         self.boilerplate: dict[str, set[str]] = {}
         texts: list[str] = [""] * len(pages)
         for domain, members in sites.items():
